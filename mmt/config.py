@@ -1,0 +1,217 @@
+"""Typed configuration: nested dataclasses, strict loading, dotted overrides.
+
+Every config in mmt is a dataclass. `from_dict` builds one from plain JSON data and
+rejects unknown keys and ill-typed values with the dotted path of the offending key,
+so a typo in `config.json` or on the command line fails loudly instead of silently
+training the wrong model. `apply_overrides` implements `--set a.b=c`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or has the wrong type."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """One stack of encoder or decoder layers."""
+
+    dim: int = 256  # model width d_model
+    depth: int = 4  # number of layers N
+    heads: int = 4  # attention heads h; dim must divide evenly (d_k = dim / heads)
+    ffn_dim: int = 1024  # hidden width of the two-layer feed-forward network
+    dropout: float = 0.1  # dropout on attention weights, residual branches and FFN hidden
+    activation: Literal["gelu", "relu"] = "gelu"  # FFN non-linearity
+    norm_first: bool = True  # pre-norm (stable, default) or post-norm (the original formula)
+    fast_attention: bool = True  # use torch SDPA; False computes softmax(QK^T/sqrt(d_k))V literally
+
+
+@dataclasses.dataclass
+class VisionConfig:
+    """Image tower: a stem that turns pixels into a grid of tokens, then an encoder."""
+
+    stem: Literal["conv", "patch"] = "conv"  # convolutional stem (design's example) or ViT patches
+    image_size: int = 64  # input images are resized to image_size x image_size
+    channels: int = 3  # input colour channels
+    patch_size: int = 8  # patch side for the "patch" stem
+    conv_widths: tuple[int, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
+    conv_stride: int = 2  # conv stem: stride of each 3x3 block after the max-pool
+    positions: Literal["learned", "sincos"] = "learned"  # 2-D position embedding of the token grid
+    encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
+
+
+@dataclasses.dataclass
+class TextConfig:
+    """Text tower: token + position embedding, then an encoder."""
+
+    vocab_size: int = 1000  # rows of the token embedding; set from the tokenizer
+    max_len: int = 64  # longest sequence the 1-D position embedding covers
+    positions: Literal["learned", "sincos"] = "learned"  # 1-D position embedding
+    pad_id: int = 0  # id of [PAD]; its embedding row stays zero and its keys are masked
+    encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check (and gently convert) `value` against the annotation `tp`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, _path=path)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)} ({'; '.join(errors)})")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value))]
+        else:
+            inner = args[0] if args else Any
+            items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types.
+
+    Keys that `data` leaves out take the dataclass defaults.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{_path}." if _path else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s} for {cls.__name__}; known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{_path}.{name}" if _path else name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict of a dataclass config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load(cls: type[T], path: str | Path) -> T:
+    """Read a JSON (or, with PyYAML installed, YAML) config file into `cls`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # optional; JSON is the native format
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError or yaml.YAMLError
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'json'}: {e}") from None
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are JSON when they parse as JSON (numbers, true, [1,2]), else strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: T, overrides: typing.Iterable[str]) -> T:
+    """Return a copy of `cfg` with each `dotted.key=value` applied and validated."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])} in override {item!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key} in override {item!r}")
+        # A string field keeps the text as typed (so `--set name=123` stays "123").
+        node[parts[-1]] = raw if isinstance(node[parts[-1]], str) else _parse_value(raw)
+    return from_dict(type(cfg), data)

@@ -1,0 +1,152 @@
+"""Multi-head attention, self or cross, with masks and an explicit key/value cache.
+
+Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V                (Vaswani et al. 2017, eq. 1)
+MultiHead(X, C) = Concat(head_1..head_h) W^O,  head_i = Attention(X W_i^Q, C W_i^K, C W_i^V)
+
+The per-head projections W_i^Q (d_model x d_k) are stored side by side as one
+d_model x d_model linear layer per role; splitting its output into h slices is exactly
+the per-head form. Self-attention is `attn(x)`, cross-modal attention is
+`attn(x, context=image_tokens)`: nothing else differs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KV(NamedTuple):
+    """Projected keys and values, (B, H, S, Dh) each: what a cache stores per attention."""
+
+    k: Tensor
+    v: Tensor
+
+
+def causal_allowed(q_len: int, k_len: int, device: torch.device) -> Tensor:
+    """(q_len, k_len) bool, True where query i may see key j.
+
+    Bottom-right aligned: with a cache of k_len - q_len earlier keys, query i sits at
+    absolute position k_len - q_len + i and sees every key up to it.
+    """
+    offset = k_len - q_len
+    q_pos = torch.arange(q_len, device=device)[:, None] + offset
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def build_attention_mask(
+    key_padding_mask: Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device
+) -> Tensor | None:
+    """Combine padding and causal masks into one bool mask, True = may attend.
+
+    Args:
+        key_padding_mask: (B, S) bool, True where the key is padding (torch's convention).
+        causal: block keys later than each query.
+    Returns (B, 1, T, S), (T, S) or None when nothing is masked.
+    """
+    allowed = None
+    if causal:
+        allowed = causal_allowed(q_len, k_len, device)  # (T, S)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        allowed = keep if allowed is None else keep & allowed
+    return allowed
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d_k)) V computed literally; returns (output, weights).
+
+    q: (B, H, T, Dh), k and v: (B, H, S, Dh); weights: (B, H, T, S).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention over `x` (self) or over `context` (cross-modal).
+
+    Args:
+        dim: model width d_model.
+        heads: number of heads h; d_k = d_v = dim // heads.
+        dropout: dropout on the attention weights while training.
+        context_dim: width of the context tokens for cross-attention (default dim).
+        fast: use torch's fused scaled_dot_product_attention when weights are not requested.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None, fast: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
+        self.fast = fast
+        context_dim = context_dim or dim
+        self.q_proj = nn.Linear(dim, dim)  # W^Q for all heads
+        self.k_proj = nn.Linear(context_dim, dim)  # W^K
+        self.v_proj = nn.Linear(context_dim, dim)  # W^V
+        self.out_proj = nn.Linear(dim, dim)  # W^O
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def project_kv(self, source: Tensor) -> KV:
+        """Keys and values of `source` (B, S, D) -> KV of (B, H, S, Dh)."""
+        return KV(self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source)))
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        past_kv: KV | None = None,
+        static_kv: KV | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, KV, Tensor | None]:
+        """Attend from `x` (B, T, D) to `context` (B, S, D), or to `x` itself.
+
+        Args:
+            key_padding_mask: (B, S_total) bool, True where a key is padding.
+            causal: mask keys that come after each query (self-attention only).
+            past_kv: self-attention keys/values of earlier steps; new ones are appended.
+            static_kv: precomputed context keys/values (cross-attention cache); `context`
+                is then not projected again.
+            need_weights: also return the attention weights (takes the reference path).
+        Returns:
+            (output (B, T, D), the keys/values used (to cache), weights (B, H, T, S) or None).
+        """
+        B, T, D = x.shape
+        q = self._split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        if static_kv is not None:
+            kv = static_kv
+        else:
+            kv = self.project_kv(x if context is None else context)
+            if past_kv is not None:
+                kv = KV(torch.cat([past_kv.k, kv.k], dim=2), torch.cat([past_kv.v, kv.v], dim=2))
+        S = kv.k.shape[2]
+        dropout_p = self.dropout if self.training else 0.0
+
+        weights = None
+        if self.fast and not need_weights:
+            if causal and key_padding_mask is None and T == S:
+                out = F.scaled_dot_product_attention(q, kv.k, kv.v, dropout_p=dropout_p, is_causal=True)
+            else:
+                allowed = build_attention_mask(key_padding_mask, causal and T > 1, T, S, x.device)
+                out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=allowed, dropout_p=dropout_p)
+        else:
+            allowed = build_attention_mask(key_padding_mask, causal, T, S, x.device)
+            out, weights = reference_attention(q, kv.k, kv.v, allowed, dropout_p)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, H * Dh)
+        return self.out_proj(out), kv, weights

@@ -1,0 +1,270 @@
+"""Encoder and decoder layers and stacks, position embeddings, the decoder cache.
+
+Encoder layer (Vaswani et al. 2017, sec. 3.1): self-attention, then a two-layer
+feed-forward network, each wrapped in a residual connection and LayerNorm.
+Decoder layer: masked self-attention, cross-modal attention whose keys and values are
+the other modality's encoder output, then the feed-forward network.
+
+Post-norm is the paper's formula, x = LayerNorm(x + Sublayer(x)). Pre-norm,
+x = x + Sublayer(LayerNorm(x)) with one LayerNorm after the stack, trains more stably
+without warm-up tricks (Xiong et al. 2020) and is the default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mmt.config import TransformerConfig
+from mmt.layers.attention import KV, MultiHeadAttention
+
+# ----------------------------------------------------------------------------- positions
+
+
+def sincos_1d(positions: Tensor, dim: int) -> Tensor:
+    """Fixed sinusoidal embedding of integer `positions` (L,) -> (L, dim) (Vaswani et al. sec. 3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None, :]  # (L, half)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return nn.functional.pad(emb, (0, dim - 2 * half))  # odd dim: one zero channel
+
+
+class Positions1D(nn.Module):
+    """Position embedding for a token sequence: learned table or fixed sinusoids."""
+
+    def __init__(self, max_len: int, dim: int, kind: str = "learned"):
+        super().__init__()
+        self.max_len = max_len
+        if kind == "learned":
+            self.table = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        else:  # fixed: a buffer that follows the module's device but is not saved
+            self.register_buffer("table", sincos_1d(torch.arange(max_len), dim), persistent=False)
+
+    def forward(self, length: int, start: int = 0) -> Tensor:
+        """Embeddings of positions start..start+length-1, (length, dim)."""
+        if start + length > self.max_len:
+            raise ValueError(f"sequence of {start + length} tokens exceeds max_len={self.max_len}")
+        return self.table[start : start + length]
+
+
+class Positions2D(nn.Module):
+    """Position embedding for an image token grid: emb(row) + emb(col), learned or sinusoidal.
+
+    The sinusoidal form spends half the channels on the row and half on the column
+    (as in MAE); the learned form keeps one table per axis.
+    """
+
+    def __init__(self, max_rows: int, max_cols: int, dim: int, kind: str = "learned"):
+        super().__init__()
+        self.dim = dim
+        if kind == "learned":
+            self.rows = nn.Parameter(torch.randn(max_rows, dim) * 0.02)
+            self.cols = nn.Parameter(torch.randn(max_cols, dim) * 0.02)
+        else:  # zero-padded halves, so that row + col concatenates [row code, col code]
+            half = dim // 2
+            rows = nn.functional.pad(sincos_1d(torch.arange(max_rows), half), (0, dim - half))
+            cols = nn.functional.pad(sincos_1d(torch.arange(max_cols), dim - half), (half, 0))
+            self.register_buffer("rows", rows, persistent=False)
+            self.register_buffer("cols", cols, persistent=False)
+
+    def forward(self, rows: int, cols: int) -> Tensor:
+        """(rows * cols, dim), row-major like a flattened (rows, cols) grid."""
+        if rows > self.rows.shape[0] or cols > self.cols.shape[0]:
+            raise ValueError(f"token grid {rows}x{cols} exceeds {self.rows.shape[0]}x{self.cols.shape[0]}")
+        grid = self.rows[:rows, None, :] + self.cols[None, :cols, :]  # (rows, cols, dim)
+        return grid.reshape(rows * cols, self.dim)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class FeedForward(nn.Module):
+    """Two-layer position-wise network: Linear -> activation -> dropout -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention + feed-forward, each with residual connection and LayerNorm."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.drop1 = nn.Dropout(cfg.dropout)
+        self.drop2 = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, T, D) -> ((B, T, D), attention weights (B, H, T, T) or None)."""
+        if self.norm_first:
+            attended, _, weights = self.attn(
+                self.norm1(x), key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights
+            )
+            x = x + self.drop1(attended)
+            x = x + self.drop2(self.ffn(self.norm2(x)))
+        else:
+            attended, _, weights = self.attn(x, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights)
+            x = self.norm1(x + self.drop1(attended))
+            x = self.norm2(x + self.drop2(self.ffn(x)))
+        return x, weights
+
+
+@dataclass
+class DecoderCache:
+    """Keys/values kept between decoding steps, one entry per decoder layer.
+
+    `self_kv` grows by one position per generated token; `cross_kv` holds the image
+    (context) keys/values, projected once on the first step and reused afterwards.
+    """
+
+    self_kv: list[KV | None]
+    cross_kv: list[KV | None]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "DecoderCache":
+        return cls([None] * num_layers, [None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        """Number of positions already decoded."""
+        first = self.self_kv[0]
+        return 0 if first is None else first.k.shape[2]
+
+    def select(self, index: Tensor) -> "DecoderCache":
+        """Keep/reorder batch rows (beam search): every cached tensor indexed on dim 0."""
+
+        def pick(kv: KV | None) -> KV | None:
+            return None if kv is None else KV(kv.k.index_select(0, index), kv.v.index_select(0, index))
+
+        return DecoderCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv])
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, cross-modal attention to `context`, feed-forward."""
+
+    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None):
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention)
+        self.cross_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, context_dim, fast=cfg.fast_attention)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm3 = nn.LayerNorm(cfg.dim)
+        self.drop1 = nn.Dropout(cfg.dropout)
+        self.drop2 = nn.Dropout(cfg.dropout)
+        self.drop3 = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        context_padding_mask: Tensor | None = None,
+        past_kv: KV | None = None,
+        cross_kv: KV | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, KV, KV, Tensor | None]:
+        """x: (B, T, D) text states; context: (B, S, Dc) the other modality's encoder output.
+
+        Returns (output, self-attention KV incl. past, cross-attention KV, cross-attention
+        weights (B, H, T, S) or None).
+        """
+        h = self.norm1(x) if self.norm_first else x
+        attended, self_kv, _ = self.self_attn(h, key_padding_mask=key_padding_mask, causal=True, past_kv=past_kv)
+        x = x + self.drop1(attended) if self.norm_first else self.norm1(x + self.drop1(attended))
+
+        h = self.norm2(x) if self.norm_first else x
+        attended, cross_kv, weights = self.cross_attn(
+            h, context, key_padding_mask=context_padding_mask, static_kv=cross_kv, need_weights=need_weights
+        )
+        x = x + self.drop2(attended) if self.norm_first else self.norm2(x + self.drop2(attended))
+
+        if self.norm_first:
+            x = x + self.drop3(self.ffn(self.norm3(x)))
+        else:
+            x = self.norm3(x + self.drop3(self.ffn(x)))
+        return x, self_kv, cross_kv, weights
+
+
+# ----------------------------------------------------------------------------- stacks
+
+
+class Encoder(nn.Module):
+    """N encoder layers; a final LayerNorm when pre-norm (post-norm layers end normalised)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
+
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """x: (B, T, D) -> ((B, T, D), per-layer attention weights if requested, else [])."""
+        all_weights = []
+        for layer in self.layers:
+            x, weights = layer(x, key_padding_mask, causal, need_weights)
+            if weights is not None:
+                all_weights.append(weights)
+        return self.norm(x), all_weights
+
+
+class Decoder(nn.Module):
+    """N decoder layers attending to a context sequence, with an optional KV cache."""
+
+    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        context_padding_mask: Tensor | None = None,
+        cache: DecoderCache | None = None,
+    ) -> tuple[Tensor, DecoderCache | None]:
+        """x: (B, T, D) embedded target tokens (positions already added).
+
+        Args:
+            key_padding_mask: (B, past + T) bool, True at padded target positions.
+            context_padding_mask: (B, S) bool, True at padded context tokens.
+            cache: keys/values from earlier steps (start with `DecoderCache.empty(depth)`);
+                when given, `x` holds only the new positions.
+        Returns:
+            ((B, T, D) hidden states, the updated cache or None when none was given).
+        """
+        new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, self_kv, cross_kv, _ = layer(
+                x,
+                context,
+                key_padding_mask=key_padding_mask,
+                context_padding_mask=context_padding_mask,
+                past_kv=cache.self_kv[i] if cache is not None else None,
+                cross_kv=cache.cross_kv[i] if cache is not None else None,
+            )
+            if new_cache is not None:
+                new_cache.self_kv[i], new_cache.cross_kv[i] = self_kv, cross_kv
+        return self.norm(x), new_cache

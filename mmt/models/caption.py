@@ -1,0 +1,119 @@
+"""Image captioning: vision tower -> Transformer decoder -> next-token logits.
+
+The design's cross-modal generation: the decoder's masked self-attention reads the
+caption so far, its cross-attention reads the image tokens, and training uses teacher
+forcing (the ground-truth prefix predicts each next token). Inference runs
+autoregressively from [BOS] until [EOS] or a maximum length, reusing the KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmt.config import TransformerConfig, VisionConfig
+from mmt.layers.transformer import Decoder, DecoderCache
+from mmt.registry import register_model, register_preset
+from mmt.text import TokenEmbedding
+from mmt.vision import VisionTower
+
+
+@dataclasses.dataclass
+class CaptionConfig:
+    """Image encoder + text decoder."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
+    vocab_size: int = 1000  # decoder vocabulary; set from the tokenizer
+    max_len: int = 32  # longest caption in tokens, [BOS] and [EOS] included
+    pad_id: int = 0  # [PAD]: ignored by the loss
+    bos_id: int = 5  # [BOS]: first input token when generating
+    eos_id: int = 6  # [EOS]: generation stops once every caption has produced it
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (Szegedy et al. 2016)
+
+
+@register_model
+class CaptionModel(nn.Module):
+    model_type = "caption"
+    config_class = CaptionConfig
+
+    def __init__(self, cfg: CaptionConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.decoder.dim
+        self.vision = VisionTower(cfg.vision)
+        self.embed = TokenEmbedding(cfg.vocab_size, dim, cfg.max_len, pad_id=cfg.pad_id)
+        self.decoder = Decoder(cfg.decoder, context_dim=cfg.vision.encoder.dim)
+        self.lm_head = nn.Linear(dim, cfg.vocab_size)
+
+    def encode_images(self, pixels: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> image_tokens (B, N, Dv), image_padding_mask (B, N)."""
+        return self.vision(pixels, pixel_mask)
+
+    def next_token_logits(
+        self,
+        ids: Tensor,
+        image_tokens: Tensor,
+        image_padding_mask: Tensor | None = None,
+        text_padding_mask: Tensor | None = None,
+        cache: DecoderCache | None = None,
+    ) -> tuple[Tensor, DecoderCache | None]:
+        """Logits (B, T, V) for the token after each of `ids` (B, T).
+
+        With a cache, `ids` are only the new tokens and positions continue from
+        `cache.length`; the returned cache includes them.
+        """
+        start = cache.length if cache is not None else 0
+        hidden, cache = self.decoder(
+            self.embed(ids, start),
+            image_tokens,
+            key_padding_mask=text_padding_mask,
+            context_padding_mask=image_padding_mask,
+            cache=cache,
+        )
+        return self.lm_head(hidden), cache
+
+    def forward(self, pixels: Tensor, caption_ids: Tensor) -> dict[str, Tensor]:
+        """Teacher-forced loss. caption_ids (B, T): [BOS] words [EOS] [PAD]..."""
+        image_tokens, image_padding = self.encode_images(pixels)
+        inputs, targets = caption_ids[:, :-1], caption_ids[:, 1:]
+        text_padding = inputs == self.config.pad_id
+        logits, _ = self.next_token_logits(inputs, image_tokens, image_padding, text_padding)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=self.config.pad_id,
+            label_smoothing=self.config.label_smoothing,
+        )
+        return {"caption_loss": loss}
+
+    @torch.no_grad()
+    def generate(self, pixels: Tensor, max_len: int | None = None) -> Tensor:
+        """Greedy captions (B, <= max_len) starting with [BOS]; finished rows are padded."""
+        cfg = self.config
+        max_len = min(max_len or cfg.max_len, cfg.max_len)
+        image_tokens, image_padding = self.encode_images(pixels)
+        B = pixels.shape[0]
+        ids = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=pixels.device)
+        done = torch.zeros(B, dtype=torch.bool, device=pixels.device)
+        cache = DecoderCache.empty(len(self.decoder.layers))
+        step_input = ids
+        while ids.shape[1] < max_len and not done.all():
+            logits, cache = self.next_token_logits(step_input, image_tokens, image_padding, cache=cache)
+            next_id = logits[:, -1].argmax(-1)
+            next_id = torch.where(done, torch.full_like(next_id, cfg.pad_id), next_id)
+            ids = torch.cat([ids, next_id[:, None]], dim=1)
+            done |= next_id == cfg.eos_id
+            step_input = next_id[:, None]
+        return ids
+
+
+@register_preset
+def caption_tiny() -> CaptionConfig:
+    """A few-second CPU model for demos and tests."""
+    width = TransformerConfig(dim=64, depth=2, heads=4, ffn_dim=128, dropout=0.0)
+    vision = VisionConfig(image_size=32, conv_widths=(32, 64), encoder=dataclasses.replace(width, depth=1))
+    return CaptionConfig(vision=vision, decoder=width, max_len=16)

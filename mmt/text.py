@@ -1,0 +1,158 @@
+"""Text: a trainable tokenizer (Hugging Face `tokenizers`) and the text tower.
+
+The tokenizer lowercases, splits on whitespace and punctuation, and maps words to ids
+either whole (word-level, for small closed vocabularies such as generated worlds) or as
+WordPiece sub-words (Wu et al. 2016; open vocabularies). Its special tokens have fixed
+ids 0..6 so every model agrees on them. It saves and loads as `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from tokenizers import Tokenizer as _Backend
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from torch import Tensor, nn
+
+from mmt.config import TextConfig
+from mmt.layers.transformer import Encoder, Positions1D
+
+PAD, UNK, CLS, SEP, MASK, BOS, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK, BOS, EOS]  # their ids are their positions here
+
+
+class Tokenizer:
+    """Text <-> ids, with the special tokens every mmt task uses.
+
+    Build one with `Tokenizer.train(corpus)` or `Tokenizer.load("tokenizer.json")`.
+    """
+
+    def __init__(self, backend: _Backend):
+        for expected_id, token in enumerate(SPECIAL_TOKENS):
+            if backend.token_to_id(token) != expected_id:
+                raise ValueError(f"tokenizer must map {token} to id {expected_id}, got {backend.token_to_id(token)}")
+        self.backend = backend
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.bos_id, self.eos_id = range(7)
+
+    @classmethod
+    def train(
+        cls,
+        corpus: Iterable[str],
+        kind: Literal["word", "wordpiece"] = "word",
+        vocab_size: int = 8000,
+        min_frequency: int = 1,
+    ) -> "Tokenizer":
+        """Learn a vocabulary from an iterable of texts.
+
+        Args:
+            kind: "word" keeps whole words; "wordpiece" learns sub-words (prefix "##").
+            vocab_size: upper bound on the vocabulary, special tokens included.
+            min_frequency: words seen fewer times map to [UNK] (word) or are split (wordpiece).
+        """
+        if kind == "word":
+            backend = _Backend(models.WordLevel(unk_token=UNK))
+            trainer = trainers.WordLevelTrainer(
+                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS
+            )
+        elif kind == "wordpiece":
+            backend = _Backend(models.WordPiece(unk_token=UNK))
+            trainer = trainers.WordPieceTrainer(
+                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS
+            )
+        else:
+            raise ValueError(f"tokenizer kind must be 'word' or 'wordpiece', got {kind!r}")
+        backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece()  # joins words with spaces, merges "##" pieces
+        backend.train_from_iterator(corpus, trainer=trainer)
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+        try:
+            return cls(backend)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        self.backend.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` without special tokens."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of `ids`; stops at the first [EOS] and drops special tokens when skip_special."""
+        ids = [int(i) for i in ids]
+        if skip_special and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def batch(
+        self, texts: list[str], max_len: int, wrap: Literal["cls", "bos_eos", "none"] = "cls"
+    ) -> tuple[Tensor, Tensor]:
+        """Encode and right-pad a batch.
+
+        Args:
+            wrap: "cls" gives [CLS] text [SEP] (encoders), "bos_eos" gives [BOS] text [EOS]
+                (decoders), "none" adds nothing. Long texts are cut to max_len, keeping the
+                closing token.
+        Returns:
+            ids (B, T) long and padding mask (B, T) bool (True = padding), T <= max_len.
+        """
+        start, end = {"cls": ([self.cls_id], [self.sep_id]), "bos_eos": ([self.bos_id], [self.eos_id]), "none": ([], [])}[
+            wrap
+        ]
+        room = max_len - len(start) - len(end)
+        if room < 0:
+            raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
+        rows = [start + ids[:room] + end for ids in (e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False))]
+        T = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids, ids == self.pad_id
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding + 1-D position embedding, shared by text encoders and decoders."""
+
+    def __init__(self, vocab_size: int, dim: int, max_len: int, positions: str = "learned", pad_id: int = 0):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        self.positions = Positions1D(max_len, dim, positions)
+
+    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
+        """ids (B, T) -> (B, T, D); `start` is the position of ids[:, 0] (decoding with a cache)."""
+        embedded = self.tokens(ids)
+        return embedded + self.positions(ids.shape[1], start).to(embedded.dtype)
+
+
+class TextTower(nn.Module):
+    """Token embedding -> Transformer encoder over the text."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.encoder.dim, cfg.max_len, cfg.positions, cfg.pad_id)
+        self.encoder = Encoder(cfg.encoder)
+
+    def forward(self, ids: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """ids (B, T) -> text_tokens (B, T, D), text_padding_mask (B, T) (True = padding)."""
+        if padding_mask is None:
+            padding_mask = ids == self.cfg.pad_id
+        text_tokens, _ = self.encoder(self.embed(ids), key_padding_mask=padding_mask)
+        return text_tokens, padding_mask

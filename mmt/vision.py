@@ -1,0 +1,117 @@
+"""Image towers: pixels -> a grid of image tokens (B, N, D) plus a padding mask.
+
+Two stems turn pixels into tokens. `ConvStem` is the design's convolutional encoder
+(7x7 stride-2 conv -> ReLU -> 3x3 stride-2 max-pool -> further conv blocks), whose
+feature map is read as a grid of tokens. `PatchEmbed` is the ViT stem (Dosovitskiy et
+al. 2021): non-overlapping patches, each linearly projected. `VisionTower` adds 2-D
+position embeddings and runs a Transformer encoder over the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmt.config import VisionConfig
+from mmt.layers.transformer import Encoder, Positions2D
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm rather than BatchNorm: a sample's features never depend on the rest of
+    # the batch, so padded, single-sample and data-parallel runs compute the same thing.
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class ConvStem(nn.Module):
+    """conv 7x7/2 -> norm -> ReLU -> max-pool 3x3/2 -> [conv 3x3/stride -> norm -> ReLU]* -> 1x1 to dim.
+
+    Args:
+        widths: channels of the 7x7 conv, then of each following 3x3 block.
+        dim: token width.
+        stride: stride of each 3x3 block.
+    """
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], dim: int, stride: int = 2):
+        super().__init__()
+        if not widths:
+            raise ValueError("conv stem needs at least one width (the 7x7 conv)")
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
+            _norm(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        ]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(widths[-1], dim, kernel_size=1)  # feature channels -> token width
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B, C, H, W) -> feature map (B, D, h, w)."""
+        return self.proj(self.body(pixels))
+
+
+class PatchEmbed(nn.Module):
+    """Split into patch_size x patch_size patches and project each to dim (a strided conv)."""
+
+    def __init__(self, in_channels: int, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, D, H / patch, W / patch)."""
+        return self.proj(pixels)
+
+
+def token_padding_mask(pixel_mask: Tensor, rows: int, cols: int) -> Tensor:
+    """(B, H, W) bool, True at padded pixels -> (B, rows * cols) bool, True at padded tokens.
+
+    A token is padding only when every pixel under it is padding.
+    """
+    valid = F.adaptive_max_pool2d((~pixel_mask.bool()).float()[:, None], (rows, cols))  # (B, 1, rows, cols)
+    return valid.flatten(1) < 0.5
+
+
+class VisionTower(nn.Module):
+    """Stem -> tokens + 2-D positions -> Transformer encoder."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.encoder.dim
+        if cfg.stem == "conv":
+            self.stem: nn.Module = ConvStem(cfg.channels, cfg.conv_widths, dim, cfg.conv_stride)
+        else:
+            self.stem = PatchEmbed(cfg.channels, cfg.patch_size, dim)
+        rows, cols = self.grid_size(cfg.image_size)
+        self.positions = Positions2D(rows, cols, dim, cfg.positions)
+        self.encoder = Encoder(cfg.encoder)
+
+    @torch.no_grad()
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        """Token grid (rows, cols) the stem makes from a square image of this size."""
+        probe = torch.zeros(1, self.cfg.channels, image_size, image_size)
+        _, _, rows, cols = self.stem(probe).shape
+        return rows, cols
+
+    def forward(self, pixels: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Encode images.
+
+        Args:
+            pixels: (B, C, H, W) normalised images.
+            pixel_mask: optional (B, H, W) bool, True where an image was padded to the
+                batch size; tokens entirely over padding are masked in attention.
+        Returns:
+            image_tokens (B, N, D) and image_padding_mask (B, N) bool (True = padding).
+        """
+        features = self.stem(pixels)  # (B, D, rows, cols)
+        B, D, rows, cols = features.shape
+        tokens = features.flatten(2).transpose(1, 2)  # (B, N, D), row-major grid
+        tokens = tokens + self.positions(rows, cols).to(tokens.dtype)
+        if pixel_mask is None:
+            padding = torch.zeros(B, rows * cols, dtype=torch.bool, device=pixels.device)
+        else:
+            padding = token_padding_mask(pixel_mask, rows, cols)
+        tokens, _ = self.encoder(tokens, key_padding_mask=padding if pixel_mask is not None else None)
+        return tokens, padding
