@@ -41,6 +41,11 @@ def preset(name: str) -> Any:
     return PRESETS[name]()
 
 
+def preset_names() -> list[str]:
+    _import_models()
+    return sorted(PRESETS)
+
+
 def build(cfg: Any) -> nn.Module:
     """The model a config describes (its class is found from the config's class)."""
     _import_models()

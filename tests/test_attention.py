@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch import nn
+
+from mmt.layers.attention import MultiHeadAttention, causal_allowed
+from tests.peers import copy_attention
+
+B, T, S, D, H = 3, 7, 5, 32, 4
+
+
+def padding(lengths, total):
+    return torch.arange(total)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
+
+
+def pair():
+    theirs = nn.MultiheadAttention(D, H, batch_first=True).eval()
+    ours = MultiHeadAttention(D, H).eval()
+    copy_attention(ours, theirs)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_self_attention_matches_torch_multihead_attention(fast):
+    ours, theirs = pair()
+    ours.fast = fast
+    x = torch.randn(B, T, D)
+    pad = padding([7, 4, 2], T)
+    expected, _ = theirs(x, x, x, key_padding_mask=pad, need_weights=False)
+    got, _, _ = ours(x, key_padding_mask=pad)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_causal_self_attention_matches_torch(fast):
+    ours, theirs = pair()
+    ours.fast = fast
+    x = torch.randn(B, T, D)
+    pad = padding([7, 6, 3], T)
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)  # True = blocked
+    expected, _ = theirs(x, x, x, attn_mask=mask, key_padding_mask=pad, need_weights=False)
+    got, _, _ = ours(x, key_padding_mask=pad, causal=True)
+    assert (got - expected).abs().max() <= 1e-5
+    got_no_pad, _, _ = ours(x, causal=True)  # the is_causal fast path
+    expected_no_pad, _ = theirs(x, x, x, attn_mask=mask, need_weights=False)
+    assert (got_no_pad - expected_no_pad).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cross_attention_matches_torch(fast):
+    ours, theirs = pair()
+    ours.fast = fast
+    x, context = torch.randn(B, T, D), torch.randn(B, S, D)
+    pad = padding([5, 3, 1], S)
+    expected, expected_weights = theirs(x, context, context, key_padding_mask=pad, average_attn_weights=False)
+    got, _, _ = ours(x, context, key_padding_mask=pad)
+    assert (got - expected).abs().max() <= 1e-5
+    _, _, weights = ours(x, context, key_padding_mask=pad, need_weights=True)
+    assert (weights - expected_weights).abs().max() <= 1e-5
+
+
+def test_fast_path_equals_reference_path():
+    attn = MultiHeadAttention(D, H).eval()
+    x, context = torch.randn(B, T, D), torch.randn(B, S, D)
+    cases = [
+        dict(),
+        dict(causal=True),
+        dict(causal=True, key_padding_mask=padding([7, 5, 1], T)),
+        dict(context=context, key_padding_mask=padding([5, 2, 4], S)),
+    ]
+    for kwargs in cases:
+        attn.fast = True
+        fast, _, _ = attn(x, **kwargs)
+        attn.fast = False
+        reference, _, weights = attn(x, **kwargs, need_weights=True)
+        assert (fast - reference).abs().max() <= 1e-5, kwargs
+        assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-6)
+
+
+def test_weights_are_zero_on_padding_and_future():
+    attn = MultiHeadAttention(D, H).eval()
+    x = torch.randn(B, T, D)
+    pad = padding([7, 4, 2], T)
+    _, _, weights = attn(x, key_padding_mask=pad, causal=True, need_weights=True)  # (B, H, T, T)
+    assert weights[1, :, :, 4:].abs().max() == 0
+    assert weights[:, :, ~causal_allowed(T, T, x.device)].abs().max() == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_padded_batch_equals_each_sample_alone(fast):
+    attn = MultiHeadAttention(D, H, fast=fast).eval()
+    lengths = [7, 4, 2]
+    x = torch.randn(B, T, D)
+    batched, _, _ = attn(x, key_padding_mask=padding(lengths, T), causal=True)
+    for i, n in enumerate(lengths):
+        alone, _, _ = attn(x[i : i + 1, :n], causal=True)
+        assert (batched[i, :n] - alone[0]).abs().max() <= 1e-5
+
+
+def test_causal_mask_blocks_the_future():
+    attn = MultiHeadAttention(D, H).eval()
+    x = torch.randn(1, T, D)
+    before, _, _ = attn(x, causal=True)
+    changed = x.clone()
+    changed[:, 4] += 10.0
+    after, _, _ = attn(changed, causal=True)
+    assert torch.equal(before[:, :4], after[:, :4])
+    assert (before[:, 4:] - after[:, 4:]).abs().max() > 1e-3  # and the change is seen from there on
+
+
+def test_heads_must_divide_width():
+    with pytest.raises(ValueError, match="not divisible"):
+        MultiHeadAttention(30, 4)

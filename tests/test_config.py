@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from mmt.config import ConfigError, TransformerConfig, VisionConfig, apply_overrides, from_dict, load, save, to_dict
+
+
+def test_round_trip_through_json(tmp_path):
+    cfg = VisionConfig(stem="patch", conv_widths=(16, 32, 64), encoder=TransformerConfig(dim=128, depth=3))
+    save(cfg, tmp_path / "v.json")
+    assert load(VisionConfig, tmp_path / "v.json") == cfg
+
+
+def test_unknown_key_is_named_with_its_path():
+    with pytest.raises(ConfigError, match=r"unknown config key encoder\.dimm"):
+        from_dict(VisionConfig, {"encoder": {"dimm": 3}})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"image_size": "big"}, r"image_size: expected an integer"),
+        ({"image_size": 3.5}, r"image_size: expected an integer"),
+        ({"stem": "resnet"}, r"stem: 'resnet' is not one of \['conv', 'patch'\]"),
+        ({"encoder": {"norm_first": "yes"}}, r"encoder\.norm_first: expected true/false"),
+        ({"conv_widths": [16, "x"]}, r"conv_widths\[1\]: expected an integer"),
+        ({"encoder": 5}, r"encoder: expected a mapping"),
+    ],
+)
+def test_ill_typed_values_are_named(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(VisionConfig, data)
+
+
+def test_ints_are_accepted_for_floats():
+    assert from_dict(TransformerConfig, {"dropout": 0}).dropout == 0.0
+
+
+def test_overrides_apply_and_validate():
+    cfg = apply_overrides(VisionConfig(), ["encoder.depth=4", "stem=patch", "conv_widths=[8,16]"])
+    assert cfg.encoder.depth == 4 and cfg.stem == "patch" and cfg.conv_widths == (8, 16)
+    with pytest.raises(ConfigError, match="unknown config key encoder.deepth"):
+        apply_overrides(VisionConfig(), ["encoder.deepth=4"])
+    with pytest.raises(ConfigError, match="unknown config key nope in override"):
+        apply_overrides(VisionConfig(), ["nope.depth=4"])
+    with pytest.raises(ConfigError, match="encoder.depth: expected an integer"):
+        apply_overrides(VisionConfig(), ["encoder.depth=four"])
+    with pytest.raises(ConfigError, match="must look like"):
+        apply_overrides(VisionConfig(), ["encoder.depth"])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**to_dict(VisionConfig()), "colour": 1}))
+    with pytest.raises(ConfigError, match=r"bad\.json: unknown config key colour"):
+        load(VisionConfig, path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"bad\.json: not valid json"):
+        load(VisionConfig, path)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load(VisionConfig, tmp_path / "missing.json")

@@ -1,0 +1,145 @@
+import pytest
+import torch
+from torch import nn
+
+from mmt.config import TransformerConfig
+from mmt.layers.transformer import Decoder, DecoderCache, DecoderLayer, Encoder, EncoderLayer, Positions1D, Positions2D
+from tests.peers import copy_decoder_layer, copy_encoder_layer, randomise_norms
+
+B, T, S, D, H, F = 3, 6, 5, 32, 4, 64
+
+
+def padding(lengths, total):
+    return torch.arange(total)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+def cfg(norm_first, activation="relu", depth=1):
+    return TransformerConfig(dim=D, depth=depth, heads=H, ffn_dim=F, dropout=0.0, activation=activation, norm_first=norm_first)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_encoder_layer_matches_torch(norm_first, activation, causal):
+    theirs = nn.TransformerEncoderLayer(D, H, F, dropout=0.0, activation=activation, batch_first=True, norm_first=norm_first)
+    ours = EncoderLayer(cfg(norm_first, activation))
+    randomise_norms(theirs)
+    copy_encoder_layer(ours, theirs)
+    theirs.eval(), ours.eval()
+    x = torch.randn(B, T, D)
+    pad = padding([6, 4, 1], T)
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1) if causal else None
+    expected = theirs(x, src_mask=mask, src_key_padding_mask=pad, is_causal=causal)
+    for fast in (True, False):
+        ours.attn.fast = fast
+        got, _ = ours(x, key_padding_mask=pad, causal=causal)
+        assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_decoder_layer_matches_torch(norm_first):
+    theirs = nn.TransformerDecoderLayer(D, H, F, dropout=0.0, activation="gelu", batch_first=True, norm_first=norm_first)
+    ours = DecoderLayer(cfg(norm_first, "gelu"))
+    randomise_norms(theirs)
+    copy_decoder_layer(ours, theirs)
+    theirs.eval(), ours.eval()
+    x, memory = torch.randn(B, T, D), torch.randn(B, S, D)
+    text_pad, image_pad = padding([6, 3, 2], T), padding([5, 5, 2], S)
+    causal = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    expected = theirs(
+        x, memory, tgt_mask=causal, tgt_key_padding_mask=text_pad, memory_key_padding_mask=image_pad, tgt_is_causal=True
+    )
+    for fast in (True, False):
+        ours.self_attn.fast = ours.cross_attn.fast = fast
+        got, _, _, _ = ours(x, memory, key_padding_mask=text_pad, context_padding_mask=image_pad)
+        assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_encoder_stack_matches_torch(norm_first):
+    layer = nn.TransformerEncoderLayer(D, H, F, dropout=0.0, batch_first=True, norm_first=norm_first)
+    theirs = nn.TransformerEncoder(layer, num_layers=3, norm=nn.LayerNorm(D) if norm_first else None, enable_nested_tensor=False)
+    randomise_norms(theirs)
+    ours = Encoder(cfg(norm_first, depth=3))
+    for mine, peer in zip(ours.layers, theirs.layers):
+        copy_encoder_layer(mine, peer)
+    if norm_first:
+        ours.norm.load_state_dict(theirs.norm.state_dict())
+    theirs.eval(), ours.eval()
+    x, pad = torch.randn(B, T, D), padding([6, 2, 5], T)
+    got, _ = ours(x, key_padding_mask=pad)
+    assert (got - theirs(x, src_key_padding_mask=pad)).abs().max() <= 1e-5
+
+
+def test_encoder_returns_per_layer_attention_weights():
+    encoder = Encoder(cfg(True, depth=3)).eval()
+    out_fast, none = encoder(torch.randn(B, T, D))
+    assert none == []
+    _, weights = encoder(torch.randn(B, T, D), need_weights=True)
+    assert len(weights) == 3 and weights[0].shape == (B, H, T, T)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_cached_decoding_equals_full_forward_step_by_step(norm_first):
+    decoder = Decoder(cfg(norm_first, depth=3), context_dim=48).eval()
+    randomise_norms(decoder)
+    x, image = torch.randn(B, T, D), torch.randn(B, S, 48)
+    image_pad = padding([5, 3, 4], S)
+    full, none = decoder(x, image, context_padding_mask=image_pad)
+    assert none is None
+    cache = DecoderCache.empty(3)
+    for t in range(T):
+        step, cache = decoder(x[:, t : t + 1], image, context_padding_mask=image_pad, cache=cache)
+        assert cache.length == t + 1
+        assert (step[:, 0] - full[:, t]).abs().max() <= 1e-5, f"step {t}"
+
+
+def test_cross_attention_keys_are_computed_once_per_image():
+    decoder = Decoder(cfg(True, depth=2)).eval()
+    x, image = torch.randn(B, T, D), torch.randn(B, S, D)
+    calls = []
+    for layer in decoder.layers:
+        layer.cross_attn.k_proj.register_forward_hook(lambda *a: calls.append(1))
+    cache = DecoderCache.empty(2)
+    for t in range(T):
+        _, cache = decoder(x[:, t : t + 1], image, cache=cache)
+    assert len(calls) == 2  # once per layer, on the first step only
+    first = cache.cross_kv[0].k
+    _, cache = decoder(x[:, :1], image, cache=cache)
+    assert cache.cross_kv[0].k is first
+
+
+def test_cache_select_reorders_batch_rows():
+    decoder = Decoder(cfg(True, depth=1)).eval()
+    x, image = torch.randn(B, 2, D), torch.randn(B, S, D)
+    _, cache = decoder(x, image, cache=DecoderCache.empty(1))
+    picked = cache.select(torch.tensor([2, 0]))
+    assert torch.equal(picked.self_kv[0].k[0], cache.self_kv[0].k[2])
+    assert picked.length == 2
+
+
+def test_multi_token_step_with_cache_uses_offset_causal_mask():
+    decoder = Decoder(cfg(True, depth=2)).eval()
+    x, image = torch.randn(B, T, D), torch.randn(B, S, D)
+    full, _ = decoder(x, image)
+    _, cache = decoder(x[:, :2], image, cache=DecoderCache.empty(2))
+    rest, _ = decoder(x[:, 2:], image, cache=cache)  # 4 new tokens after 2 cached
+    assert (rest - full[:, 2:]).abs().max() <= 1e-5
+
+
+def test_position_embeddings():
+    learned = Positions1D(10, D)
+    assert learned(4, start=3).shape == (4, D)
+    assert torch.equal(learned(4, start=3), learned.table[3:7])
+    with pytest.raises(ValueError, match="max_len"):
+        learned(8, start=4)
+    fixed = Positions1D(10, D, "sincos")
+    assert "table" not in fixed.state_dict()  # fixed embeddings are not weights
+    assert not torch.allclose(fixed(1, 0), fixed(1, 1))
+    grid = Positions2D(4, 5, D, "learned")(3, 4)
+    assert grid.shape == (12, D)
+    sincos = Positions2D(4, 5, D, "sincos")(3, 4).view(3, 4, D)
+    # the first half of the channels codes the row only, the second half the column only
+    assert torch.equal(sincos[0, 0, : D // 2], sincos[0, 3, : D // 2])
+    assert torch.equal(sincos[0, 2, D // 2 :], sincos[2, 2, D // 2 :])
+    assert not torch.equal(sincos[0, 0], sincos[1, 0])

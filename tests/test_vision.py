@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from mmt.config import TransformerConfig, VisionConfig
+from mmt.vision import ConvStem, PatchEmbed, VisionTower, token_padding_mask
+
+SMALL = TransformerConfig(dim=32, depth=1, heads=4, ffn_dim=64, dropout=0.0)
+
+
+def test_conv_stem_follows_the_design():
+    stem = ConvStem(3, (16, 32), dim=48)
+    first = stem.body[0]
+    assert first.kernel_size == (7, 7) and first.stride == (2, 2)
+    assert isinstance(stem.body[2], torch.nn.ReLU) and isinstance(stem.body[3], torch.nn.MaxPool2d)
+    assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 48, 8, 8)  # 64 -conv-> 32 -pool-> 16 -block-> 8
+
+
+def test_patch_embed_grid():
+    assert PatchEmbed(3, 8, 48)(torch.randn(2, 3, 64, 64)).shape == (2, 48, 8, 8)
+
+
+@pytest.mark.parametrize("stem", ["conv", "patch"])
+@pytest.mark.parametrize("positions", ["learned", "sincos"])
+def test_vision_tower_tokens_and_mask(stem, positions):
+    tower = VisionTower(VisionConfig(stem=stem, image_size=64, conv_widths=(16, 32), positions=positions, encoder=SMALL))
+    tokens, mask = tower(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 64, 32) and mask.shape == (2, 64) and not mask.any()
+    tokens.sum().backward()
+    assert all(p.grad is not None for p in tower.parameters())
+
+
+def test_padded_pixels_become_padded_tokens():
+    pixel_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    pixel_mask[:, :, 40:] = True  # right part of the canvas is padding
+    mask = token_padding_mask(pixel_mask, 8, 8).view(8, 8)
+    assert not mask[:, :5].any() and mask[:, 5:].all()  # tokens over columns 40..63 are padding
+    tower = VisionTower(VisionConfig(stem="patch", image_size=64, encoder=SMALL)).eval()
+    tokens, token_mask = tower(torch.randn(1, 3, 64, 64), pixel_mask)
+    assert token_mask.sum() == 24 and torch.isfinite(tokens).all()
