@@ -48,8 +48,10 @@ class VisionConfig:
     channels: int = 3  # input colour channels
     patch_size: int = 8  # patch side for the "patch" stem
     conv_widths: tuple[int, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
-    conv_stride: int = 2  # conv stem: stride of each 3x3 block after the max-pool
+    conv_strides: tuple[int, ...] = (2,)  # conv stem: stride of each 3x3 block (one per width after the first)
+    conv_norm: Literal["group", "batch"] = "group"  # conv stem normalisation (group: batch-independent)
     positions: Literal["learned", "sincos"] = "learned"  # 2-D position embedding of the token grid
+    token_norm: bool = False  # LayerNorm on each stem token before positions are added (keeps their scales comparable)
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
 
 
@@ -109,7 +111,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value))]
+            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             inner = args[0] if args else Any
             items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -167,8 +169,8 @@ def save(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
-def load(cls: type[T], path: str | Path) -> T:
-    """Read a JSON (or, with PyYAML installed, YAML) config file into `cls`."""
+def read_data(path: str | Path) -> dict[str, Any]:
+    """The mapping in a JSON (or, with PyYAML installed, YAML) file, with errors naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -183,10 +185,33 @@ def load(cls: type[T], path: str | Path) -> T:
             data = json.loads(text)
     except Exception as e:  # json.JSONDecodeError or yaml.YAMLError
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'json'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load(cls: type[T], path: str | Path) -> T:
+    """Read a config file into `cls`; keys the file leaves out take the defaults."""
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, read_data(path))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        message = str(e)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def merge(cfg: T, data: dict[str, Any]) -> T:
+    """A copy of `cfg` with the (nested) keys of `data` replaced, validated like from_dict."""
+
+    def deep(base: dict[str, Any], new: dict[str, Any]) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                deep(base[key], value)
+            else:
+                base[key] = value
+
+    merged = to_dict(cfg)
+    deep(merged, data)
+    return from_dict(type(cfg), merged)
 
 
 def _parse_value(text: str) -> Any:

@@ -17,10 +17,10 @@ from mmt.config import VisionConfig
 from mmt.layers.transformer import Encoder, Positions2D
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    # GroupNorm rather than BatchNorm: a sample's features never depend on the rest of
-    # the batch, so padded, single-sample and data-parallel runs compute the same thing.
-    return nn.GroupNorm(min(8, channels), channels)
+def _norm(channels: int, kind: str) -> nn.Module:
+    # GroupNorm by default: a sample's features never depend on the rest of the batch, so
+    # padded, single-sample and data-parallel runs compute the same thing.
+    return nn.GroupNorm(min(8, channels), channels) if kind == "group" else nn.BatchNorm2d(channels)
 
 
 class ConvStem(nn.Module):
@@ -29,21 +29,24 @@ class ConvStem(nn.Module):
     Args:
         widths: channels of the 7x7 conv, then of each following 3x3 block.
         dim: token width.
-        stride: stride of each 3x3 block.
+        strides: stride of each 3x3 block (len(widths) - 1 of them).
+        norm: "group" or "batch".
     """
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...], dim: int, stride: int = 2):
+    def __init__(self, in_channels: int, widths: tuple[int, ...], dim: int, strides: tuple[int, ...] = (2,), norm: str = "group"):
         super().__init__()
         if not widths:
             raise ValueError("conv stem needs at least one width (the 7x7 conv)")
+        if len(strides) != len(widths) - 1:
+            raise ValueError(f"conv stem: {len(widths) - 1} blocks after the 7x7 conv need as many strides, got {strides}")
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
-            _norm(widths[0]),
+            _norm(widths[0], norm),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
         ]
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True)]
+        for c_in, c_out, stride in zip(widths[:-1], widths[1:], strides):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), _norm(c_out, norm), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.proj = nn.Conv2d(widths[-1], dim, kernel_size=1)  # feature channels -> token width
 
@@ -81,9 +84,10 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         dim = cfg.encoder.dim
         if cfg.stem == "conv":
-            self.stem: nn.Module = ConvStem(cfg.channels, cfg.conv_widths, dim, cfg.conv_stride)
+            self.stem: nn.Module = ConvStem(cfg.channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm)
         else:
             self.stem = PatchEmbed(cfg.channels, cfg.patch_size, dim)
+        self.token_norm = nn.LayerNorm(dim) if cfg.token_norm else nn.Identity()
         rows, cols = self.grid_size(cfg.image_size)
         self.positions = Positions2D(rows, cols, dim, cfg.positions)
         self.encoder = Encoder(cfg.encoder)
@@ -107,7 +111,7 @@ class VisionTower(nn.Module):
         """
         features = self.stem(pixels)  # (B, D, rows, cols)
         B, D, rows, cols = features.shape
-        tokens = features.flatten(2).transpose(1, 2)  # (B, N, D), row-major grid
+        tokens = self.token_norm(features.flatten(2).transpose(1, 2))  # (B, N, D), row-major grid
         tokens = tokens + self.positions(rows, cols).to(tokens.dtype)
         if pixel_mask is None:
             padding = torch.zeros(B, rows * cols, dtype=torch.bool, device=pixels.device)

@@ -4,15 +4,32 @@ import torch
 from mmt import registry
 
 
+def example_inputs(model, n=2):
+    """A small random batch for any registered model type."""
+    cfg = model.config
+    size = cfg.vision.image_size
+    pixels = torch.randn(n, cfg.vision.channels, size, size)
+    if model.model_type == "caption":
+        ids = torch.randint(7, cfg.vocab_size, (n, 5))
+        ids[:, 0] = cfg.bos_id
+        return {"pixels": pixels, "caption_ids": ids}
+    if model.model_type == "vqa":
+        ids = torch.randint(7, cfg.text.vocab_size, (2 * n, 6))
+        ids[:, 0] = 2  # [CLS]
+        # two questions per image, as the trainer batches them
+        return {
+            "pixels": pixels,
+            "question_ids": ids,
+            "answers": torch.randint(0, cfg.num_answers, (2 * n,)),
+            "image_index": torch.arange(n).repeat_interleave(2),
+        }
+    raise AssertionError(f"add example inputs for model type {model.model_type}")
+
+
 @pytest.mark.parametrize("name", registry.preset_names())
 def test_every_preset_trains_one_step(name):
     model = registry.build(registry.preset(name))
-    cfg = model.config
-    size = cfg.vision.image_size
-    pixels = torch.randn(2, cfg.vision.channels, size, size)
-    ids = torch.randint(7, cfg.vocab_size, (2, 5))
-    ids[:, 0] = cfg.bos_id
-    losses = model(pixels, ids)
+    losses = model(**example_inputs(model))
     loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
     assert torch.isfinite(loss)
     loss.backward()

@@ -21,6 +21,25 @@ from torch import Tensor, nn
 from mmt.config import TransformerConfig
 from mmt.layers.attention import KV, MultiHeadAttention
 
+# ----------------------------------------------------------------------------- initialisation
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT/ViT initialisation: linear and embedding weights ~ N(0, std) truncated at 2 std, biases 0.
+
+    torch's default (Kaiming-uniform) gives image and text tokens very different scales
+    at the start; this common scheme keeps every stream comparable.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+
 # ----------------------------------------------------------------------------- positions
 
 
@@ -157,11 +176,16 @@ class DecoderCache:
 
 
 class DecoderLayer(nn.Module):
-    """Masked self-attention, cross-modal attention to `context`, feed-forward."""
+    """Masked self-attention, cross-modal attention to `context`, feed-forward.
 
-    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None):
+    With causal=False the self-attention sees the whole sequence: the layer then fuses a
+    text sequence with an image (cross-attention fusion for understanding tasks).
+    """
+
+    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True):
         super().__init__()
         self.norm_first = cfg.norm_first
+        self.causal = causal
         self.self_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention)
         self.cross_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, context_dim, fast=cfg.fast_attention)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
@@ -189,7 +213,7 @@ class DecoderLayer(nn.Module):
         weights (B, H, T, S) or None).
         """
         h = self.norm1(x) if self.norm_first else x
-        attended, self_kv, _ = self.self_attn(h, key_padding_mask=key_padding_mask, causal=True, past_kv=past_kv)
+        attended, self_kv, _ = self.self_attn(h, key_padding_mask=key_padding_mask, causal=self.causal, past_kv=past_kv)
         x = x + self.drop1(attended) if self.norm_first else self.norm1(x + self.drop1(attended))
 
         h = self.norm2(x) if self.norm_first else x
@@ -231,15 +255,15 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """N decoder layers attending to a context sequence, with an optional KV cache."""
 
-    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None):
+    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim) for _ in range(cfg.depth))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim, causal) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
 
     def forward(
         self,
         x: Tensor,
-        context: Tensor,
+        context: Tensor | None,
         *,
         key_padding_mask: Tensor | None = None,
         context_padding_mask: Tensor | None = None,
@@ -251,7 +275,8 @@ class Decoder(nn.Module):
             key_padding_mask: (B, past + T) bool, True at padded target positions.
             context_padding_mask: (B, S) bool, True at padded context tokens.
             cache: keys/values from earlier steps (start with `DecoderCache.empty(depth)`);
-                when given, `x` holds only the new positions.
+                when given, `x` holds only the new positions. A cache whose `cross_kv` is
+                filled makes `context` unnecessary (pass None).
         Returns:
             ((B, T, D) hidden states, the updated cache or None when none was given).
         """

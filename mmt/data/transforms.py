@@ -1,0 +1,48 @@
+"""Image preprocessing on numpy/PIL (no torchvision): load, convert, resize, normalise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs) instead of exhausting memory
+
+
+class ImageError(ValueError):
+    """An image file is missing, unreadable or too large; the message names the file."""
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Read any image file as (size, size, 3) uint8 RGB.
+
+    Transparent images are composited on white (the built-in worlds' background);
+    grayscale and palette images are converted; any size is resized (bilinear).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image not found")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {image.width}x{image.height} exceeds the {MAX_PIXELS:,}-pixel limit")
+            image.load()
+            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(canvas, rgba)
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from None

@@ -1,0 +1,184 @@
+"""Visual question answering: image tower + question tower + fusion + answer classifier.
+
+Two fusion styles, as the design discusses them:
+- "joint" (single stream, ViLT-style): one encoder over [CLS] + question tokens + image
+  tokens, with a learned modality embedding on each; the [CLS] state answers.
+- "cross" (cross-modal attention): the question tokens pass through layers of
+  self-attention, cross-attention to the image tokens, and feed-forward (a decoder layer
+  without the causal mask); the question's [CLS] state answers. Each image is encoded
+  once and its cross-attention keys/values are shared by all its questions, which makes
+  this the fast choice when images carry many questions.
+
+Answers are classes over a vocabulary built from the training answers. Targets are either
+class ids (cross-entropy) or soft scores per answer (B, A) as in VQA v2, which train with
+binary cross-entropy (Teney et al. 2018).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmt.config import TextConfig, TransformerConfig, VisionConfig
+from mmt.layers.attention import KV
+from mmt.layers.transformer import Decoder, DecoderCache, Encoder, init_weights
+from mmt.registry import register_model, register_preset
+from mmt.text import TextTower
+from mmt.vision import VisionTower
+
+
+@dataclasses.dataclass
+class VQAConfig:
+    """Image tower + question tower + fusion + answer classifier."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    fusion: Literal["joint", "cross"] = "cross"  # single-stream encoder, or question->image cross-attention
+    fusion_encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
+    num_answers: int = 10  # size of the answer vocabulary; set from the training answers
+    head_hidden: int = 256  # hidden width of the two-layer answer classifier
+    init: Literal["trunc_normal", "torch"] = "torch"  # weight init: N(0, 0.02) (BERT/ViT) or torch defaults
+
+
+@register_model
+class VQAModel(nn.Module):
+    model_type = "vqa"
+    config_class = VQAConfig
+
+    def __init__(self, cfg: VQAConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.fusion_encoder.dim
+        for name, tower in (("vision", cfg.vision.encoder), ("text", cfg.text.encoder)):
+            if tower.dim != dim:
+                raise ValueError(f"{name}.encoder.dim={tower.dim} must equal fusion_encoder.dim={dim}")
+        self.vision = VisionTower(cfg.vision)
+        self.text = TextTower(cfg.text)
+        if cfg.fusion == "joint":
+            self.modality = nn.Parameter(torch.randn(2, dim) * 0.02)  # 0: text, 1: image
+            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.fusion = Encoder(cfg.fusion_encoder)
+        else:
+            self.fusion = Decoder(cfg.fusion_encoder, causal=False)
+        self.head = nn.Sequential(
+            nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.LayerNorm(cfg.head_hidden), nn.Linear(cfg.head_hidden, cfg.num_answers)
+        )
+        if cfg.init == "trunc_normal":
+            init_weights(self)
+
+    def fuse(
+        self, image_tokens: Tensor, image_padding: Tensor, question_ids: Tensor, image_index: Tensor | None = None
+    ) -> Tensor:
+        """Pooled joint representation (Q, D) for Q questions.
+
+        Args:
+            image_tokens: (I, N, D) encoded images; image_padding: (I, N).
+            question_ids: (Q, T) token ids, [CLS] first.
+            image_index: (Q,) which image each question is about (default: question i is
+                about image i).
+        """
+        # The text tower does not see the image, so each distinct question is encoded once
+        # (datasets repeat questions across images; a batch of VQA often holds few distinct ones).
+        unique_ids, inverse = torch.unique(question_ids, dim=0, return_inverse=True)
+        text_tokens, text_padding = self.text(unique_ids)
+        text_tokens, text_padding = text_tokens[inverse], text_padding[inverse]  # (Q, T, D)
+        if self.config.fusion == "joint":
+            if image_index is not None:
+                image_tokens, image_padding = image_tokens[image_index], image_padding[image_index]
+            Q = text_tokens.shape[0]
+            tokens = torch.cat(
+                [self.cls.expand(Q, -1, -1), text_tokens + self.modality[0], image_tokens + self.modality[1]], dim=1
+            )  # (Q, 1 + T + N, D)
+            padding = torch.cat([text_padding.new_zeros(Q, 1), text_padding, image_padding], dim=1)
+            fused, _ = self.fusion(tokens, key_padding_mask=padding)
+            return fused[:, 0]
+        # cross: project each image's keys/values once per layer, then hand them to its questions
+        cross_kv = []
+        for layer in self.fusion.layers:
+            kv = layer.cross_attn.project_kv(image_tokens)
+            cross_kv.append(kv if image_index is None else KV(kv.k[image_index], kv.v[image_index]))
+        padding = image_padding if image_index is None else image_padding[image_index]
+        cache = DecoderCache([None] * len(cross_kv), cross_kv)
+        fused, _ = self.fusion(text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache)
+        return fused[:, 0]
+
+    def answer_logits(
+        self, pixels: Tensor, question_ids: Tensor, image_index: Tensor | None = None, pixel_mask: Tensor | None = None
+    ) -> Tensor:
+        """(Q, num_answers) logits. pixels: (I, C, H, W); question_ids: (Q, T)."""
+        image_tokens, image_padding = self.vision(pixels, pixel_mask)
+        return self.head(self.fuse(image_tokens, image_padding, question_ids, image_index))
+
+    def forward(
+        self, pixels: Tensor, question_ids: Tensor, answers: Tensor, image_index: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Losses for a batch; `answers` are class ids (Q,) or soft scores (Q, num_answers)."""
+        logits = self.answer_logits(pixels, question_ids, image_index)
+        if answers.dtype.is_floating_point:
+            # soft VQA targets: per-answer binary cross-entropy, summed over answers
+            loss = F.binary_cross_entropy_with_logits(logits.float(), answers, reduction="sum") / len(answers)
+        else:
+            loss = F.cross_entropy(logits.float(), answers)
+        return {"answer_loss": loss, "answer_logits": logits.detach()}
+
+
+def _transformer(dim: int, depth: int, heads: int, dropout: float) -> TransformerConfig:
+    return TransformerConfig(dim=dim, depth=depth, heads=heads, ffn_dim=4 * dim, dropout=dropout)
+
+
+def _conv_vision(dim: int, depth: int, heads: int, dropout: float, widths: tuple[int, ...]) -> VisionConfig:
+    # BatchNorm in the stem and fixed 2-D sinusoidal positions: on Sort-of-CLEVR a GroupNorm
+    # stem left shape questions at chance for thousands of steps, and learned positions
+    # were slower to pick up left/top (see the README's VQA notes).
+    return VisionConfig(
+        image_size=75,
+        conv_widths=widths,
+        conv_strides=(2,) * (len(widths) - 1),
+        conv_norm="batch",
+        positions="sincos",
+        token_norm=True,
+        encoder=_transformer(dim, depth, heads, dropout),
+    )
+
+
+@register_preset
+def vqa_small() -> VQAConfig:
+    """The CPU default: conv stem, 4-layer image encoder, 1-layer question encoder, 2 cross-fusion layers."""
+    dim = 128
+    return VQAConfig(
+        vision=_conv_vision(dim, 4, 4, 0.0, (32, 64)),
+        text=TextConfig(max_len=24, encoder=_transformer(dim, 1, 4, 0.0)),
+        fusion="cross",
+        fusion_encoder=_transformer(dim, 2, 4, 0.0),
+        head_hidden=256,
+    )
+
+
+@register_preset
+def vqa_joint_small() -> VQAConfig:
+    """Single-stream variant of vqa-small: [CLS] + question + image tokens in one 4-layer encoder."""
+    dim = 128
+    return VQAConfig(
+        vision=_conv_vision(dim, 0, 4, 0.0, (32, 64)),
+        text=TextConfig(max_len=24, encoder=_transformer(dim, 0, 4, 0.0)),
+        fusion="joint",
+        fusion_encoder=_transformer(dim, 4, 4, 0.0),
+        head_hidden=256,
+    )
+
+
+@register_preset
+def seed_vqa() -> VQAConfig:
+    """The design's example: conv stem + Transformer, hidden 512, 6 layers, 8 heads, dropout 0.1."""
+    dim = 512
+    return VQAConfig(
+        vision=_conv_vision(dim, 0, 8, 0.1, (64, 128)),
+        text=TextConfig(max_len=24, encoder=_transformer(dim, 0, 8, 0.1)),
+        fusion="joint",
+        fusion_encoder=_transformer(dim, 6, 8, 0.1),
+        head_hidden=512,
+    )

@@ -1,0 +1,261 @@
+"""The one training loop: every task trains through `train()`.
+
+A task (see `mmt.tasks`) supplies the model, a deterministic batch for each step and an
+evaluation; this loop owns the rest: AdamW, warm-up + cosine schedule, gradient
+clipping, bf16 autocast where the hardware has it, progress bar, periodic evaluation,
+`metrics.jsonl`, and checkpoints that resume exactly.
+
+Run directory:
+    run_config.json            the full configuration of the run
+    tokenizer.json, ...        task artefacts (answer vocabulary, ...)
+    metrics.jsonl              one JSON object per log / evaluation line
+    checkpoints/step-000500/   model.safetensors, config.json, optimizer.safetensors, trainer_state.json
+    model/                     the final model, ready for `mmt eval` / `mmt predict`
+
+Batches are a pure function of (seed, step), so the position in the data stream is the
+step number, and a resumed run sees exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from mmt import checkpoint
+from mmt.config import to_dict
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping, shared by every task."""
+
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 32  # samples per step (for VQA: images, each with all its questions)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.02  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 200  # linear warm-up from 0
+    weight_decay: float = 0.05  # AdamW decay on matrices (not on biases, norms, embeddings' positions)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    grad_clip: float = 1.0  # clip the global gradient norm (0 disables)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
+    eval_every: int = 500  # evaluate every N steps (and at the end)
+    save_every: int = 500  # checkpoint every N steps (and at the end)
+    keep_last: int = 2  # checkpoints kept besides the best
+    log_every: int = 50  # write training metrics every N steps
+    seed: int = 0  # seeds weights, data order and dropout
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off on GPUs with bf16 and CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio (Loshchilov & Hutter 2017)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "positions" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+# ----------------------------------------------------------------------------- trainer state
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (safetensors) and the rest (JSON)."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{slot}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{index}.{slot}"] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["plain"].items()):
+        index, slot = key.split(".", 1)
+        state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    run_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any], keep_last: int, best: int | None
+) -> Path:
+    """Write checkpoints/step-N atomically (a temporary directory renamed into place)."""
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save_pretrained(model, tmp)
+    tensors, meta = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    checkpoint.atomic_write(tmp / "optimizer.safetensors", lambda path: save_file(tensors, path))
+    state = {
+        "step": step,
+        "optimizer": meta,
+        "scheduler": scheduler.state_dict(),
+        "rng": {"python": _jsonable(random.getstate()), "numpy": np.random.get_state(legacy=False)},
+        **extra,
+    }
+    checkpoint.atomic_write_text(tmp / "trainer_state.json", json.dumps(state, default=_to_builtin))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    # keep the newest `keep_last` checkpoints and the best one
+    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").is_file())
+    keep = set(done[-keep_last:]) | ({ckpt_root / f"step-{best:07d}"} if best is not None else set())
+    for old in done:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in trainer_state.json")
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train `task` (see mmt.tasks) into `run_dir`; returns the final evaluation."""
+    cfg: TrainConfig = task.cfg.train
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    task.prepare(run_dir)  # data, tokenizer, vocabularies; fills model config sizes
+    (run_dir / "run_config.json").write_text(json.dumps({"task": task.name, **to_dict(task.cfg)}, indent=2) + "\n")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = task.build_model().to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
+
+    start_step, best = 0, {"metric": -math.inf, "step": None}
+    if resume:
+        last = latest_checkpoint(run_dir)
+        if last is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
+        checkpoint.load_weights(model, last / checkpoint.WEIGHTS_NAME)
+        tensors = load_file(str(last / "optimizer.safetensors"))
+        state = json.loads((last / "trainer_state.json").read_text())
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        _restore_optimizer(optimizer, tensors, state["optimizer"])
+        random.setstate(_tuples(state["rng"]["python"]))
+        np.random.set_state(state["rng"]["numpy"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, best = state["step"], state["best"]
+        print(f"resumed from {last} at step {start_step}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{task.name}: {n_params / 1e6:.2f}M parameters, {'bf16 autocast' if use_bf16 else 'fp32'} on {device}, "
+          f"{cfg.steps} steps of {cfg.batch_size}")
+    metrics_file = (run_dir / "metrics.jsonl").open("a")
+
+    def log(record: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, dynamic_ncols=True, desc=f"train {task.name}")
+    window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
+    final_eval: dict[str, Any] = {}
+    for step in range(start_step, cfg.steps):
+        model.train()
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.train_batch(step).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(**batch)
+        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        optimizer.step()
+        scheduler.step()
+
+        correct, count = task.batch_accuracy(out, batch)
+        window["loss"] += loss.item()
+        window["correct"] += correct
+        window["count"] += count
+        window["samples"] += count
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            seconds = time.perf_counter() - window["start"]
+            steps_in_window = (done - 1) % cfg.log_every + 1
+            record = {
+                "step": done,
+                "loss": window["loss"] / steps_in_window,
+                **{k: v.item() for k, v in losses.items()},
+                "train_accuracy": window["correct"] / max(1, window["count"]),
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": window["samples"] / seconds,
+                "grad_norm": None if grad_norm is None else grad_norm.item(),
+            }
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+            window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            final_eval = task.evaluate(model)
+            log({"step": done, "eval": final_eval})
+            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in task.headline(final_eval).items()))
+            if task.score(final_eval) > best["metric"]:
+                best = {"metric": task.score(final_eval), "step": done}
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save_checkpoint(run_dir, model, optimizer, scheduler, done, {"best": best}, cfg.keep_last, best["step"])
+            window["start"] = time.perf_counter()  # do not count checkpoint time in samples/s
+    bar.close()
+    metrics_file.close()
+    task.save_model(model, run_dir / "model")
+    return final_eval

@@ -1,0 +1,146 @@
+"""Tiny train -> checkpoint -> crash -> resume -> eval -> predict, on the built-in data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmt import checkpoint, train as train_lib
+from mmt.cli import main
+from mmt.config import apply_overrides
+from mmt.data import sort_of_clevr
+from mmt.tasks.vqa import VQARunConfig, VQATask
+
+TINY = [
+    "data.num_train=6",
+    "data.num_test=3",
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.warmup_steps=1",
+    "train.eval_every=2",
+    "train.save_every=2",
+    "train.log_every=1",
+    "model.vision.encoder.depth=1",
+    "model.fusion_encoder.depth=1",
+]
+
+
+def tiny_cfg():
+    return apply_overrides(VQARunConfig(), TINY)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("vqa") / "run"
+    assert main(["train", "vqa", "--run-dir", str(directory), "--no-progress", *sum((["--set", s] for s in TINY), [])]) == 0
+    return directory
+
+
+def test_run_directory_layout(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"run_config.json", "tokenizer.json", "answers.json", "metrics.jsonl", "checkpoints", "model"} <= names
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    assert {p.name for p in ckpt.iterdir()} == {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval" in r] == [2, 4]
+    assert set(records[-1]["eval"]) >= {"overall", "non-relational", "relational", "closest", "count"}
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    train_lib.train(VQATask(tiny_cfg()), straight, progress=False)
+
+    crashed = tmp_path / "crashed"
+    task = VQATask(tiny_cfg())
+    real_batch = task.train_batch
+
+    def crash_at_step_3(step):
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_batch(step)
+
+    task.train_batch = crash_at_step_3
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train(task, crashed, progress=False)
+    assert train_lib.latest_checkpoint(crashed).name == "step-0000002"
+    train_lib.train(VQATask(tiny_cfg()), crashed, resume=True, progress=False)
+
+    a = checkpoint.read_weights(straight / "model" / "model.safetensors")
+    b = checkpoint.read_weights(crashed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses(crashed)[-1] == pytest.approx(losses(straight)[-1], abs=1e-6)
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train_lib.train(VQATask(tiny_cfg()), tmp_path, resume=True, progress=False)
+
+
+def test_eval_prints_a_table_and_writes_json(run_dir, capsys):
+    assert main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for row in ("overall", "non-relational", "relational", "shape", "left", "top", "closest", "furthest", "count"):
+        assert row in out
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert 0.0 <= result["overall"] <= 1.0 and result.keys() >= {"closest", "furthest", "count"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    data = sort_of_clevr.SortOfClevr.generate(1, 7)
+    Image.fromarray(data.images[0]).save(folder / "scene.png")
+    rgba = np.concatenate([data.images[0], np.full((75, 75, 1), 255, np.uint8)], axis=-1)
+    Image.fromarray(rgba).resize((150, 150)).save(folder / "big_rgba.png")
+    Image.fromarray(data.images[0]).convert("L").save(folder / "gray.jpg")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    return folder
+
+
+def test_predict_one_question(run_dir, images, capsys):
+    question = "What is the shape of the red object?"
+    assert main(["predict", str(run_dir), "--image", str(images / "scene.png"), "--question", question, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["answer"] in sort_of_clevr.ANSWERS and 0.0 <= answer["score"] <= 1.0
+    for name in ("big_rgba.png", "gray.jpg"):  # any size or mode is converted
+        assert main(["predict", str(run_dir), "--image", str(images / name), "--question", question]) == 0
+
+
+def test_batch_predict_reports_bad_lines_and_answers_the_rest(run_dir, images, tmp_path, capsys):
+    lines = [
+        json.dumps({"image": str(images / "scene.png"), "question": "Is the blue object on the left?", "id": 7}),
+        json.dumps({"image": str(images / "missing.png"), "question": "Is the red object on the top?"}),
+        json.dumps({"image": str(images / "corrupt.png"), "question": "Is the red object on the top?"}),
+        json.dumps({"image": str(images / "scene.png"), "question": "   "}),
+        "{not json",
+        json.dumps({"question": "no image here"}),
+        json.dumps({"image": "gray.jpg", "question": "How many objects have the same shape as the gray object?"}),
+    ]
+    src = images / "questions.jsonl"  # relative image paths resolve against the input file's folder
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert main(["predict", str(run_dir), "--input", str(src), "--output", str(out)]) == 1
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(results) == len(lines)
+    assert results[0]["id"] == 7 and results[0]["answer"] in sort_of_clevr.ANSWERS and "error" not in results[0]
+    assert results[6]["answer"] in sort_of_clevr.ANSWERS
+    expected = {1: "image not found", 2: "cannot read image", 3: "question is empty", 4: "not valid JSON", 5: "missing key 'image'"}
+    for index, reason in expected.items():
+        assert results[index]["answer"] is None and reason in results[index]["error"]
+        assert results[index]["error"].startswith(f"line {index + 1}:")
+    err = capsys.readouterr().err
+    assert f"{src}:2: " in err and f"{src}:5: " in err
+    assert main(["predict", str(run_dir), "--input", str(src)]) == 2  # --input needs --output
+    assert "--input needs --output" in capsys.readouterr().err
+
+
+def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
+    assert main(["train", "vqa", "--run-dir", str(run_dir), "--set", "train.steps=1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "vqa", "--run-dir", str(run_dir) + "-x", "--set", "model.fusion=sideways"]) == 2
+    assert "model.fusion: 'sideways' is not one of" in capsys.readouterr().err
