@@ -119,8 +119,9 @@ def main() -> None:
             flops = flops_of(step)
             rate = flops / seconds
             label = "bf16" if bf16 else "fp32"
+            of_bf16 = f", {rate / peak16:.0%} of bf16 peak" if len(precisions) == 2 else ""
             print(f"{name:5s} {label}: {n_params / 1e6:.1f}M params, {seconds * 1000:.0f} ms/step, {B / seconds:.1f} samples/s, "
-                  f"{rate / 1e9:.1f} GFLOP/s = {rate / peak32:.0%} of fp32 peak, {rate / peak16:.0%} of bf16 peak")
+                  f"{rate / 1e9:.1f} GFLOP/s = {rate / peak32:.0%} of fp32 peak{of_bf16}")
             if B / seconds > best.get(name, (0, ""))[0]:
                 best[name] = (B / seconds, label)
     ratio = best["mmt"][0] / best["vilt"][0]

@@ -52,6 +52,7 @@ class VisionConfig:
     conv_norm: Literal["group", "batch"] = "group"  # conv stem normalisation (group: batch-independent)
     positions: Literal["learned", "sincos"] = "learned"  # 2-D position embedding of the token grid
     token_norm: bool = False  # LayerNorm on each stem token before positions are added (keeps their scales comparable)
+    coord_channels: bool = False  # append x and y coordinate planes to the pixels (CoordConv, Liu et al. 2018)
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
 
 

@@ -145,6 +145,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after `step` (by a run that then died), so a resumed run's log
+    reads exactly like an uninterrupted one."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 def _jsonable(value: Any) -> Any:
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
@@ -197,6 +205,7 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
         np.random.set_state(state["rng"]["numpy"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, best = state["step"], state["best"]
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
         print(f"resumed from {last} at step {start_step}")
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -83,20 +83,37 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.encoder.dim
+        in_channels = self.stem_channels
         if cfg.stem == "conv":
-            self.stem: nn.Module = ConvStem(cfg.channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm)
+            self.stem: nn.Module = ConvStem(in_channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm)
         else:
-            self.stem = PatchEmbed(cfg.channels, cfg.patch_size, dim)
+            self.stem = PatchEmbed(in_channels, cfg.patch_size, dim)
         self.token_norm = nn.LayerNorm(dim) if cfg.token_norm else nn.Identity()
         rows, cols = self.grid_size(cfg.image_size)
         self.positions = Positions2D(rows, cols, dim, cfg.positions)
         self.encoder = Encoder(cfg.encoder)
 
+    @property
+    def stem_channels(self) -> int:
+        return self.cfg.channels + (2 if self.cfg.coord_channels else 0)
+
+    @staticmethod
+    def with_coordinates(pixels: Tensor) -> Tensor:
+        """Append x and y planes in [-1, 1]: (B, C, H, W) -> (B, C + 2, H, W)."""
+        B, _, H, W = pixels.shape
+        ys = torch.linspace(-1, 1, H, device=pixels.device, dtype=pixels.dtype)
+        xs = torch.linspace(-1, 1, W, device=pixels.device, dtype=pixels.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x plane, y plane
+        return torch.cat([pixels, grid.expand(B, -1, -1, -1)], dim=1)
+
     @torch.no_grad()
     def grid_size(self, image_size: int) -> tuple[int, int]:
         """Token grid (rows, cols) the stem makes from a square image of this size."""
-        probe = torch.zeros(1, self.cfg.channels, image_size, image_size)
+        probe = torch.zeros(1, self.stem_channels, image_size, image_size)
+        was_training = self.stem.training
+        self.stem.eval()  # a BatchNorm stem must not count the probe in its running statistics
         _, _, rows, cols = self.stem(probe).shape
+        self.stem.train(was_training)
         return rows, cols
 
     def forward(self, pixels: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -109,6 +126,8 @@ class VisionTower(nn.Module):
         Returns:
             image_tokens (B, N, D) and image_padding_mask (B, N) bool (True = padding).
         """
+        if self.cfg.coord_channels:
+            pixels = self.with_coordinates(pixels)
         features = self.stem(pixels)  # (B, D, rows, cols)
         B, D, rows, cols = features.shape
         tokens = self.token_norm(features.flatten(2).transpose(1, 2))  # (B, N, D), row-major grid

@@ -59,3 +59,13 @@ def test_config_file_errors_name_the_file(tmp_path):
         load(VisionConfig, path)
     with pytest.raises(ConfigError, match="cannot read config"):
         load(VisionConfig, tmp_path / "missing.json")
+
+
+def test_fixed_length_tuples():
+    from mmt.train import TrainConfig
+
+    assert apply_overrides(TrainConfig(), ["betas=[0.9, 0.999]"]).betas == (0.9, 0.999)
+    with pytest.raises(ConfigError, match="betas: expected 2 items, got 3"):
+        apply_overrides(TrainConfig(), ["betas=[0.9, 0.99, 0.9]"])
+    with pytest.raises(ConfigError, match=r"betas\[1\]: expected a number"):
+        apply_overrides(TrainConfig(), ["betas=[0.9, \"x\"]"])

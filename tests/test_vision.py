@@ -37,3 +37,25 @@ def test_padded_pixels_become_padded_tokens():
     tower = VisionTower(VisionConfig(stem="patch", image_size=64, encoder=SMALL)).eval()
     tokens, token_mask = tower(torch.randn(1, 3, 64, 64), pixel_mask)
     assert token_mask.sum() == 24 and torch.isfinite(tokens).all()
+
+
+def test_batchnorm_stem_is_not_polluted_by_the_grid_probe():
+    tower = VisionTower(VisionConfig(stem="conv", conv_norm="batch", conv_widths=(16, 32), encoder=SMALL))
+    norms = [m for m in tower.stem.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 0 for m in norms)
+    assert tower.stem.training
+
+
+def test_conv_strides_must_match_blocks():
+    with pytest.raises(ValueError, match="need as many strides"):
+        ConvStem(3, (16, 32, 64), dim=32, strides=(2,))
+    assert ConvStem(3, (16, 32, 64), dim=32, strides=(1, 2))(torch.randn(1, 3, 64, 64)).shape == (1, 32, 8, 8)
+
+
+def test_coordinate_planes():
+    pixels = VisionTower.with_coordinates(torch.zeros(2, 3, 4, 5))
+    assert pixels.shape == (2, 5, 4, 5)
+    assert torch.equal(pixels[0, 3, 0], torch.linspace(-1, 1, 5))  # x grows to the right
+    assert torch.equal(pixels[0, 4, :, 0], torch.linspace(-1, 1, 4))  # y grows downwards
+    tower = VisionTower(VisionConfig(coord_channels=True, conv_widths=(16, 32), encoder=SMALL))
+    assert tower(torch.randn(1, 3, 64, 64))[0].shape == (1, 64, 32)

@@ -85,10 +85,10 @@ class VQAModel(nn.Module):
         # (datasets repeat questions across images; a batch of VQA often holds few distinct ones).
         unique_ids, inverse = torch.unique(question_ids, dim=0, return_inverse=True)
         text_tokens, text_padding = self.text(unique_ids)
-        text_tokens, text_padding = text_tokens[inverse], text_padding[inverse]  # (Q, T, D)
+        text_tokens, text_padding = text_tokens.index_select(0, inverse), text_padding[inverse]  # (Q, T, D)
         if self.config.fusion == "joint":
             if image_index is not None:
-                image_tokens, image_padding = image_tokens[image_index], image_padding[image_index]
+                image_tokens, image_padding = image_tokens.index_select(0, image_index), image_padding[image_index]
             Q = text_tokens.shape[0]
             tokens = torch.cat(
                 [self.cls.expand(Q, -1, -1), text_tokens + self.modality[0], image_tokens + self.modality[1]], dim=1
@@ -96,11 +96,13 @@ class VQAModel(nn.Module):
             padding = torch.cat([text_padding.new_zeros(Q, 1), text_padding, image_padding], dim=1)
             fused, _ = self.fusion(tokens, key_padding_mask=padding)
             return fused[:, 0]
-        # cross: project each image's keys/values once per layer, then hand them to its questions
+        # cross: project each image's keys/values once per layer, then hand them to its questions.
+        # (index_select, not x[idx]: its backward, index_add, is deterministic on the CPU,
+        # which a bit-exact resume needs; indexing's backward accumulates in thread order.)
         cross_kv = []
         for layer in self.fusion.layers:
             kv = layer.cross_attn.project_kv(image_tokens)
-            cross_kv.append(kv if image_index is None else KV(kv.k[image_index], kv.v[image_index]))
+            cross_kv.append(kv if image_index is None else KV(kv.k.index_select(0, image_index), kv.v.index_select(0, image_index)))
         padding = image_padding if image_index is None else image_padding[image_index]
         cache = DecoderCache([None] * len(cross_kv), cross_kv)
         fused, _ = self.fusion(text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache)
