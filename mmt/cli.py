@@ -74,22 +74,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mmt import config
-    from mmt.tasks.vqa import VQARunConfig, VQATask, counts_by_type, format_table, load_for_inference
+    from mmt.data import sort_of_clevr
+    from mmt.tasks.vqa import QuestionSet, VQARunConfig, VQATask, counts_by_type, format_table, load_for_inference
 
     run_dir = Path(args.run_dir)
     model, tokenizer, vocab = load_for_inference(run_dir)
     cfg = VQARunConfig(model=model.config)
     run_config = run_dir / "run_config.json"
-    if run_config.is_file():
-        data = json.loads(run_config.read_text())
-        cfg.data = config.from_dict(VQARunConfig, {"data": data.get("data", {})}).data
+    if run_config.is_file():  # evaluate on the test split the run was made with
+        cfg = config.merge(cfg, {"data": json.loads(run_config.read_text()).get("data", {})})
     cfg = config.apply_overrides(cfg, args.set)
-    task = VQATask(cfg)
-    from mmt.data import sort_of_clevr
-    from mmt.tasks.vqa import QuestionSet
-
     _, test = sort_of_clevr.splits(0, cfg.data.num_test, cfg.data.seed)
-    result = task.evaluate(model, QuestionSet(test, tokenizer, vocab, model.config.text.max_len))
+    result = VQATask(cfg).evaluate(model, QuestionSet(test, tokenizer, vocab, model.config.text.max_len))
     print(format_table(result, counts_by_type(test.questions)))
     out = Path(args.out) if args.out else (run_dir / "eval.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

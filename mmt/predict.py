@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmt.data.transforms import ImageError, load_image, to_pixels
@@ -28,8 +29,6 @@ class _Answerer:
     @torch.no_grad()
     def answer(self, images: list, questions: list[str]) -> list[dict[str, Any]]:
         """images: (H, W, 3) uint8 arrays; one answer + softmax score per question."""
-        import numpy as np
-
         pixels = to_pixels(np.stack(images))
         ids, _ = self.tokenizer.batch(questions, self.model.config.text.max_len, wrap="cls")
         probs = self.model.answer_logits(pixels, ids).float().softmax(-1)

@@ -163,14 +163,11 @@ def vqa_small() -> VQAConfig:
 @register_preset
 def vqa_joint_small() -> VQAConfig:
     """Single-stream variant of vqa-small: [CLS] + question + image tokens in one 4-layer encoder."""
-    dim = 128
-    return VQAConfig(
-        vision=_conv_vision(dim, 0, 4, 0.0, (32, 64)),
-        text=TextConfig(max_len=24, encoder=_transformer(dim, 0, 4, 0.0)),
-        fusion="joint",
-        fusion_encoder=_transformer(dim, 4, 4, 0.0),
-        head_hidden=256,
-    )
+    cfg = vqa_small()
+    cfg.fusion = "joint"
+    cfg.vision.encoder.depth = cfg.text.encoder.depth = 0  # the towers only embed; the joint encoder does the rest
+    cfg.fusion_encoder.depth = 4
+    return cfg
 
 
 @register_preset

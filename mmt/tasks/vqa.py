@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +144,7 @@ class VQATask:
         correct = (self.predict_split(model, questions) == questions.answers).numpy()
         groups: dict[str, list[bool]] = defaultdict(list)
         for ok, q in zip(correct, questions.split.questions):
-            for key in ("overall", q.family, q.subtype):
+            for key in question_types(q):
                 groups[key].append(bool(ok))
         order = ["overall", "non-relational", "relational", *sort_of_clevr.NON_RELATIONAL, *sort_of_clevr.RELATIONAL]
         return {k: float(np.mean(groups[k])) for k in order if groups[k]}
@@ -185,9 +184,14 @@ def load_for_inference(run_dir: str | Path) -> tuple[VQAModel, Tokenizer, Answer
     return model, tokenizer, AnswerVocab.load(directory / ANSWERS_NAME)
 
 
-def counts_by_type(questions: list[sort_of_clevr.Question]) -> dict[str, Any]:
+def question_types(q: sort_of_clevr.Question) -> tuple[str, str, str]:
+    """The rows of the accuracy table a question counts in."""
+    return ("overall", q.family, q.subtype)
+
+
+def counts_by_type(questions: list[sort_of_clevr.Question]) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for q in questions:
-        for key in ("overall", q.family, q.subtype):
+        for key in question_types(q):
             counts[key] += 1
     return counts
