@@ -110,3 +110,19 @@ def test_causal_mask_blocks_the_future():
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="not divisible"):
         MultiHeadAttention(30, 4)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_query_sequences_can_share_a_context(fast):
+    attn = MultiHeadAttention(D, H, fast=fast).eval()
+    x, context = torch.randn(6, T, D), torch.randn(2, S, D)
+    pad = padding([5, 3], S)
+    kv = attn.project_kv(context)
+    shared, _, weights = attn(x, static_kv=kv, key_padding_mask=pad, need_weights=not fast)
+    repeat = torch.tensor([0, 0, 0, 1, 1, 1])
+    copied, _, copied_weights = attn(x, context[repeat], key_padding_mask=pad[repeat], need_weights=not fast)
+    assert (shared - copied).abs().max() <= 1e-5
+    if not fast:
+        assert (weights - copied_weights).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="cannot share"):
+        attn(torch.randn(5, T, D), static_kv=kv)

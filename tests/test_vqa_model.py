@@ -12,13 +12,16 @@ def small(fusion):
 
 
 @pytest.mark.parametrize("fusion", ["cross", "joint"])
-def test_shared_images_equal_repeated_images(fusion):
+@pytest.mark.parametrize("order", ["scattered", "grouped"])
+def test_shared_images_equal_repeated_images(fusion, order):
     model = small(fusion)
     pixels = torch.randn(2, 3, 75, 75)
-    ids = torch.randint(7, 40, (5, 8))
+    # "grouped" (consecutive, equally many per image) takes the copy-free path
+    image_index = torch.tensor([0, 1, 1, 0, 1] if order == "scattered" else [0, 0, 0, 1, 1, 1])
+    ids = torch.randint(7, 40, (len(image_index), 8))
     ids[:, 0] = 2
     ids[3, 5:] = 0  # a padded question
-    image_index = torch.tensor([0, 1, 1, 0, 1])
+    ids[4] = ids[1]  # a repeated question
     with torch.no_grad():
         shared = model.answer_logits(pixels, ids, image_index)
         repeated = model.answer_logits(pixels[image_index], ids)
@@ -57,3 +60,20 @@ def test_answer_vocab_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"answers": [1, 2]}')
     with pytest.raises(ValueError, match="bad.json: 'answers' must be a list of strings"):
         AnswerVocab.load(tmp_path / "bad.json")
+
+
+def test_grouped_path_trains_like_the_copying_path():
+    model = small("cross").train()
+    pixels = torch.randn(2, 3, 75, 75)
+    ids = torch.randint(7, 40, (4, 8))
+    answers = torch.tensor([1, 2, 3, 4])
+    grads = []
+    for image_index in (torch.tensor([0, 0, 1, 1]), None):
+        model.zero_grad()
+        inputs = pixels if image_index is not None else pixels[torch.tensor([0, 0, 1, 1])]
+        model.eval()  # BatchNorm statistics differ between 2 and 4 images; compare the rest exactly
+        model(inputs, ids, answers, image_index)["answer_loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name

@@ -122,7 +122,8 @@ class MultiHeadAttention(nn.Module):
             causal: mask keys that come after each query (self-attention only).
             past_kv: self-attention keys/values of earlier steps; new ones are appended.
             static_kv: precomputed context keys/values (cross-attention cache); `context`
-                is then not projected again.
+                is then not projected again. Contexts (given or cached) may number B / g for
+                B query sequences: then sequences g*i .. g*i+g-1 all attend to context i.
             need_weights: also return the attention weights (takes the reference path).
         Returns:
             (output (B, T, D), the keys/values used (to cache), weights (B, H, T, S) or None).
@@ -137,6 +138,15 @@ class MultiHeadAttention(nn.Module):
                 kv = KV(torch.cat([past_kv.k, kv.k], dim=2), torch.cat([past_kv.v, kv.v], dim=2))
         S = kv.k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
+        groups = B // kv.k.shape[0]
+        if groups > 1:
+            # Several query sequences share each context (e.g. 20 questions about one image):
+            # attention is independent per query, so each context's query sequences are laid
+            # end to end and attend once, instead of copying the keys/values per sequence.
+            if causal or B % kv.k.shape[0]:
+                raise ValueError(f"{B} query sequences cannot share {kv.k.shape[0]} contexts{' causally' if causal else ''}")
+            q = q.view(-1, groups, self.heads, T, self.head_dim).transpose(1, 2)  # (B / g, H, g, T, Dh)
+            q = q.reshape(-1, self.heads, groups * T, self.head_dim)  # (B / g, H, g * T, Dh)
 
         weights = None
         if self.fast and not need_weights:
@@ -148,5 +158,9 @@ class MultiHeadAttention(nn.Module):
         else:
             allowed = build_attention_mask(key_padding_mask, causal, T, S, x.device)
             out, weights = reference_attention(q, kv.k, kv.v, allowed, dropout_p)
+        if groups > 1:
+            out = out.view(-1, self.heads, groups, T, self.head_dim).transpose(1, 2)  # (B / g, g, H, T, Dh)
+            out = out.reshape(B, self.heads, T, self.head_dim)
+            weights = None if weights is None else weights.view(-1, self.heads, groups, T, S).transpose(1, 2).reshape(B, self.heads, T, S)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, H * Dh)
         return self.out_proj(out), kv, weights

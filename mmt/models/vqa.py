@@ -82,28 +82,42 @@ class VQAModel(nn.Module):
                 about image i).
         """
         # The text tower does not see the image, so each distinct question is encoded once
-        # (datasets repeat questions across images; a batch of VQA often holds few distinct ones).
+        # (datasets repeat questions across images; a batch of VQA often holds few distinct
+        # ones). Copies are made with a one-hot matmul: exact, and its backward is a matmul,
+        # deterministic and fast on the CPU (index_select's backward is a slow scatter-add
+        # there, plain indexing's is not deterministic).
         unique_ids, inverse = torch.unique(question_ids, dim=0, return_inverse=True)
-        text_tokens, text_padding = self.text(unique_ids)
-        text_tokens, text_padding = text_tokens.index_select(0, inverse), text_padding[inverse]  # (Q, T, D)
+        unique_tokens, unique_padding = self.text(unique_ids)  # (U, T, D)
+        U, T, D = unique_tokens.shape
+        pick = F.one_hot(inverse, U).to(unique_tokens.dtype)  # (Q, U)
+        text_tokens = (pick @ unique_tokens.reshape(U, T * D)).view(-1, T, D)  # (Q, T, D)
+        text_padding = unique_padding[inverse]
+        Q = text_tokens.shape[0]
+        shared = image_index is not None and _questions_per_image(image_index, image_tokens.shape[0])
         if self.config.fusion == "joint":
-            if image_index is not None:
+            if shared:  # g consecutive questions per image: repeat by expanding (backward is a sum)
+                I, N, _ = image_tokens.shape
+                image_tokens = image_tokens[:, None].expand(I, shared, N, D).reshape(Q, N, D)
+                image_padding = image_padding.repeat_interleave(shared, dim=0)
+            elif image_index is not None:
                 image_tokens, image_padding = image_tokens.index_select(0, image_index), image_padding[image_index]
-            Q = text_tokens.shape[0]
             tokens = torch.cat(
                 [self.cls.expand(Q, -1, -1), text_tokens + self.modality[0], image_tokens + self.modality[1]], dim=1
             )  # (Q, 1 + T + N, D)
             padding = torch.cat([text_padding.new_zeros(Q, 1), text_padding, image_padding], dim=1)
             fused, _ = self.fusion(tokens, key_padding_mask=padding)
             return fused[:, 0]
-        # cross: project each image's keys/values once per layer, then hand them to its questions.
-        # (index_select, not x[idx]: its backward, index_add, is deterministic on the CPU,
-        # which a bit-exact resume needs; indexing's backward accumulates in thread order.)
-        cross_kv = []
+        # cross: project each image's keys/values once per layer. When each image's questions
+        # are consecutive and equally many, attention takes them grouped (no copies at all);
+        # otherwise each question gets its image's keys/values.
+        cross_kv, padding = [], image_padding
         for layer in self.fusion.layers:
             kv = layer.cross_attn.project_kv(image_tokens)
-            cross_kv.append(kv if image_index is None else KV(kv.k.index_select(0, image_index), kv.v.index_select(0, image_index)))
-        padding = image_padding if image_index is None else image_padding[image_index]
+            if image_index is not None and not shared:
+                kv = KV(kv.k.index_select(0, image_index), kv.v.index_select(0, image_index))
+            cross_kv.append(kv)
+        if image_index is not None and not shared:
+            padding = image_padding[image_index]
         cache = DecoderCache([None] * len(cross_kv), cross_kv)
         fused, _ = self.fusion(text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache)
         return fused[:, 0]
@@ -126,6 +140,16 @@ class VQAModel(nn.Module):
         else:
             loss = F.cross_entropy(logits.float(), answers)
         return {"answer_loss": loss, "answer_logits": logits.detach()}
+
+
+def _questions_per_image(image_index: Tensor, num_images: int) -> int:
+    """g when image_index is [0]*g + [1]*g + ... + [I-1]*g, else 0."""
+    Q = image_index.shape[0]
+    if Q % num_images:
+        return 0
+    g = Q // num_images
+    expected = torch.arange(num_images, device=image_index.device).repeat_interleave(g)
+    return g if torch.equal(image_index, expected) else 0
 
 
 def _transformer(dim: int, depth: int, heads: int, dropout: float) -> TransformerConfig:

@@ -41,7 +41,7 @@ class VQARunConfig:
     model: VQAConfig = dataclasses.field(default_factory=lambda: registry.preset("vqa-small"))
     data: SortOfClevrConfig = dataclasses.field(default_factory=SortOfClevrConfig)
     train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(steps=1250, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
+        default_factory=lambda: TrainConfig(steps=1700, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
     )
 
 
