@@ -77,3 +77,19 @@ def test_grouped_path_trains_like_the_copying_path():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("fusion", ["cross", "joint"])
+def test_repeated_questions_are_encoded_once_with_the_same_result(fusion):
+    model = small(fusion)
+    pixels = torch.randn(3, 3, 75, 75)
+    two = torch.randint(7, 40, (2, 8))
+    ids = two[torch.tensor([0, 1, 0, 0, 1, 0])]  # 2 distinct questions among 6: the de-duplicating path
+    image_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    calls = []
+    model.text.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    with torch.no_grad():
+        batched = model.answer_logits(pixels, ids, image_index)
+        assert calls == [2]
+        alone = torch.cat([model.answer_logits(pixels[i : i + 1], ids[q : q + 1]) for q, i in enumerate(image_index.tolist())])
+    assert (batched - alone).abs().max() <= 1e-4

@@ -87,11 +87,15 @@ class VQAModel(nn.Module):
         # deterministic and fast on the CPU (index_select's backward is a slow scatter-add
         # there, plain indexing's is not deterministic).
         unique_ids, inverse = torch.unique(question_ids, dim=0, return_inverse=True)
-        unique_tokens, unique_padding = self.text(unique_ids)  # (U, T, D)
-        U, T, D = unique_tokens.shape
-        pick = F.one_hot(inverse, U).to(unique_tokens.dtype)  # (Q, U)
-        text_tokens = (pick @ unique_tokens.reshape(U, T * D)).view(-1, T, D)  # (Q, T, D)
-        text_padding = unique_padding[inverse]
+        if 2 * len(unique_ids) > len(question_ids):  # few repeats: encoding all is cheaper than copying
+            text_tokens, text_padding = self.text(question_ids)
+            D = text_tokens.shape[-1]
+        else:
+            unique_tokens, unique_padding = self.text(unique_ids)  # (U, T, D)
+            U, T, D = unique_tokens.shape
+            pick = F.one_hot(inverse, U).to(unique_tokens.dtype)  # (Q, U)
+            text_tokens = (pick @ unique_tokens.reshape(U, T * D)).view(-1, T, D)  # (Q, T, D)
+            text_padding = unique_padding[inverse]
         Q = text_tokens.shape[0]
         shared = image_index is not None and _questions_per_image(image_index, image_tokens.shape[0])
         if self.config.fusion == "joint":
