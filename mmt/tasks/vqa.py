@@ -58,7 +58,6 @@ class QuestionSet:
         # an answer outside the vocabulary can never be predicted: it counts as wrong in
         # evaluation and is ignored by the training loss (cross-entropy's ignore index)
         self.answers = torch.tensor([vocab.index.get(q.answer, UNKNOWN_ANSWER) for q in split.questions])
-        self.image_index = torch.tensor([q.image_index for q in split.questions])
         by_image = defaultdict(list)
         for i, q in enumerate(split.questions):
             by_image[q.image_index].append(i)
@@ -66,13 +65,14 @@ class QuestionSet:
 
     def batch(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """All questions about `images` (indices into the split)."""
-        rows = torch.cat([self.questions_of_image[i] for i in images])
-        local = {int(img): k for k, img in enumerate(images)}
+        per_image = [self.questions_of_image[i] for i in images]
+        rows = torch.cat(per_image)
+        counts = torch.tensor([len(r) for r in per_image])
         return {
             "pixels": self.pixels[torch.as_tensor(images)],
             "question_ids": self.question_ids[rows],
             "answers": self.answers[rows],
-            "image_index": torch.tensor([local[int(i)] for i in self.image_index[rows]]),
+            "image_index": torch.arange(len(images)).repeat_interleave(counts),  # rows come image by image
         }
 
 
