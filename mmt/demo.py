@@ -86,7 +86,7 @@ def run(steps: int = 150, out_dir: str | None = None, overrides: list[str] | Non
     ids, _ = tokenizer.batch(captions, cfg.max_len, wrap="bos_eos")
     with torch.no_grad():
         same = torch.equal(model(pixels, ids)["caption_loss"], reloaded(pixels, ids)["caption_loss"])
-    generated = [reloaded_tokenizer.decode(row) for row in reloaded.generate(pixels)]
+    generated = [reloaded_tokenizer.decode(row) for row in reloaded.generate(pixels).ids[:, 0]]
     exact = sum(g == c for g, c in zip(generated, captions)) / len(captions)
     print(f"saved to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"reloaded model gives identical loss: {same}")

@@ -166,13 +166,17 @@ class DecoderCache:
         first = self.self_kv[0]
         return 0 if first is None else first.k.shape[2]
 
-    def select(self, index: Tensor) -> "DecoderCache":
-        """Keep/reorder batch rows (beam search): every cached tensor indexed on dim 0."""
+    def select(self, index: Tensor, cross: bool = True) -> "DecoderCache":
+        """Keep/reorder batch rows (beam search): cached tensors indexed on dim 0.
+
+        cross=False leaves the cross-attention keys/values as they are: beams of one image
+        share them (grouped queries), so reordering beams never touches them.
+        """
 
         def pick(kv: KV | None) -> KV | None:
             return None if kv is None else KV(kv.k.index_select(0, index), kv.v.index_select(0, index))
 
-        return DecoderCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv])
+        return DecoderCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv] if cross else self.cross_kv)
 
 
 class DecoderLayer(nn.Module):

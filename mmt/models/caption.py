@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TransformerConfig, VisionConfig
+from mmt.generation import Generated, GenerationConfig, StepFn, generate
 from mmt.layers.transformer import Decoder, DecoderCache
 from mmt.registry import register_model, register_preset
 from mmt.text import TokenEmbedding
@@ -90,25 +91,27 @@ class CaptionModel(nn.Module):
         )
         return {"caption_loss": loss}
 
+    def decode_step(self, image_tokens: Tensor, image_padding_mask: Tensor | None = None) -> StepFn:
+        """The step function `mmt.generation.generate` drives, for these encoded images."""
+
+        def step(ids: Tensor, cache: DecoderCache | None) -> tuple[Tensor, DecoderCache | None]:
+            logits, cache = self.next_token_logits(ids, image_tokens, image_padding_mask, cache=cache)
+            return logits[:, -1], cache
+
+        return step
+
     @torch.no_grad()
-    def generate(self, pixels: Tensor, max_len: int | None = None) -> Tensor:
-        """Greedy captions (B, <= max_len) starting with [BOS]; finished rows are padded."""
+    def generate(self, pixels: Tensor, config: GenerationConfig | None = None, **options) -> Generated:
+        """Captions for (B, C, H, W) images: greedy by default; `options` override `config`
+        fields (num_beams=3, do_sample=True, top_p=0.9, ...). Ids start with [BOS]."""
         cfg = self.config
-        max_len = min(max_len or cfg.max_len, cfg.max_len)
+        config = dataclasses.replace(config or GenerationConfig(max_new_tokens=cfg.max_len - 1), **options)
+        config.max_new_tokens = min(config.max_new_tokens, cfg.max_len - 1)  # positions end at max_len
         image_tokens, image_padding = self.encode_images(pixels)
-        B = pixels.shape[0]
-        ids = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=pixels.device)
-        done = torch.zeros(B, dtype=torch.bool, device=pixels.device)
-        cache = DecoderCache.empty(len(self.decoder.layers))
-        step_input = ids
-        while ids.shape[1] < max_len and not done.all():
-            logits, cache = self.next_token_logits(step_input, image_tokens, image_padding, cache=cache)
-            next_id = logits[:, -1].argmax(-1)
-            next_id = torch.where(done, torch.full_like(next_id, cfg.pad_id), next_id)
-            ids = torch.cat([ids, next_id[:, None]], dim=1)
-            done |= next_id == cfg.eos_id
-            step_input = next_id[:, None]
-        return ids
+        return generate(
+            self.decode_step(image_tokens, image_padding), pixels.shape[0], len(self.decoder.layers), config,
+            bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device,
+        )
 
 
 @register_preset

@@ -1,0 +1,182 @@
+"""Autoregressive decoding shared by every text-generating model: greedy, beam search, sampling.
+
+A model hands `generate` a step function: given the newest token ids (N, t) and the
+decoder's key/value cache, return the logits of the next token (N, V) and the updated
+cache. Decoding starts from [BOS] and stops per sequence at [EOS] or at the length limit;
+a finished sequence is padded with [PAD] while the others continue, and the loop ends
+as soon as every sequence has finished.
+
+Several sequences about one image (beams, or several returned samples) are laid out
+image by image, rows g*i .. g*i+g-1 for image i, so cross-attention reads each image's
+keys/values once without copying them (see `MultiHeadAttention`'s grouped queries).
+
+Beam search follows the usual formulation (Wu et al. 2016, "Google's NMT system"): keep
+the `num_beams` best partial hypotheses by summed log-probability; a hypothesis that
+emits [EOS] joins the finished pool with score logp / length ** length_penalty; an image
+is done when its pool is full and no running beam can beat the worst pooled hypothesis at
+the current length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmt.layers.transformer import DecoderCache
+
+StepFn = Callable[[Tensor, "DecoderCache | None"], "tuple[Tensor, DecoderCache | None]"]
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    """How to decode."""
+
+    max_new_tokens: int = 30  # tokens generated after [BOS], [EOS] included
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    do_sample: bool = False  # sample instead of taking the most likely token
+    temperature: float = 1.0  # sampling: logits / temperature
+    top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # sampling: keep the smallest set with probability >= top_p (nucleus)
+    num_return: int = 1  # sequences returned per input (<= num_beams for beam search)
+    seed: int | None = None  # sampling seed (None: torch's global generator)
+    use_cache: bool = True  # False recomputes the whole prefix each step (for tests)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1 or self.num_return < 1:
+            raise ValueError("num_beams and num_return must be >= 1")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("choose beam search (num_beams > 1) or sampling (do_sample), not both")
+        if self.num_beams > 1 and self.num_return > self.num_beams:
+            raise ValueError(f"num_return={self.num_return} cannot exceed num_beams={self.num_beams}")
+        if self.num_beams == 1 and not self.do_sample and self.num_return > 1:
+            raise ValueError("greedy decoding returns one sequence; use beams or sampling for num_return > 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+
+
+@dataclasses.dataclass
+class Generated:
+    """Decoded sequences: ids (B, R, L) starting with [BOS], padded with [PAD] after [EOS];
+    scores (B, R): summed log-probabilities (beam search: length-penalised), best first."""
+
+    ids: Tensor
+    scores: Tensor
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k / nucleus (Holtzman et al. 2020) to -inf. logits: (N, V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass of the tokens ranked above each
+        drop_sorted = before >= top_p  # the most likely token always stays (before = 0)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _step(
+    step: StepFn, ids: Tensor, cache: DecoderCache | None, use_cache: bool, never: tuple[int, ...]
+) -> tuple[Tensor, DecoderCache | None]:
+    """Next-token log-probabilities (N, V) in float32, feeding only the newest token when
+    cached; tokens in `never` ([PAD], [BOS]) are never generated."""
+    logits, cache = step(ids[:, -1:] if use_cache and cache.length else ids, cache if use_cache else None)
+    logits = logits.float()
+    logits[:, list(never)] = float("-inf")
+    return logits.log_softmax(-1), cache
+
+
+@torch.no_grad()
+def generate(
+    step: StepFn, batch_size: int, num_layers: int, cfg: GenerationConfig, *, bos_id: int, eos_id: int, pad_id: int,
+    device: torch.device | str = "cpu",
+) -> Generated:
+    """Decode `batch_size` inputs with `step` (see the module docstring)."""
+    cfg.validate()
+    if cfg.num_beams > 1:
+        return _beam_search(step, batch_size, num_layers, cfg, bos_id, eos_id, pad_id, torch.device(device))
+    R = cfg.num_return
+    N = batch_size * R
+    ids = torch.full((N, 1), bos_id, dtype=torch.long, device=device)
+    scores = torch.zeros(N, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    cache = DecoderCache.empty(num_layers)
+    generator = None
+    if cfg.do_sample and cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    for _ in range(cfg.max_new_tokens):
+        logp, cache = _step(step, ids, cache, cfg.use_cache, (pad_id, bos_id))
+        if cfg.do_sample:
+            filtered = filter_logits(logp / cfg.temperature, cfg.top_k, cfg.top_p)
+            next_id = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
+        else:
+            next_id = logp.argmax(-1)
+        token_logp = logp.gather(1, next_id[:, None])[:, 0]
+        scores += torch.where(done, torch.zeros_like(token_logp), token_logp)
+        next_id = torch.where(done, torch.full_like(next_id, pad_id), next_id)
+        ids = torch.cat([ids, next_id[:, None]], dim=1)
+        done |= next_id == eos_id
+        if done.all():
+            break
+    return Generated(ids.view(batch_size, R, -1), scores.view(batch_size, R))
+
+
+def _beam_search(
+    step: StepFn, B: int, num_layers: int, cfg: GenerationConfig, bos_id: int, eos_id: int, pad_id: int, device: torch.device
+) -> Generated:
+    K, L, alpha = cfg.num_beams, cfg.max_new_tokens + 1, cfg.length_penalty
+    ids = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)
+    # every beam starts as the same [BOS]; only the first may expand, so step 1 yields K distinct tokens
+    beam_scores = torch.full((B, K), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0
+    pool_ids = torch.full((B, K, L), pad_id, dtype=torch.long, device=device)
+    pool_scores = torch.full((B, K), float("-inf"), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = DecoderCache.empty(num_layers)
+    offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of each image
+    rank = torch.arange(2 * K, device=device)[None, :]
+    for t in range(1, L):  # t: tokens generated after this step
+        logp, cache = _step(step, ids, cache, cfg.use_cache, (pad_id, bos_id))
+        V = logp.shape[-1]
+        candidates = (beam_scores[..., None] + logp.view(B, K, V)).view(B, K * V)
+        top_scores, top_index = candidates.topk(2 * K, dim=-1)  # (B, 2K), best first
+        source, token = top_index // V, top_index % V  # which beam, which token
+        is_eos = token == eos_id
+        # hypotheses ending here join the pool (only those ranked within the beam, as usual)
+        finish = is_eos & (rank < K) & ~done[:, None] & (top_scores > float("-inf"))
+        finished_ids = torch.cat([ids.view(B, K, -1).gather(1, source[..., None].expand(-1, -1, t)), token[..., None]], dim=2)
+        finished_ids = F.pad(finished_ids, (0, L - t - 1), value=pad_id)  # (B, 2K, L)
+        finished_scores = torch.where(finish, top_scores / t**alpha, torch.full_like(top_scores, float("-inf")))
+        pool_scores, keep = torch.cat([pool_scores, finished_scores], dim=1).topk(K, dim=-1)
+        pool_ids = torch.cat([pool_ids, finished_ids], dim=1).gather(1, keep[..., None].expand(-1, -1, L))
+        # the K best continuations that did not end become the running beams
+        order = torch.where(is_eos, rank + 2 * K, rank).argsort(dim=-1)[:, :K]  # non-[EOS] first, by score
+        beam_scores = top_scores.gather(1, order)
+        rows = (offsets + source.gather(1, order)).view(-1)
+        ids = torch.cat([ids.index_select(0, rows), token.gather(1, order).view(-1, 1)], dim=1)
+        cache = cache.select(rows, cross=False) if cfg.use_cache else None
+        # an image is done once its pool is full and its best running beam cannot beat the pool's worst
+        done |= (pool_scores[:, -1] > float("-inf")) & (beam_scores[:, 0] / t**alpha <= pool_scores[:, -1])
+        if done.all():
+            break
+    else:
+        # the length limit: running beams of unfinished images compete with the pool as they are
+        t = ids.shape[1] - 1
+        running = torch.where(done[:, None], torch.full_like(beam_scores, float("-inf")), beam_scores / t**alpha)
+        pool_scores, keep = torch.cat([pool_scores, running], dim=1).topk(K, dim=-1)
+        running_ids = F.pad(ids.view(B, K, -1), (0, L - ids.shape[1]), value=pad_id)
+        pool_ids = torch.cat([pool_ids, running_ids], dim=1).gather(1, keep[..., None].expand(-1, -1, L))
+    R = cfg.num_return
+    ids = pool_ids[:, :R]
+    longest = int((ids != pad_id).sum(-1).max())
+    return Generated(ids[..., :longest], pool_scores[:, :R])

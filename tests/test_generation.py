@@ -1,0 +1,176 @@
+"""Decoding: cached == uncached, beam width 1 == greedy, exact beam search on a toy
+distribution, per-sequence stop at [EOS], reproducible sampling, top-k / top-p filters."""
+
+import itertools
+
+import pytest
+import torch
+
+from mmt import registry
+from mmt.generation import GenerationConfig, _beam_search, filter_logits, generate
+
+PAD, BOS, EOS = 0, 5, 6
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    torch.manual_seed(0)
+    cfg = registry.preset("caption-tiny")
+    cfg.vocab_size = 12  # a small vocabulary makes [EOS] likely enough to end some captions early
+    model = registry.build(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # a peaked random model: decoding choices are not near-ties
+    pixels = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size)
+    return model, pixels
+
+
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}])
+def test_cached_decoding_equals_recomputing_the_prefix(captioner, options):
+    model, pixels = captioner
+    cached = model.generate(pixels, max_new_tokens=10, **options)
+    full = model.generate(pixels, max_new_tokens=10, use_cache=False, **options)
+    assert torch.equal(cached.ids, full.ids)
+    assert torch.allclose(cached.scores, full.scores, atol=1e-4)
+
+
+def test_greedy_token_is_the_argmax_of_a_full_forward_pass_and_rows_stop_at_eos(captioner):
+    model, pixels = captioner
+    ids = model.generate(pixels, max_new_tokens=10).ids[:, 0]
+    tokens, mask = model.encode_images(pixels)
+    with torch.no_grad():
+        for t in range(1, ids.shape[1]):
+            live = (ids[:, :t] == EOS).sum(1) == 0
+            full, _ = model.next_token_logits(ids[:, :t], tokens, mask)
+            logits = full[:, -1]
+            logits[:, [PAD, BOS]] = float("-inf")
+            assert torch.equal(logits[live].argmax(-1), ids[live, t])
+            assert (ids[~live, t] == PAD).all()  # finished captions are padded while others go on
+
+
+def test_each_sequence_stops_at_its_own_eos_and_decoding_ends_when_all_have():
+    calls = []
+
+    def step(ids, cache):  # row r says token 7 until it has generated r + 1 tokens, then [EOS]
+        calls.append(ids.shape)
+        generated = ids.shape[1] - 1
+        logits = torch.zeros(ids.shape[0], 9)
+        for r in range(ids.shape[0]):
+            logits[r, EOS if generated >= r + 1 else 7] = 5.0
+        return logits, None
+
+    out = generate(step, 3, 0, GenerationConfig(max_new_tokens=20, use_cache=False), bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    assert out.ids[:, 0].tolist() == [
+        [BOS, 7, EOS, PAD, PAD],
+        [BOS, 7, 7, EOS, PAD],
+        [BOS, 7, 7, 7, EOS],
+    ]
+    assert len(calls) == 4  # stopped once the last row ended, not at max_new_tokens
+
+
+def test_beam_search_of_width_one_is_greedy(captioner):
+    model, pixels = captioner
+    greedy = model.generate(pixels, max_new_tokens=12)
+    step = model.decode_step(*model.encode_images(pixels))
+    beam = _beam_search(step, 4, 2, GenerationConfig(max_new_tokens=12), BOS, EOS, PAD, torch.device("cpu"))
+    assert torch.equal(beam.ids, greedy.ids)
+    lengths = (greedy.ids[:, :, 1:] != PAD).sum(-1)
+    assert torch.allclose(beam.scores, greedy.scores / lengths, atol=1e-5)  # length_penalty 1.0
+
+
+def test_beams_are_sorted_distinct_and_no_worse_than_greedy(captioner):
+    model, pixels = captioner
+    greedy = model.generate(pixels, max_new_tokens=12, length_penalty=0.0)
+    beams = model.generate(pixels, max_new_tokens=12, num_beams=4, num_return=4, length_penalty=0.0)
+    assert beams.ids.shape[:2] == (4, 4)
+    assert (beams.scores[:, :-1] >= beams.scores[:, 1:]).all()
+    assert (beams.scores[:, 0] >= greedy.scores[:, 0] - 1e-5).all()
+    for row in beams.ids:
+        assert len({tuple(seq.tolist()) for seq in row}) == 4
+
+
+def test_sampling_is_reproducible_under_a_seed(captioner):
+    model, pixels = captioner
+    with torch.no_grad():
+        model.lm_head.weight.div_(8.0)  # flatten the distribution so samples vary
+    try:
+        a = model.generate(pixels, do_sample=True, num_return=3, seed=1, max_new_tokens=10)
+        b = model.generate(pixels, do_sample=True, num_return=3, seed=1, max_new_tokens=10)
+        c = model.generate(pixels, do_sample=True, num_return=3, seed=2, max_new_tokens=10)
+        top1 = model.generate(pixels, do_sample=True, top_k=1, seed=3, max_new_tokens=10)
+        greedy = model.generate(pixels, max_new_tokens=10)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
+    assert torch.equal(a.ids, b.ids)
+    assert not torch.equal(a.ids, c.ids)
+    assert torch.equal(top1.ids, greedy.ids)  # top-k 1 leaves only the argmax
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda filtered: torch.isfinite(filtered)[0].tolist()
+    assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False]  # 0.5 alone reaches 0.5
+    assert kept(filter_logits(logits, top_p=0.7)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
+    shuffled = logits[:, [2, 0, 3, 1]]  # order of the vocabulary must not matter
+    assert kept(filter_logits(shuffled, top_p=0.7)) == [False, True, False, True]
+
+
+def test_bad_generation_options_are_refused():
+    for bad in ({"num_beams": 2, "do_sample": True}, {"num_beams": 2, "num_return": 3}, {"num_return": 2}, {"top_p": 0.0}):
+        with pytest.raises(ValueError):
+            GenerationConfig(**bad).validate()
+
+
+# ----------------------------------------------------------------------------- exact search on a toy model
+
+T_PAD, T_BOS, T_EOS, T_VOCAB = 0, 1, 2, 5  # tokens 2, 3, 4 can be generated
+
+
+def toy_step(seed: int):
+    """Next-token logits that depend on the whole prefix (fixed random per prefix)."""
+
+    def logits_of(prefix: tuple[int, ...]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(hash((seed,) + prefix) % (2**31))
+        return torch.randn(T_VOCAB, generator=g) * 2.0
+
+    def step(ids, cache):
+        assert cache is None  # driven with use_cache=False: ids hold the whole prefix
+        return torch.stack([logits_of(tuple(row.tolist())) for row in ids]), None
+
+    return step, logits_of
+
+
+def exhaustive_best(logits_of, max_new: int, alpha: float) -> tuple[tuple[int, ...], float]:
+    """The best hypothesis over every sequence that ends at its first [EOS] or at the limit."""
+    best, best_score = None, float("-inf")
+    for length in range(1, max_new + 1):
+        for seq in itertools.product([2, 3, 4], repeat=length):
+            if T_EOS in seq[:-1] or (length < max_new and seq[-1] != T_EOS):
+                continue
+            prefix, total = (T_BOS,), 0.0
+            for token in seq:
+                logits = logits_of(prefix).clone()
+                logits[[T_PAD, T_BOS]] = float("-inf")
+                total += logits.log_softmax(-1)[token].item()
+                prefix += (token,)
+            if total / length**alpha > best_score:
+                best, best_score = (T_BOS,) + seq, total / length**alpha
+    return best, best_score
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_wide_beam_finds_the_exhaustive_optimum_and_greedy_sometimes_does_not(alpha):
+    max_new, greedy_worse = 4, 0
+    for seed in range(8):
+        step, logits_of = toy_step(seed)
+        specials = dict(bos_id=T_BOS, eos_id=T_EOS, pad_id=T_PAD)
+        beam = generate(step, 1, 0, GenerationConfig(max_new_tokens=max_new, num_beams=27, length_penalty=alpha, use_cache=False), **specials)
+        best, best_score = exhaustive_best(logits_of, max_new, alpha)
+        assert tuple(t for t in beam.ids[0, 0].tolist() if t != T_PAD) == best
+        assert beam.scores[0, 0].item() == pytest.approx(best_score, abs=1e-5)
+        greedy = generate(step, 1, 0, GenerationConfig(max_new_tokens=max_new, use_cache=False), **specials)
+        length = int((greedy.ids[0, 0, 1:] != T_PAD).sum())
+        greedy_worse += greedy.scores[0, 0].item() / length**alpha < best_score - 1e-6
+    assert greedy_worse > 0
