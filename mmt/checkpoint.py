@@ -192,3 +192,19 @@ def _version() -> str:
     from mmt import __version__
 
     return __version__
+
+
+def model_directory(run_dir: str | Path) -> Path:
+    """The saved model of a run (run_dir/model), or `run_dir` itself when it is a model directory."""
+    directory = Path(run_dir)
+    return directory / "model" if (directory / "model" / CONFIG_NAME).is_file() else directory
+
+
+def load_for_inference(run_dir: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
+    """(model in eval mode, its tokenizer, the model directory) of a training run or model directory."""
+    directory = model_directory(run_dir)
+    model = from_pretrained(directory).eval()
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is None:
+        raise CheckpointError(f"{directory}: no tokenizer.json beside the model")
+    return model, tokenizer, directory

@@ -27,19 +27,28 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks() -> dict:
+    """Trainable tasks: name -> (run config class, task class)."""
+    from mmt.tasks.caption import CaptionRunConfig, CaptionTask
+    from mmt.tasks.vqa import VQARunConfig, VQATask
+
+    return {"vqa": (VQARunConfig, VQATask), "caption": (CaptionRunConfig, CaptionTask)}
+
+
 def _run_config(args: argparse.Namespace):
     """The run config: the run's own when resuming, else defaults <- preset <- --config <- --set."""
     from mmt import config, registry
-    from mmt.tasks.vqa import VQARunConfig
 
+    config_class = _tasks()[args.task][0]
     if args.resume:
         path = Path(args.run_dir) / "run_config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found; --resume needs a run directory made by `mmt train`")
         data = json.loads(path.read_text())
-        data.pop("task", None)
-        return config.apply_overrides(config.from_dict(VQARunConfig, data), args.set)
-    cfg = VQARunConfig()
+        if data.pop("task", args.task) != args.task:
+            raise ConfigError(f"{path}: this run trained another task; use `mmt train <its task> --resume`")
+        return config.apply_overrides(config.from_dict(config_class, data), args.set)
+    cfg = config_class()
     if args.preset:
         cfg.model = registry.preset(args.preset)
     if args.config:  # the file's keys override the preset's
@@ -51,68 +60,158 @@ def _run_config(args: argparse.Namespace):
     return config.apply_overrides(cfg, args.set)
 
 
+def _print_result(task: str, result: dict) -> None:
+    if task == "vqa":
+        from mmt.tasks.vqa import format_table
+
+        print(format_table(result))
+    else:
+        from mmt.metrics.captions import format_scores
+
+        print(format_scores(result))
+
+
 def _train(args: argparse.Namespace) -> int:
-    from mmt.tasks.vqa import VQATask, format_table
     from mmt.train import train
 
-    if args.task != "vqa":
-        print(f"mmt train: task {args.task!r} is not available yet (available: vqa)", file=sys.stderr)
+    tasks = _tasks()
+    if args.task not in tasks:
+        print(f"mmt train: task {args.task!r} is not available yet (available: {', '.join(tasks)})", file=sys.stderr)
         return 2
     if args.resume:
         args.run_dir = args.resume
     elif not args.run_dir:
-        args.run_dir = "runs/vqa"
+        args.run_dir = f"runs/{args.task}"
     cfg = _run_config(args)
     if not args.resume and Path(args.run_dir, "checkpoints").exists():
         raise ConfigError(f"{args.run_dir} already holds a run; use --resume {args.run_dir} or another --run-dir")
-    result = train(VQATask(cfg), args.run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    result = train(tasks[args.task][1](cfg), args.run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if result:
-        print(format_table(result))
+        _print_result(args.task, result)
     print(f"run directory: {args.run_dir}")
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _saved_run_config(run_dir: Path, cfg, args: argparse.Namespace):
+    """`cfg` with the run's own data (and generation) settings, then --set."""
     from mmt import config
-    from mmt.data import sort_of_clevr
-    from mmt.tasks.vqa import QuestionSet, VQARunConfig, VQATask, counts_by_type, format_table, load_for_inference
 
-    run_dir = Path(args.run_dir)
-    model, tokenizer, vocab = load_for_inference(run_dir)
-    cfg = VQARunConfig(model=model.config)
     run_config = run_dir / "run_config.json"
     if run_config.is_file():  # evaluate on the test split the run was made with
-        cfg = config.merge(cfg, {"data": json.loads(run_config.read_text()).get("data", {})})
-    cfg = config.apply_overrides(cfg, args.set)
-    _, test = sort_of_clevr.splits(0, cfg.data.num_test, cfg.data.seed)
-    result = VQATask(cfg).evaluate(model, QuestionSet(test, tokenizer, vocab, model.config.text.max_len))
-    print(format_table(result, counts_by_type(test.questions)))
+        saved = json.loads(run_config.read_text())
+        cfg = config.merge(cfg, {k: saved[k] for k in ("dataset", "data", "shapes", "generation") if k in saved})
+    return config.apply_overrides(cfg, args.set)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mmt import checkpoint
+
+    run_dir = Path(args.run_dir)
+    model_type, _ = checkpoint.read_config(checkpoint.model_directory(run_dir))
     out = Path(args.out) if args.out else (run_dir / "eval.json")
+    if model_type == "caption":
+        return _eval_caption(run_dir, out, args)
+    from mmt.tasks.vqa import QuestionSet, VQARunConfig, VQATask, counts_by_type, format_table, load_for_inference, load_split
+
+    model, tokenizer, vocab = load_for_inference(run_dir)
+    cfg = _saved_run_config(run_dir, VQARunConfig(model=model.config), args)
+    test = load_split(cfg, "test")
+    result = VQATask(cfg).evaluate(model, QuestionSet(test, tokenizer, vocab, model.config))
+    print(format_table(result, counts_by_type(test.questions)))
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0
 
 
+def _eval_caption(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from mmt.data.transforms import to_pixels
+    from mmt.metrics.captions import format_scores, write_coco_references, write_coco_results
+    from mmt.tasks.caption import CaptionRunConfig, caption_images, evaluate_captions, load_for_inference
+    from mmt.tasks.common import shapes_splits
+
+    model, tokenizer = load_for_inference(run_dir)
+    cfg = _saved_run_config(run_dir, CaptionRunConfig(model=model.config), args)
+    _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+    started = time.perf_counter()
+    captions = caption_images(model, tokenizer, to_pixels(test.images), cfg.generation)
+    seconds = time.perf_counter() - started
+    result = evaluate_captions(captions, test, meteor=None, tokenize=None)  # METEOR and PTB tokens when Java is present
+    print(f"{len(captions)} test images captioned in {seconds:.1f}s ({_decoding(cfg.generation)})")
+    print(format_scores(result))
+    results_path = out.with_name(out.stem + "_captions.json")
+    write_coco_results(results_path, dict(enumerate(captions)))
+    write_coco_references(out.with_name(out.stem + "_references.json"), dict(enumerate(test.captions)))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out}; captions (COCO results format) in {results_path}")
+    return 0
+
+
+def _decoding(generation) -> str:
+    if generation.num_beams > 1:
+        return f"beam search, width {generation.num_beams}"
+    return "sampling" if generation.do_sample else "greedy"
+
+
+def _generation_config(args: argparse.Namespace):
+    from mmt.generation import GenerationConfig
+
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.beam,
+        length_penalty=args.length_penalty,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_return=args.num_return,
+        seed=args.seed,
+    )
+    cfg.validate()
+    return cfg
+
+
 def _predict(args: argparse.Namespace) -> int:
     from mmt.predict import predict_file, predict_one
 
+    generation = _generation_config(args)
     if args.input:
         if not args.output:
             raise ConfigError("--input needs --output (where the answers go)")
-        return predict_file(args.run_dir, args.input, args.output)
-    if not args.image or args.question is None:
-        raise ConfigError("give --image IMG --question TEXT, or --input Q.jsonl --output A.jsonl")
-    result = predict_one(args.run_dir, args.image, args.question)
-    print(json.dumps(result) if args.json else f"{result['answer']}  (score {result['score']:.3f})")
+        return predict_file(args.run_dir, args.input, args.output, generation)
+    if not args.image:
+        raise ConfigError("give --image IMG (and --question TEXT for VQA), or --input IN.jsonl --output OUT.jsonl")
+    result = predict_one(args.run_dir, args.image, args.question, generation)
+    if args.json:
+        print(json.dumps(result))
+    elif "caption" in result:
+        for item in result.get("captions", [result]):
+            print(f"{item['caption']}  (log-prob {item['score']:.3f})")
+    else:
+        print(f"{result['answer']}  (score {result['score']:.3f})")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from mmt.metrics.captions import format_scores, score_files
+
+    scores = score_files(args.results, args.references)
+    print(format_scores(scores))
+    if args.out:
+        Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
     return 0
 
 
 def _data_preview(args: argparse.Namespace) -> int:
     from mmt.data.preview import preview_sort_of_clevr
+    from mmt.data.shapes_preview import preview_shapes
 
-    if args.dataset != "sort-of-clevr":
-        raise ConfigError(f"unknown dataset {args.dataset!r} (available: sort-of-clevr)")
-    path = preview_sort_of_clevr(args.out, num_scenes=args.scenes, seed=args.seed)
+    previews = {"sort-of-clevr": preview_sort_of_clevr, "shapes": preview_shapes}
+    if args.dataset not in previews:
+        raise ConfigError(f"unknown dataset {args.dataset!r} (available: {', '.join(previews)})")
+    path = previews[args.dataset](args.out, num_scenes=args.scenes, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -128,34 +227,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train a task model on built-in data")
-    train.add_argument("task", help="vqa")
+    train.add_argument("task", help="vqa or caption")
     train.add_argument("--run-dir", help="where the run is written (default runs/<task>)")
-    train.add_argument("--preset", help="named model preset, e.g. vqa-small, vqa-joint-small, seed-vqa")
+    train.add_argument("--preset", help="named model preset, e.g. vqa-small, seed-vqa, caption-small")
     train.add_argument("--config", help="JSON/YAML file with model/data/train sections")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=500")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="accuracy per question type on the test split")
+    evaluate = commands.add_parser("eval", help="score a run on its test split (VQA: accuracy per question type; captioning: caption metrics and truth)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--out", help="JSON file for the results (default RUN_DIR/eval.json)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.num_test=50")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.num_test=50, generation.num_beams=3")
     evaluate.set_defaults(run=_eval)
 
-    predict = commands.add_parser("predict", help="answer questions about images")
+    predict = commands.add_parser("predict", help="answer questions about images, or caption images")
     predict.add_argument("run_dir")
     predict.add_argument("--image")
-    predict.add_argument("--question")
-    predict.add_argument("--json", action="store_true", help="print the answer as JSON")
-    predict.add_argument("--input", help="JSON Lines of {\"image\": PATH, \"question\": TEXT}")
-    predict.add_argument("--output", help="JSON Lines of answers, one per input line")
+    predict.add_argument("--question", help="the question (VQA runs)")
+    predict.add_argument("--json", action="store_true", help="print the result as JSON")
+    predict.add_argument("--input", help="JSON Lines of {\"image\": PATH} (+ \"question\": TEXT for VQA)")
+    predict.add_argument("--output", help="JSON Lines of results, one per input line")
+    decoding = predict.add_argument_group("decoding (captioning)")
+    decoding.add_argument("--beam", type=int, default=1, metavar="N", help="beam search of width N (default 1: greedy)")
+    decoding.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length ** this")
+    decoding.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
+    decoding.add_argument("--temperature", type=float, default=1.0)
+    decoding.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    decoding.add_argument("--num-return", type=int, default=1, metavar="N", help="captions per image (beams or samples)")
+    decoding.add_argument("--seed", type=int, help="sampling seed")
+    decoding.add_argument("--max-new-tokens", type=int, default=30)
     predict.set_defaults(run=_predict)
+
+    score = commands.add_parser("score", help="score any system's output files")
+    score_commands = score.add_subparsers(dest="score_command", required=True)
+    captions = score_commands.add_parser("captions", help="BLEU, ROUGE-L, CIDEr-D (+ METEOR with Java) of COCO-format files")
+    captions.add_argument("--results", required=True, help='COCO results: [{"image_id": ..., "caption": ...}]')
+    captions.add_argument("--references", required=True, help="COCO captions annotations (images + annotations)")
+    captions.add_argument("--out", help="also write the scores to this JSON file")
+    captions.set_defaults(run=_score)
 
     data = commands.add_parser("data", help="built-in datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     preview = data_commands.add_parser("preview", help="draw scenes with their questions and answers")
-    preview.add_argument("dataset", help="sort-of-clevr")
+    preview.add_argument("dataset", help="sort-of-clevr or shapes")
     preview.add_argument("--out", required=True, help="PNG file to write")
     preview.add_argument("--scenes", type=int, default=6)
     preview.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,10 @@
-"""Answer questions with a trained VQA run: one question, or a JSON Lines file of them.
+"""Use a trained run: answer questions (VQA) or caption images (captioning), one at a
+time or a JSON Lines file of them.
 
 Batch mode never loses work to one bad line: a missing or corrupt image, an empty
 question or an unreadable line gets `{"error": ...}` in its output line (and a message
-on stderr naming the line); every other line is answered, in input order.
+on stderr naming the line); every other line is answered, in input order, and the exit
+code is 1 when any line failed.
 """
 
 from __future__ import annotations
@@ -15,25 +17,72 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmt import checkpoint
+from mmt.data.answers import AnswerVocab
 from mmt.data.transforms import ImageError, load_image, to_pixels
-from mmt.tasks.vqa import load_for_inference
+from mmt.generation import GenerationConfig
 
-BATCH = 64  # questions answered per forward pass
+BATCH = 64  # inputs handled per forward pass
 
 
 class _Answerer:
-    def __init__(self, run_dir: str | Path):
-        self.model, self.tokenizer, self.vocab = load_for_inference(run_dir)
-        self.size = self.model.config.vision.image_size
+    """VQA: one answer + softmax score per (image, question)."""
+
+    empty_result = {"answer": None, "score": None}
+
+    def __init__(self, model, tokenizer, directory: Path):
+        from mmt.tasks.vqa import ANSWERS_NAME
+
+        self.model, self.tokenizer = model, tokenizer
+        self.vocab = AnswerVocab.load(directory / ANSWERS_NAME)
+        self.size = model.config.vision.image_size
+
+    def parse(self, record: dict[str, Any], base: Path) -> tuple:
+        question = _check_question(record.get("question"))
+        return load_image(Path(base, _image_key(record)), self.size), question
 
     @torch.no_grad()
-    def answer(self, images: list, questions: list[str]) -> list[dict[str, Any]]:
-        """images: (H, W, 3) uint8 arrays; one answer + softmax score per question."""
-        pixels = to_pixels(np.stack(images))
-        ids, _ = self.tokenizer.batch(questions, self.model.config.text.max_len, wrap="cls")
+    def __call__(self, items: list[tuple]) -> list[dict[str, Any]]:
+        pixels = to_pixels(np.stack([image for image, _ in items]))
+        ids, _ = self.tokenizer.batch([q for _, q in items], self.model.config.text.max_len, wrap="cls")
+        if self.model.config.head == "generate":  # the answer's probability under the decoder
+            out = self.model.generate_answers(pixels, ids, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
+            texts = [self.tokenizer.decode(row) for row in out.ids[:, 0]]
+            return [{"answer": t, "score": round(s, 4)} for t, s in zip(texts, out.scores[:, 0].exp().tolist())]
         probs = self.model.answer_logits(pixels, ids).float().softmax(-1)
         score, best = probs.max(-1)
         return [{"answer": self.vocab.answers[i], "score": round(s, 4)} for i, s in zip(best.tolist(), score.tolist())]
+
+
+class _Captioner:
+    """Captioning: the best caption (or `num_return` of them) per image, with log-probability scores."""
+
+    empty_result = {"caption": None, "score": None}
+
+    def __init__(self, model, tokenizer, generation: GenerationConfig):
+        self.model, self.tokenizer, self.generation = model, tokenizer, generation
+        self.size = model.config.vision.image_size
+
+    def parse(self, record: dict[str, Any], base: Path) -> tuple:
+        return (load_image(Path(base, _image_key(record)), self.size),)
+
+    @torch.no_grad()
+    def __call__(self, items: list[tuple]) -> list[dict[str, Any]]:
+        out = self.model.generate(to_pixels(np.stack([item[0] for item in items])), self.generation)
+        results = []
+        for ids, scores in zip(out.ids, out.scores):
+            texts = [self.tokenizer.decode(row) for row in ids]
+            best = {"caption": texts[0], "score": round(float(scores[0]), 4)}
+            if len(texts) > 1:
+                best["captions"] = [{"caption": t, "score": round(float(s), 4)} for t, s in zip(texts, scores)]
+            results.append(best)
+        return results
+
+
+def _image_key(record: dict[str, Any]) -> str:
+    if "image" not in record:
+        raise ValueError("missing key 'image'")
+    return record["image"]
 
 
 def _check_question(question: Any) -> str:
@@ -42,48 +91,57 @@ def _check_question(question: Any) -> str:
     return question
 
 
-def predict_one(run_dir: str | Path, image: str | Path, question: str) -> dict[str, Any]:
-    answerer = _Answerer(run_dir)
-    return answerer.answer([load_image(image, answerer.size)], [_check_question(question)])[0]
+def load_predictor(run_dir: str | Path, generation: GenerationConfig | None = None) -> _Answerer | _Captioner:
+    """The predictor for whatever task the run trained."""
+    model, tokenizer, directory = checkpoint.load_for_inference(run_dir)
+    if model.model_type == "vqa":
+        return _Answerer(model, tokenizer, directory)
+    if model.model_type == "caption":
+        return _Captioner(model, tokenizer, generation or GenerationConfig())
+    raise checkpoint.CheckpointError(f"{directory}: mmt predict does not handle {model.model_type!r} models yet")
 
 
-def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path) -> int:
-    """Answer every line of `input_path` into `output_path`; exit code 1 if any line failed."""
-    answerer = _Answerer(run_dir)
+def predict_one(run_dir: str | Path, image: str | Path, question: str | None = None,
+                generation: GenerationConfig | None = None) -> dict[str, Any]:
+    predictor = load_predictor(run_dir, generation)
+    record = {"image": str(image)} if question is None else {"image": str(image), "question": question}
+    return predictor([predictor.parse(record, Path.cwd())])[0]
+
+
+def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path,
+                 generation: GenerationConfig | None = None) -> int:
+    """Answer every line of `input_path` into `output_path`; exit code 1 if any line failed.
+    Image paths are relative to the input file's folder."""
+    predictor = load_predictor(run_dir, generation)
     input_path = Path(input_path)
     try:
         lines = input_path.read_text().splitlines()
     except OSError as e:
         raise FileNotFoundError(f"{input_path}: cannot read ({e.strerror})") from None
     results: list[dict[str, Any] | None] = [None] * len(lines)
-    pending: list[tuple[int, dict[str, Any], Any, str]] = []
+    pending: list[tuple[int, dict[str, Any], tuple]] = []
     failures = 0
 
     def flush() -> None:
         if pending:
-            answers = answerer.answer([p[2] for p in pending], [p[3] for p in pending])
-            for (index, record, _, _), answer in zip(pending, answers):
-                results[index] = {**record, **answer}
+            for (index, record, _), result in zip(pending, predictor([p[2] for p in pending])):
+                results[index] = {**record, **result}
             pending.clear()
 
     for index, line in enumerate(lines):
-        where = f"{input_path}:{index + 1}"
         record: dict[str, Any] = {}
         try:
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError("line is not a JSON object")
-            if "image" not in record:
-                raise ValueError("missing key 'image'")
-            question = _check_question(record.get("question"))
-            image = load_image(Path(input_path.parent, record["image"]), answerer.size)
+            item = predictor.parse(record, input_path.parent)
         except (json.JSONDecodeError, ValueError, ImageError) as e:
             reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-            print(f"{where}: {reason}", file=sys.stderr)
-            results[index] = {**record, "answer": None, "score": None, "error": f"line {index + 1}: {reason}"}
+            print(f"{input_path}:{index + 1}: {reason}", file=sys.stderr)
+            results[index] = {**record, **predictor.empty_result, "error": f"line {index + 1}: {reason}"}
             failures += 1
             continue
-        pending.append((index, record, image, question))
+        pending.append((index, record, item))
         if len(pending) == BATCH:
             flush()
     flush()

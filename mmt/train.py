@@ -214,7 +214,7 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
         metrics_file.flush()
 
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, dynamic_ncols=True, desc=f"train {task.name}")
-    window = {"loss": 0.0, "correct": 0.0, "count": 0, "start": time.perf_counter()}
+    window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
     final_eval: dict[str, Any] = {}
     for step in range(start_step, cfg.steps):
         model.train()
@@ -233,6 +233,7 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
         window["loss"] += loss.item()
         window["correct"] += correct
         window["count"] += count
+        window["samples"] += task.batch_samples(batch) if hasattr(task, "batch_samples") else count
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -244,12 +245,12 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
                 **{k: v.item() for k, v in losses.items()},
                 "train_accuracy": window["correct"] / max(1, window["count"]),
                 "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": window["count"] / seconds,
+                "samples_per_s": window["samples"] / seconds,
                 "grad_norm": None if grad_norm is None else grad_norm.item(),
             }
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-            window = {"loss": 0.0, "correct": 0.0, "count": 0, "start": time.perf_counter()}
+            window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
         if done % cfg.eval_every == 0 or done == cfg.steps:
             final_eval = task.evaluate(model)
             log({"step": done, "eval": final_eval})

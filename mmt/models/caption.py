@@ -78,7 +78,9 @@ class CaptionModel(nn.Module):
         return self.lm_head(hidden), cache
 
     def forward(self, pixels: Tensor, caption_ids: Tensor) -> dict[str, Tensor]:
-        """Teacher-forced loss. caption_ids (B, T): [BOS] words [EOS] [PAD]..."""
+        """Teacher-forced loss. pixels (B, C, H, W); caption_ids (B * g, T): [BOS] words [EOS]
+        [PAD]..., g captions per image, image by image. Each image is encoded once and its g
+        captions read its keys/values together (grouped cross-attention, no copies)."""
         image_tokens, image_padding = self.encode_images(pixels)
         inputs, targets = caption_ids[:, :-1], caption_ids[:, 1:]
         text_padding = inputs == self.config.pad_id
@@ -89,7 +91,10 @@ class CaptionModel(nn.Module):
             ignore_index=self.config.pad_id,
             label_smoothing=self.config.label_smoothing,
         )
-        return {"caption_loss": loss}
+        with torch.no_grad():  # teacher-forced next-token accuracy, for the progress bar
+            real = targets != self.config.pad_id
+            correct = (logits.argmax(-1) == targets) & real
+        return {"caption_loss": loss, "tokens_correct": correct.sum(), "tokens": real.sum()}
 
     def decode_step(self, image_tokens: Tensor, image_padding_mask: Tensor | None = None) -> StepFn:
         """The step function `mmt.generation.generate` drives, for these encoded images."""
@@ -120,3 +125,20 @@ def caption_tiny() -> CaptionConfig:
     width = TransformerConfig(dim=64, depth=2, heads=4, ffn_dim=128, dropout=0.0)
     vision = VisionConfig(image_size=32, conv_widths=(32, 64), encoder=dataclasses.replace(width, depth=1))
     return CaptionConfig(vision=vision, decoder=width, max_len=16)
+
+
+@register_preset
+def caption_small() -> CaptionConfig:
+    """The CPU default for the shapes world: conv stem on 64x64 images (8x8 tokens), 2-layer
+    image encoder, 3-layer decoder, width 128."""
+    width = TransformerConfig(dim=128, depth=3, heads=4, ffn_dim=512, dropout=0.0)
+    vision = VisionConfig(
+        image_size=64,
+        conv_widths=(32, 64),
+        conv_strides=(2,),
+        conv_norm="batch",
+        positions="sincos",
+        token_norm=True,
+        encoder=dataclasses.replace(width, depth=2),
+    )
+    return CaptionConfig(vision=vision, decoder=width, max_len=32)

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TextConfig, TransformerConfig, VisionConfig
+from mmt.generation import Generated, GenerationConfig, generate
 from mmt.layers.attention import KV
 from mmt.layers.transformer import Decoder, DecoderCache, Encoder, init_weights
 from mmt.registry import register_model, register_preset
-from mmt.text import TextTower
+from mmt.text import TextTower, TokenEmbedding
 from mmt.vision import VisionTower
 
 
@@ -39,8 +40,11 @@ class VQAConfig:
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     fusion: Literal["joint", "cross"] = "cross"  # single-stream encoder, or question->image cross-attention
     fusion_encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
-    num_answers: int = 10  # size of the answer vocabulary; set from the training answers
-    head_hidden: int = 256  # hidden width of the two-layer answer classifier
+    head: Literal["classify", "generate"] = "classify"  # answer classifier, or a decoder that writes the answer
+    num_answers: int = 10  # classify: size of the answer vocabulary; set from the training answers
+    head_hidden: int = 256  # classify: hidden width of the two-layer answer classifier
+    answer_decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=1))  # generate
+    answer_max_len: int = 8  # generate: longest answer in tokens, [BOS] and [EOS] included
     init: Literal["trunc_normal", "torch"] = "torch"  # weight init: N(0, 0.02) (BERT/ViT) or torch defaults
 
 
@@ -64,16 +68,24 @@ class VQAModel(nn.Module):
             self.fusion = Encoder(cfg.fusion_encoder)
         else:
             self.fusion = Decoder(cfg.fusion_encoder, causal=False)
-        self.head = nn.Sequential(
-            nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.LayerNorm(cfg.head_hidden), nn.Linear(cfg.head_hidden, cfg.num_answers)
-        )
+        if cfg.head == "classify":
+            self.head = nn.Sequential(
+                nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.LayerNorm(cfg.head_hidden), nn.Linear(cfg.head_hidden, cfg.num_answers)
+            )
+        else:  # answers are text in the question vocabulary: [BOS] answer words [EOS]
+            text = cfg.text
+            self.answer_embed = TokenEmbedding(text.vocab_size, cfg.answer_decoder.dim, cfg.answer_max_len, pad_id=text.pad_id)
+            self.answer_decoder = Decoder(cfg.answer_decoder, context_dim=dim)
+            self.lm_head = nn.Linear(cfg.answer_decoder.dim, text.vocab_size)
         if cfg.init == "trunc_normal":
             init_weights(self)
 
     def fuse(
         self, image_tokens: Tensor, image_padding: Tensor, question_ids: Tensor, image_index: Tensor | None = None
-    ) -> Tensor:
-        """Pooled joint representation (Q, D) for Q questions.
+    ) -> tuple[Tensor, Tensor]:
+        """Fused token states (Q, S, D) and their padding mask (Q, S) for Q questions; token 0
+        is the [CLS] state the classifier reads. joint: [CLS] + question + image tokens;
+        cross: the question tokens after attending to the image.
 
         Args:
             image_tokens: (I, N, D) encoded images; image_padding: (I, N).
@@ -110,7 +122,7 @@ class VQAModel(nn.Module):
             )  # (Q, 1 + T + N, D)
             padding = torch.cat([text_padding.new_zeros(Q, 1), text_padding, image_padding], dim=1)
             fused, _ = self.fusion(tokens, key_padding_mask=padding)
-            return fused[:, 0]
+            return fused, padding
         # cross: project each image's keys/values once per layer. When each image's questions
         # are consecutive and equally many, attention takes them grouped (no copies at all);
         # otherwise each question gets its image's keys/values.
@@ -124,26 +136,69 @@ class VQAModel(nn.Module):
             padding = image_padding[image_index]
         cache = DecoderCache([None] * len(cross_kv), cross_kv)
         fused, _ = self.fusion(text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache)
-        return fused[:, 0]
+        return fused, text_padding
 
     def answer_logits(
         self, pixels: Tensor, question_ids: Tensor, image_index: Tensor | None = None, pixel_mask: Tensor | None = None
     ) -> Tensor:
-        """(Q, num_answers) logits. pixels: (I, C, H, W); question_ids: (Q, T)."""
+        """(Q, num_answers) logits of the classifier head. pixels: (I, C, H, W); question_ids: (Q, T)."""
         image_tokens, image_padding = self.vision(pixels, pixel_mask)
-        return self.head(self.fuse(image_tokens, image_padding, question_ids, image_index))
+        fused, _ = self.fuse(image_tokens, image_padding, question_ids, image_index)
+        return self.head(fused[:, 0])
+
+    def answer_token_logits(self, answer_ids: Tensor, fused: Tensor, fused_padding: Tensor, cache: DecoderCache | None = None):
+        """Generative head: logits (Q, T, V) of each next answer token, attending to the fused states."""
+        start = cache.length if cache is not None else 0
+        hidden, cache = self.answer_decoder(
+            self.answer_embed(answer_ids, start), fused, context_padding_mask=fused_padding, cache=cache
+        )
+        return self.lm_head(hidden), cache
 
     def forward(
         self, pixels: Tensor, question_ids: Tensor, answers: Tensor, image_index: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Losses for a batch; `answers` are class ids (Q,) or soft scores (Q, num_answers)."""
-        logits = self.answer_logits(pixels, question_ids, image_index)
+        """Losses for a batch. classify: `answers` are class ids (Q,) or soft scores (Q, num_answers);
+        generate: `answers` are answer token ids (Q, A), [BOS] answer [EOS] [PAD]..."""
+        image_tokens, image_padding = self.vision(pixels)
+        fused, fused_padding = self.fuse(image_tokens, image_padding, question_ids, image_index)
+        if self.config.head == "generate":
+            pad = self.config.text.pad_id
+            inputs, targets = answers[:, :-1], answers[:, 1:]
+            logits, _ = self.answer_token_logits(inputs, fused, fused_padding)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad)
+            # an answer counts as right when every token is the argmax given the true prefix:
+            # exactly the case where greedy decoding writes it
+            right = ((logits.argmax(-1) == targets) | (targets == pad)).all(1)
+            return {"answer_loss": loss, "answers_correct": right.sum().detach()}
+        logits = self.head(fused[:, 0])
         if answers.dtype.is_floating_point:
             # soft VQA targets: per-answer binary cross-entropy, summed over answers
             loss = F.binary_cross_entropy_with_logits(logits.float(), answers, reduction="sum") / len(answers)
         else:
             loss = F.cross_entropy(logits.float(), answers)
         return {"answer_loss": loss, "answer_logits": logits.detach()}
+
+    @torch.no_grad()
+    def generate_answers(
+        self, pixels: Tensor, question_ids: Tensor, image_index: Tensor | None = None, config: GenerationConfig | None = None,
+        *, bos_id: int = 5, eos_id: int = 6,
+    ) -> Generated:
+        """Generative head: answer text ids (Q, R, L) for each question, greedy by default."""
+        if self.config.head != "generate":
+            raise ValueError("generate_answers needs a model with head='generate'")
+        config = config or GenerationConfig()
+        config = dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, self.config.answer_max_len - 1))
+        image_tokens, image_padding = self.vision(pixels)
+        fused, fused_padding = self.fuse(image_tokens, image_padding, question_ids, image_index)
+
+        def step(ids: Tensor, cache: DecoderCache | None) -> tuple[Tensor, DecoderCache | None]:
+            logits, cache = self.answer_token_logits(ids, fused, fused_padding, cache)
+            return logits[:, -1], cache
+
+        return generate(
+            step, len(question_ids), len(self.answer_decoder.layers), config,
+            bos_id=bos_id, eos_id=eos_id, pad_id=self.config.text.pad_id, device=pixels.device,
+        )
 
 
 def _questions_per_image(image_index: Tensor, num_images: int) -> int:

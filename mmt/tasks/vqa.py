@@ -1,4 +1,6 @@
-"""VQA on the built-in Sort-of-CLEVR: data -> batches, per-question-type evaluation, saving.
+"""VQA on a built-in world (Sort-of-CLEVR, or the shapes world's QA): data -> batches,
+per-question-type evaluation, saving. Works with both answer heads: the classifier over an
+answer vocabulary and the decoder that writes the answer (exact match counts).
 
 The trainer (`mmt.train`) calls: prepare, build_model, train_batch, batch_accuracy,
 evaluate, headline, score, save_model.
@@ -9,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from mmt import checkpoint, registry
-from mmt.data import sort_of_clevr
+from mmt.data import shapes, sort_of_clevr
 from mmt.data.answers import AnswerVocab
 from mmt.data.transforms import to_pixels
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.text import Tokenizer
+from mmt.tasks.common import ShapesConfig, epoch_order, shapes_splits
 from mmt.train import TrainConfig
 
 ANSWERS_NAME = "answers.json"
@@ -39,39 +43,82 @@ class VQARunConfig:
     """Everything a `mmt train vqa` run needs."""
 
     model: VQAConfig = dataclasses.field(default_factory=lambda: registry.preset("vqa-small"))
-    data: SortOfClevrConfig = dataclasses.field(default_factory=SortOfClevrConfig)
+    dataset: Literal["sort-of-clevr", "shapes"] = "sort-of-clevr"  # which built-in world to train on
+    data: SortOfClevrConfig = dataclasses.field(default_factory=SortOfClevrConfig)  # dataset=sort-of-clevr
+    shapes: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)  # dataset=shapes
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(steps=1700, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
     )
 
 
-class QuestionSet:
-    """One split, tokenised: pixels, question ids, answer ids and which image each question is about."""
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One question of either world, as the VQA task sees it."""
 
-    def __init__(self, split: sort_of_clevr.SortOfClevr, tokenizer: Tokenizer, vocab: AnswerVocab, max_len: int):
-        self.split = split
-        self.pixels = to_pixels(split.images)  # (N, 3, 75, 75)
+    image_index: int
+    text: str
+    answer: str
+    types: tuple[str, ...]  # rows of the accuracy table it counts in, "overall" first
+
+
+@dataclasses.dataclass
+class VQASplit:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    questions: list[Question]
+
+
+def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQASplit:
+    """A split of the configured world. Sort-of-CLEVR has no validation split: its test split serves."""
+    if cfg.dataset == "shapes":
+        sizes = {k: getattr(cfg.shapes, f"num_{k}") if k == which else 0 for k in ("train", "val", "test")}
+        train, val, test = shapes_splits(dataclasses.replace(cfg.shapes, **{f"num_{k}": v for k, v in sizes.items()}))
+        split = {"train": train, "val": val, "test": test}[which]
+        questions = [Question(i, qa.question, qa.answer, ("overall", qa.qtype)) for i, qas in enumerate(split.qa) for qa in qas]
+        return VQASplit(split.images, questions)
+    data = cfg.data
+    train, test = sort_of_clevr.splits(data.num_train if which == "train" else 0, data.num_test if which != "train" else 0, data.seed)
+    split = train if which == "train" else test
+    return VQASplit(split.images, [Question(q.image_index, q.text, q.answer, question_types(q)) for q in split.questions])
+
+
+class QuestionSet:
+    """One split, tokenised: pixels, question ids, answers and which image each question is about.
+
+    Answers are class ids (classifier head) or token ids [BOS] answer [EOS] (generative head).
+    """
+
+    def __init__(self, split: VQASplit, tokenizer: Tokenizer, vocab: AnswerVocab | None, model: VQAConfig):
+        self.split, self.tokenizer = split, tokenizer
+        self.pixels = to_pixels(split.images)  # (N, 3, H, W)
         texts = sorted({q.text for q in split.questions})  # templates repeat: tokenise each sentence once
-        ids, _ = tokenizer.batch(texts, max_len, wrap="cls")
+        ids, _ = tokenizer.batch(texts, model.text.max_len, wrap="cls")
         row = {t: i for i, t in enumerate(texts)}
         self.question_ids = ids[[row[q.text] for q in split.questions]]  # (Q, T)
-        # an answer outside the vocabulary can never be predicted: it counts as wrong in
-        # evaluation and is ignored by the training loss (cross-entropy's ignore index)
-        self.answers = torch.tensor([vocab.index.get(q.answer, UNKNOWN_ANSWER) for q in split.questions])
+        if model.head == "generate":
+            self.answers, _ = tokenizer.batch([q.answer for q in split.questions], model.answer_max_len, wrap="bos_eos")
+            # what a perfect model writes, as text: answers pass through the tokenizer's normalisation
+            self.answer_texts = [tokenizer.decode(row) for row in self.answers]
+        else:
+            # an answer outside the vocabulary can never be predicted: it counts as wrong in
+            # evaluation and is ignored by the training loss (cross-entropy's ignore index)
+            self.answers = torch.tensor([vocab.index.get(q.answer, UNKNOWN_ANSWER) for q in split.questions])
         by_image = defaultdict(list)
         for i, q in enumerate(split.questions):
             by_image[q.image_index].append(i)
-        self.questions_of_image = [torch.tensor(by_image[i]) for i in range(len(split.images))]
+        self.questions_of_image = [torch.tensor(by_image[i], dtype=torch.long) for i in range(len(split.images))]
 
     def batch(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """All questions about `images` (indices into the split)."""
         per_image = [self.questions_of_image[i] for i in images]
         rows = torch.cat(per_image)
         counts = torch.tensor([len(r) for r in per_image])
+        answers = self.answers[rows]
+        if answers.ndim == 2:  # answer tokens: drop all-padding columns
+            answers = answers[:, : int((answers != 0).sum(1).max())]
         return {
             "pixels": self.pixels[torch.as_tensor(images)],
             "question_ids": self.question_ids[rows],
-            "answers": self.answers[rows],
+            "answers": answers,
             "image_index": torch.arange(len(images)).repeat_interleave(counts),  # rows come image by image
         }
 
@@ -83,71 +130,70 @@ class VQATask:
         self.cfg = cfg
 
     def prepare(self, run_dir: Path) -> None:
-        data = self.cfg.data
-        train, test = sort_of_clevr.splits(data.num_train, data.num_test, data.seed)
+        cfg, model = self.cfg, self.cfg.model
+        train = load_split(cfg, "train")
         tokenizer_path, answers_path = run_dir / checkpoint.TOKENIZER_NAME, run_dir / ANSWERS_NAME
         if tokenizer_path.is_file() and answers_path.is_file():  # resuming: reuse the run's own
             self.tokenizer, self.vocab = Tokenizer.load(tokenizer_path), AnswerVocab.load(answers_path)
         else:
-            self.tokenizer = Tokenizer.train((q.text for q in train.questions), kind="word")
+            texts = [q.text for q in train.questions] + [q.answer for q in train.questions]  # answers: generative head
+            self.tokenizer = Tokenizer.train(texts, kind="word")
             # ranked by training frequency; answers the dataset defines but this (small)
             # training split never uses still get a class, so the head always covers them
             seen = AnswerVocab.build(q.answer for q in train.questions).answers
-            self.vocab = AnswerVocab(seen + [a for a in sort_of_clevr.ANSWERS if a not in seen])
+            defined = sort_of_clevr.ANSWERS if cfg.dataset == "sort-of-clevr" else ()
+            self.vocab = AnswerVocab(seen + [a for a in defined if a not in seen])
             self.tokenizer.save(tokenizer_path)
             self.vocab.save(answers_path)
-        model = self.cfg.model
         model.text.vocab_size = self.tokenizer.vocab_size
         model.num_answers = len(self.vocab)
-        self.train_set = QuestionSet(train, self.tokenizer, self.vocab, model.text.max_len)
-        self.test_set = QuestionSet(test, self.tokenizer, self.vocab, model.text.max_len)
+        self.train_set = QuestionSet(train, self.tokenizer, self.vocab, model)
+        self.eval_set = QuestionSet(load_split(cfg, "val" if cfg.dataset == "shapes" else "test"), self.tokenizer, self.vocab, model)
 
     def build_model(self) -> VQAModel:
         return VQAModel(self.cfg.model)
 
     def train_batch(self, step: int) -> dict[str, torch.Tensor]:
-        """Images step*B .. step*B+B-1 of an endless sequence of seeded epoch permutations."""
-        B, n = self.cfg.train.batch_size, len(self.train_set.questions_of_image)
-        positions = np.arange(step * B, (step + 1) * B)
-        epochs = positions // n
-        images = np.empty(B, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            order = np.random.default_rng([self.cfg.train.seed, int(epoch)]).permutation(n)
-            images[epochs == epoch] = order[positions[epochs == epoch] % n]
+        """Images of seeded epoch permutations, each with all its questions."""
+        images = epoch_order(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.train_set.questions_of_image))
         return self.train_set.batch(images)
 
     @staticmethod
     def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        if "answers_correct" in out:  # generative head
+            return out["answers_correct"].item(), len(batch["answers"])
         correct = (out["answer_logits"].argmax(-1) == batch["answers"]).sum().item()
         return correct, len(batch["answers"])
 
     @torch.no_grad()
-    def predict_split(self, model: VQAModel, questions: QuestionSet, images_per_batch: int = 50) -> torch.Tensor:
-        """Predicted answer id for every question of the split."""
+    def predictions_correct(self, model: VQAModel, questions: QuestionSet, images_per_batch: int = 50) -> np.ndarray:
+        """Whether the model answers each question of the split right (generative: exact text)."""
         model.eval()
         device = next(model.parameters()).device
-        predictions = torch.empty(len(questions.answers), dtype=torch.long)
+        correct = np.zeros(len(questions.split.questions), dtype=bool)
         n = len(questions.questions_of_image)
         for start in range(0, n, images_per_batch):
             images = np.arange(start, min(n, start + images_per_batch))
-            batch = questions.batch(images)
-            rows = torch.cat([questions.questions_of_image[i] for i in images])
-            logits = model.answer_logits(
-                batch["pixels"].to(device), batch["question_ids"].to(device), batch["image_index"].to(device)
-            )
-            predictions[rows] = logits.argmax(-1).cpu()
-        return predictions
+            batch = {k: v.to(device) for k, v in questions.batch(images).items()}
+            rows = torch.cat([questions.questions_of_image[i] for i in images]).numpy()
+            if model.config.head == "generate":
+                ids = model.generate_answers(batch["pixels"], batch["question_ids"], batch["image_index"]).ids[:, 0].cpu()
+                correct[rows] = [questions.tokenizer.decode(row) == questions.answer_texts[r] for row, r in zip(ids, rows)]
+            else:
+                logits = model.answer_logits(batch["pixels"], batch["question_ids"], batch["image_index"])
+                correct[rows] = (logits.argmax(-1).cpu() == questions.answers[rows]).numpy()
+        return correct
 
     def evaluate(self, model: VQAModel, questions: QuestionSet | None = None) -> dict[str, float]:
-        """Accuracy overall, per family (non-relational / relational) and per subtype."""
-        questions = questions or self.test_set
-        correct = (self.predict_split(model, questions) == questions.answers).numpy()
-        groups: dict[str, list[bool]] = defaultdict(list)
+        """Accuracy overall and per question type."""
+        questions = questions or self.eval_set
+        correct = self.predictions_correct(model, questions)
+        groups: dict[str, list[bool]] = {}
         for ok, q in zip(correct, questions.split.questions):
-            for key in question_types(q):
-                groups[key].append(bool(ok))
-        order = ["overall", "non-relational", "relational", *sort_of_clevr.NON_RELATIONAL, *sort_of_clevr.RELATIONAL]
-        return {k: float(np.mean(groups[k])) for k in order if groups[k]}
+            for key in q.types:
+                groups.setdefault(key, []).append(bool(ok))
+        order = ["overall", "non-relational", "relational", *sort_of_clevr.NON_RELATIONAL, *sort_of_clevr.RELATIONAL, *shapes.QTYPES]
+        return {k: float(np.mean(groups[k])) for k in order if k in groups}
 
     @staticmethod
     def headline(result: dict[str, float]) -> dict[str, float]:
@@ -174,13 +220,7 @@ def format_table(result: dict[str, float], counts: dict[str, int] | None = None)
 
 def load_for_inference(run_dir: str | Path) -> tuple[VQAModel, Tokenizer, AnswerVocab]:
     """The model a VQA run saved (run_dir/model, or a model directory itself)."""
-    directory = Path(run_dir)
-    if (directory / "model" / checkpoint.CONFIG_NAME).is_file():
-        directory = directory / "model"
-    model = checkpoint.from_pretrained(directory).eval()
-    tokenizer = checkpoint.load_tokenizer(directory)
-    if tokenizer is None:
-        raise checkpoint.CheckpointError(f"{directory}: no tokenizer.json beside the model")
+    model, tokenizer, directory = checkpoint.load_for_inference(run_dir)
     return model, tokenizer, AnswerVocab.load(directory / ANSWERS_NAME)
 
 
@@ -189,9 +229,9 @@ def question_types(q: sort_of_clevr.Question) -> tuple[str, str, str]:
     return ("overall", q.family, q.subtype)
 
 
-def counts_by_type(questions: list[sort_of_clevr.Question]) -> dict[str, int]:
+def counts_by_type(questions: list[Question]) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for q in questions:
-        for key in question_types(q):
+        for key in q.types:
             counts[key] += 1
     return counts

@@ -1,0 +1,148 @@
+"""Image captioning on the built-in shapes world: batches, evaluation, saving.
+
+Training is teacher-forced on each image's 5 reference captions at once (the image is
+encoded once, its captions attend to it together). Evaluation captions every image of a split and scores
+the captions two ways: against the references with the COCO caption metrics (BLEU,
+ROUGE-L, CIDEr-D, METEOR when Java is present), and against the scene itself, since the
+world is synthetic: fact precision (share of stated facts that are true) and fact recall
+(share of the scene's objects the caption mentions).
+
+The trainer (`mmt.train`) calls: prepare, build_model, train_batch, batch_accuracy,
+evaluate, headline, score, save_model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmt import checkpoint, registry
+from mmt.data import shapes
+from mmt.data.shapes_truth import fact_scores
+from mmt.data.transforms import to_pixels
+from mmt.generation import GenerationConfig
+from mmt.metrics.captions import score_captions
+from mmt.models.caption import CaptionConfig, CaptionModel
+from mmt.tasks.common import ShapesConfig, epoch_order, shapes_splits
+from mmt.text import Tokenizer
+from mmt.train import TrainConfig
+
+
+@dataclasses.dataclass
+class CaptionRunConfig:
+    """Everything a `mmt train caption` run needs."""
+
+    model: CaptionConfig = dataclasses.field(default_factory=lambda: registry.preset("caption-small"))
+    data: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(steps=2000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
+    )
+    captions_per_image: int = 5  # training captions per image and step (1-5); the batch size counts images
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)  # decoding for evaluation
+
+
+@torch.no_grad()
+def caption_images(
+    model: CaptionModel, tokenizer: Tokenizer, pixels: torch.Tensor, generation: GenerationConfig, batch_size: int = 100
+) -> list[str]:
+    """The best caption for each image (N, 3, H, W), decoded as text."""
+    model.eval()
+    device = next(model.parameters()).device
+    captions = []
+    for start in range(0, len(pixels), batch_size):
+        out = model.generate(pixels[start : start + batch_size].to(device), generation)
+        captions += [tokenizer.decode(row) for row in out.ids[:, 0].cpu()]
+    return captions
+
+
+def evaluate_captions(
+    captions: list[str], split: shapes.ShapesSplit, meteor: bool | None = False, tokenize: str | None = "simple"
+) -> dict[str, float]:
+    """COCO caption metrics against the references, and truth against the scenes."""
+    results = {i: c for i, c in enumerate(captions)}
+    references = {i: refs for i, refs in enumerate(split.captions[: len(captions)])}
+    scores = score_captions(results, references, meteor=meteor, tokenize=tokenize)
+    truth = fact_scores(captions, split.scenes[: len(captions)])
+    return {k: float(v) for k, v in {**scores, **truth}.items() if isinstance(v, (int, float))}
+
+
+class CaptionTask:
+    name = "caption"
+
+    def __init__(self, cfg: CaptionRunConfig):
+        self.cfg = cfg
+
+    def prepare(self, run_dir: Path) -> None:
+        if self.cfg.model.vision.image_size != self.cfg.data.image_size:
+            raise ValueError(
+                f"model.vision.image_size={self.cfg.model.vision.image_size} but data.image_size={self.cfg.data.image_size}: set them equal"
+            )
+        if not 1 <= self.cfg.captions_per_image <= 5:
+            raise ValueError(f"captions_per_image={self.cfg.captions_per_image}: the shapes world has 5 captions per image (use 1-5)")
+        self.train_split, self.val_split, _ = shapes_splits(self.cfg.data)
+        tokenizer_path = run_dir / checkpoint.TOKENIZER_NAME
+        if tokenizer_path.is_file():  # resuming: reuse the run's own
+            self.tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            self.tokenizer = Tokenizer.train((c for caps in self.train_split.captions for c in caps), kind="word")
+            self.tokenizer.save(tokenizer_path)
+        model = self.cfg.model
+        model.vocab_size = self.tokenizer.vocab_size
+        self.train_pixels = to_pixels(self.train_split.images)
+        self.val_pixels = to_pixels(self.val_split.images)
+        # all 5 captions of every training image, tokenised once: (N, 5, T)
+        flat = [c for caps in self.train_split.captions for c in caps]
+        ids, _ = self.tokenizer.batch(flat, model.max_len, wrap="bos_eos")
+        self.train_ids = ids.view(len(self.train_split), -1, ids.shape[1])
+
+    def build_model(self) -> CaptionModel:
+        return CaptionModel(self.cfg.model)
+
+    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """B images of seeded epoch permutations, each with `captions_per_image` of its captions
+        (all 5 by default: the image is encoded once for five targets)."""
+        B, g = self.cfg.train.batch_size, self.cfg.captions_per_image
+        images = torch.as_tensor(epoch_order(self.cfg.train.seed, step, B, len(self.train_split)))
+        if g >= self.train_ids.shape[1]:
+            ids = self.train_ids[images].flatten(0, 1)  # (B * 5, T), image by image
+        else:  # a seeded choice of g different captions per image
+            rng = np.random.default_rng([self.cfg.train.seed, 1_000_003, step])
+            which = torch.as_tensor(np.stack([rng.permutation(self.train_ids.shape[1])[:g] for _ in range(B)]))
+            ids = self.train_ids[images[:, None], which].flatten(0, 1)  # (B * g, T)
+        ids = ids[:, : int((ids != self.cfg.model.pad_id).sum(1).max())]  # drop all-padding columns
+        return {"pixels": self.train_pixels[images], "caption_ids": ids}
+
+    @staticmethod
+    def batch_samples(batch: dict[str, torch.Tensor]) -> int:
+        """Captions in a batch: what samples/s counts."""
+        return len(batch["caption_ids"])
+
+    @staticmethod
+    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """Teacher-forced next-token accuracy over non-padding tokens."""
+        return out["tokens_correct"].item(), int(out["tokens"].item())
+
+    def evaluate(self, model: CaptionModel) -> dict[str, float]:
+        """Greedy captions of the validation split, scored (simple tokenizer, no METEOR: fast)."""
+        captions = caption_images(model, self.tokenizer, self.val_pixels, self.cfg.generation)
+        return evaluate_captions(captions, self.val_split)
+
+    @staticmethod
+    def headline(result: dict[str, float]) -> dict[str, float]:
+        return {k: result[k] for k in ("BLEU-4", "CIDEr-D", "fact_precision", "fact_recall") if k in result}
+
+    @staticmethod
+    def score(result: dict[str, float]) -> float:
+        return result.get("CIDEr-D", 0.0)
+
+    def save_model(self, model: CaptionModel, directory: Path) -> None:
+        checkpoint.save_pretrained(model, directory, self.tokenizer)
+
+
+def load_for_inference(run_dir: str | Path) -> tuple[CaptionModel, Tokenizer]:
+    """The model a caption run saved (run_dir/model, or a model directory itself)."""
+    model, tokenizer, _ = checkpoint.load_for_inference(run_dir)
+    return model, tokenizer

@@ -1,0 +1,39 @@
+"""Pieces every built-in task shares: the shapes world's settings and the seeded data order."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from mmt.data import shapes
+
+
+@dataclasses.dataclass
+class ShapesConfig:
+    """Which shapes world to generate (captions, questions)."""
+
+    num_train: int = 10000  # training images (5 captions, ~10 questions each)
+    num_val: int = 500  # validation images: evaluated during training, picks the best checkpoint
+    num_test: int = 1000  # test images: `mmt eval`
+    seed: int = 0  # generation seed; each split uses its own stream of it
+    image_size: int = shapes.IMAGE_SIZE  # rendered image side in pixels
+
+
+def shapes_splits(data: ShapesConfig) -> tuple[shapes.ShapesSplit, shapes.ShapesSplit, shapes.ShapesSplit]:
+    return shapes.splits(data.num_train, data.num_val, data.num_test, data.seed, data.image_size)
+
+
+def epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+    """Items step*B .. step*B+B-1 of an endless sequence of seeded permutations of range(n).
+
+    A pure function of (seed, step): a resumed run sees exactly the batches the
+    uninterrupted run would have seen.
+    """
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    items = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        items[epochs == epoch] = order[positions[epochs == epoch] % n]
+    return items
