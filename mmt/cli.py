@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     decoding.add_argument("--num-return", type=int, default=1, metavar="N", help="captions per image (beams or samples)")
     decoding.add_argument("--seed", type=int, help="sampling seed")
-    decoding.add_argument("--max-new-tokens", type=int, default=30)
+    decoding.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (also capped by the model)")
     predict.set_defaults(run=_predict)
 
     score = commands.add_parser("score", help="score any system's output files")

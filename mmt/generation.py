@@ -86,14 +86,20 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 
 def _step(
-    step: StepFn, ids: Tensor, cache: DecoderCache | None, use_cache: bool, never: tuple[int, ...]
+    step: StepFn, ids: Tensor, cache: DecoderCache | None, use_cache: bool, never: slice | Tensor
 ) -> tuple[Tensor, DecoderCache | None]:
     """Next-token log-probabilities (N, V) in float32, feeding only the newest token when
     cached; tokens in `never` ([PAD], [BOS]) are never generated."""
     logits, cache = step(ids[:, -1:] if use_cache and cache.length else ids, cache if use_cache else None)
     logits = logits.float()
-    logits[:, list(never)] = float("-inf")
+    logits[:, never] = float("-inf")
     return logits.log_softmax(-1), cache
+
+
+def _never(pad_id: int, bos_id: int, device) -> slice | Tensor:
+    """Index of the tokens never generated; a slice when they are adjacent (cheaper each step)."""
+    low, high = sorted((pad_id, bos_id))
+    return slice(low, high + 1) if high - low == 1 else torch.tensor([low, high], device=device)
 
 
 @torch.no_grad()
@@ -107,6 +113,7 @@ def generate(
         return _beam_search(step, batch_size, num_layers, cfg, bos_id, eos_id, pad_id, torch.device(device))
     R = cfg.num_return
     N = batch_size * R
+    never = _never(pad_id, bos_id, device)
     ids = torch.full((N, 1), bos_id, dtype=torch.long, device=device)
     scores = torch.zeros(N, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -115,7 +122,7 @@ def generate(
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     for _ in range(cfg.max_new_tokens):
-        logp, cache = _step(step, ids, cache, cfg.use_cache, (pad_id, bos_id))
+        logp, cache = _step(step, ids, cache, cfg.use_cache, never)
         if cfg.do_sample:
             filtered = filter_logits(logp / cfg.temperature, cfg.top_k, cfg.top_p)
             next_id = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
@@ -131,10 +138,26 @@ def generate(
     return Generated(ids.view(batch_size, R, -1), scores.view(batch_size, R))
 
 
+def _add_to_pool(
+    pool_ids: Tensor, pool_scores: Tensor, ids: Tensor, source: Tensor, token: Tensor, top_scores: Tensor,
+    finish: Tensor, t: int, alpha: float, pad_id: int,
+) -> tuple[Tensor, Tensor]:
+    """Merge the hypotheses that just emitted [EOS] (`finish`, (B, 2K)) into each image's pool
+    of the K best finished ones, scored logp / t ** alpha."""
+    B, K, L = pool_ids.shape
+    finished_ids = torch.cat([ids.view(B, K, -1).gather(1, source[..., None].expand(-1, -1, t)), token[..., None]], dim=2)
+    finished_ids = F.pad(finished_ids, (0, L - t - 1), value=pad_id)  # (B, 2K, L)
+    finished_scores = torch.where(finish, top_scores / t**alpha, torch.full_like(top_scores, float("-inf")))
+    pool_scores, keep = torch.cat([pool_scores, finished_scores], dim=1).topk(K, dim=-1)
+    pool_ids = torch.cat([pool_ids, finished_ids], dim=1).gather(1, keep[..., None].expand(-1, -1, L))
+    return pool_ids, pool_scores
+
+
 def _beam_search(
     step: StepFn, B: int, num_layers: int, cfg: GenerationConfig, bos_id: int, eos_id: int, pad_id: int, device: torch.device
 ) -> Generated:
     K, L, alpha = cfg.num_beams, cfg.max_new_tokens + 1, cfg.length_penalty
+    never = _never(pad_id, bos_id, device)
     ids = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)
     # every beam starts as the same [BOS]; only the first may expand, so step 1 yields K distinct tokens
     beam_scores = torch.full((B, K), float("-inf"), device=device)
@@ -146,7 +169,7 @@ def _beam_search(
     offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of each image
     rank = torch.arange(2 * K, device=device)[None, :]
     for t in range(1, L):  # t: tokens generated after this step
-        logp, cache = _step(step, ids, cache, cfg.use_cache, (pad_id, bos_id))
+        logp, cache = _step(step, ids, cache, cfg.use_cache, never)
         V = logp.shape[-1]
         candidates = (beam_scores[..., None] + logp.view(B, K, V)).view(B, K * V)
         top_scores, top_index = candidates.topk(2 * K, dim=-1)  # (B, 2K), best first
@@ -154,11 +177,8 @@ def _beam_search(
         is_eos = token == eos_id
         # hypotheses ending here join the pool (only those ranked within the beam, as usual)
         finish = is_eos & (rank < K) & ~done[:, None] & (top_scores > float("-inf"))
-        finished_ids = torch.cat([ids.view(B, K, -1).gather(1, source[..., None].expand(-1, -1, t)), token[..., None]], dim=2)
-        finished_ids = F.pad(finished_ids, (0, L - t - 1), value=pad_id)  # (B, 2K, L)
-        finished_scores = torch.where(finish, top_scores / t**alpha, torch.full_like(top_scores, float("-inf")))
-        pool_scores, keep = torch.cat([pool_scores, finished_scores], dim=1).topk(K, dim=-1)
-        pool_ids = torch.cat([pool_ids, finished_ids], dim=1).gather(1, keep[..., None].expand(-1, -1, L))
+        if finish.any():
+            pool_ids, pool_scores = _add_to_pool(pool_ids, pool_scores, ids, source, token, top_scores, finish, t, alpha, pad_id)
         # the K best continuations that did not end become the running beams
         order = torch.where(is_eos, rank + 2 * K, rank).argsort(dim=-1)[:, :K]  # non-[EOS] first, by score
         beam_scores = top_scores.gather(1, order)

@@ -52,6 +52,9 @@ def test_caption_run_logs_caption_metrics_and_truth(caption_run):
     losses = [r["caption_loss"] for r in records if "caption_loss" in r]
     assert losses[-1] < losses[0]  # six steps already lower the loss
     assert {"tokenizer.json", "model", "checkpoints", "run_config.json"} <= {p.name for p in caption_run.iterdir()}
+    # caption-tiny's 16 positions are raised to fit the longest training caption, so none is cut
+    config = json.loads((caption_run / "model" / "config.json").read_text())
+    assert config["max_len"] > 16 and json.loads((caption_run / "run_config.json").read_text())["model"]["max_len"] == config["max_len"]
 
 
 def test_caption_eval_writes_scores_and_coco_files(caption_run, capsys):
@@ -146,3 +149,9 @@ def test_generative_vqa_trains_evaluates_and_answers_in_words(tmp_path, images, 
     assert main(["predict", str(run), "--image", str(images / "scene.png"), "--question", "how many objects are there?", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert isinstance(answer["answer"], str) and 0.0 <= answer["score"] <= 1.0
+
+
+def test_vqa_on_shapes_needs_the_matching_image_size(tmp_path, capsys):
+    args = ["train", "vqa", "--run-dir", str(tmp_path / "r"), "--no-progress", "--set", "dataset=shapes"]
+    assert main(args) == 2  # vqa-small reads 75x75 Sort-of-CLEVR images; the shapes world is 64x64
+    assert "set model.vision.image_size=64" in capsys.readouterr().err

@@ -29,7 +29,7 @@ class CaptionConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
     vocab_size: int = 1000  # decoder vocabulary; set from the tokenizer
-    max_len: int = 32  # longest caption in tokens, [BOS] and [EOS] included
+    max_len: int = 32  # longest caption in tokens, [BOS] and [EOS] included (tasks raise it to fit their captions)
     pad_id: int = 0  # [PAD]: ignored by the loss
     bos_id: int = 5  # [BOS]: first input token when generating
     eos_id: int = 6  # [EOS]: generation stops once every caption has produced it
@@ -113,6 +113,8 @@ class CaptionModel(nn.Module):
         config = dataclasses.replace(config or GenerationConfig(max_new_tokens=cfg.max_len - 1), **options)
         config.max_new_tokens = min(config.max_new_tokens, cfg.max_len - 1)  # positions end at max_len
         image_tokens, image_padding = self.encode_images(pixels)
+        if image_padding is not None and not image_padding.any():
+            image_padding = None  # nothing to mask: cross-attention takes its unmasked path every step
         return generate(
             self.decode_step(image_tokens, image_padding), pixels.shape[0], len(self.decoder.layers), config,
             bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device,

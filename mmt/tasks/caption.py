@@ -41,7 +41,8 @@ class CaptionRunConfig:
         default_factory=lambda: TrainConfig(steps=2000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
     )
     captions_per_image: int = 5  # training captions per image and step (1-5); the batch size counts images
-    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)  # decoding for evaluation
+    # decoding for evaluation; max_new_tokens is capped by the model's max_len
+    generation: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(max_new_tokens=100))
 
 
 @torch.no_grad()
@@ -93,9 +94,12 @@ class CaptionTask:
         model.vocab_size = self.tokenizer.vocab_size
         self.train_pixels = to_pixels(self.train_split.images)
         self.val_pixels = to_pixels(self.val_split.images)
-        # all 5 captions of every training image, tokenised once: (N, 5, T)
+        # all 5 captions of every training image, tokenised once: (N, 5, T). The model's
+        # positions must cover the longest caption (a cut caption would teach the decoder
+        # to stop mid-phrase), so max_len grows to fit the training captions.
         flat = [c for caps in self.train_split.captions for c in caps]
-        ids, _ = self.tokenizer.batch(flat, model.max_len, wrap="bos_eos")
+        ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
+        model.max_len = max(model.max_len, ids.shape[1])
         self.train_ids = ids.view(len(self.train_split), -1, ids.shape[1])
 
     def build_model(self) -> CaptionModel:

@@ -131,6 +131,10 @@ class VQATask:
 
     def prepare(self, run_dir: Path) -> None:
         cfg, model = self.cfg, self.cfg.model
+        size = cfg.shapes.image_size if cfg.dataset == "shapes" else sort_of_clevr.IMAGE_SIZE
+        if model.vision.image_size != size:
+            key = "shapes.image_size" if cfg.dataset == "shapes" else "the Sort-of-CLEVR image size"
+            raise ValueError(f"model.vision.image_size={model.vision.image_size} but {key} is {size}: set model.vision.image_size={size}")
         train = load_split(cfg, "train")
         tokenizer_path, answers_path = run_dir / checkpoint.TOKENIZER_NAME, run_dir / ANSWERS_NAME
         if tokenizer_path.is_file() and answers_path.is_file():  # resuming: reuse the run's own
