@@ -38,7 +38,7 @@ class CaptionRunConfig:
     model: CaptionConfig = dataclasses.field(default_factory=lambda: registry.preset("caption-small"))
     data: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
     train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(steps=2000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
+        default_factory=lambda: TrainConfig(steps=4000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
     )
     captions_per_image: int = 5  # training captions per image and step (1-5); the batch size counts images
     # decoding for evaluation; max_new_tokens is capped by the model's max_len
@@ -61,13 +61,14 @@ def caption_images(
 
 def evaluate_captions(
     captions: list[str], split: shapes.ShapesSplit, meteor: bool | None = False, tokenize: str | None = "simple"
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """COCO caption metrics against the references, and truth against the scenes."""
     results = {i: c for i, c in enumerate(captions)}
     references = {i: refs for i, refs in enumerate(split.captions[: len(captions)])}
     scores = score_captions(results, references, meteor=meteor, tokenize=tokenize)
     truth = fact_scores(captions, split.scenes[: len(captions)])
-    return {k: float(v) for k, v in {**scores, **truth}.items() if isinstance(v, (int, float))}
+    # numbers as floats (the table prints floats), plus which tokenizer the metrics used
+    return {k: v if isinstance(v, str) else float(v) for k, v in {**scores, **truth}.items()}
 
 
 class CaptionTask:

@@ -196,7 +196,10 @@ class VQATask:
         for ok, q in zip(correct, questions.split.questions):
             for key in q.types:
                 groups.setdefault(key, []).append(bool(ok))
-        order = ["overall", "non-relational", "relational", *sort_of_clevr.NON_RELATIONAL, *sort_of_clevr.RELATIONAL, *shapes.QTYPES]
+        if "non-relational" in groups:  # Sort-of-CLEVR: families, then subtypes
+            order = ["overall", "non-relational", "relational", *sort_of_clevr.NON_RELATIONAL, *sort_of_clevr.RELATIONAL]
+        else:
+            order = ["overall", *shapes.QTYPES]
         return {k: float(np.mean(groups[k])) for k in order if k in groups}
 
     @staticmethod
@@ -216,7 +219,8 @@ def format_table(result: dict[str, float], counts: dict[str, int] | None = None)
     """Accuracy per question type as a text table."""
     lines = [f"{'question type':<16} {'accuracy':>9}" + (f" {'questions':>10}" if counts else "")]
     for key, value in result.items():
-        indent = "  " if key in sort_of_clevr.NON_RELATIONAL + sort_of_clevr.RELATIONAL else ""
+        subtype = key in sort_of_clevr.NON_RELATIONAL + sort_of_clevr.RELATIONAL and "non-relational" in result
+        indent = "  " if subtype or key in shapes.QTYPES else ""
         extra = f" {counts[key]:>10}" if counts else ""
         lines.append(f"{indent + key:<16} {value * 100:>8.2f}%{extra}")
     return "\n".join(lines)
