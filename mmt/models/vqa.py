@@ -44,7 +44,7 @@ class VQAConfig:
     num_answers: int = 10  # classify: size of the answer vocabulary; set from the training answers
     head_hidden: int = 256  # classify: hidden width of the two-layer answer classifier
     answer_decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=1))  # generate
-    answer_max_len: int = 8  # generate: longest answer in tokens, [BOS] and [EOS] included
+    answer_max_len: int = 8  # generate: longest answer in tokens, [BOS] and [EOS] included (tasks raise it to fit)
     init: Literal["trunc_normal", "torch"] = "torch"  # weight init: N(0, 0.02) (BERT/ViT) or torch defaults
 
 

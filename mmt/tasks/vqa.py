@@ -151,6 +151,9 @@ class VQATask:
             self.vocab.save(answers_path)
         model.text.vocab_size = self.tokenizer.vocab_size
         model.num_answers = len(self.vocab)
+        if model.head == "generate":  # the decoder's positions must cover the longest training answer
+            answer_ids, _ = self.tokenizer.batch(sorted({q.answer for q in train.questions}), 10_000, wrap="bos_eos")
+            model.answer_max_len = max(model.answer_max_len, answer_ids.shape[1])
         self.train_set = QuestionSet(train, self.tokenizer, self.vocab, model)
         self.eval_set = QuestionSet(load_split(cfg, "val" if cfg.dataset == "shapes" else "test"), self.tokenizer, self.vocab, model)
 
