@@ -96,10 +96,14 @@ def _saved_run_config(run_dir: Path, cfg, args: argparse.Namespace):
     """`cfg` with the run's own data (and generation) settings, then --set."""
     from mmt import config
 
-    run_config = run_dir / "run_config.json"
-    if run_config.is_file():  # evaluate on the test split the run was made with
-        saved = json.loads(run_config.read_text())
+    from mmt.checkpoint import model_directory
+
+    found = [p for p in (run_dir / "run_config.json", model_directory(run_dir) / "run_config.json") if p.is_file()]
+    if found:  # evaluate on the test split the run was made with
+        saved = json.loads(found[0].read_text())
         cfg = config.merge(cfg, {k: saved[k] for k in ("dataset", "data", "shapes", "generation") if k in saved})
+    else:
+        print(f"mmt eval: no run_config.json in {run_dir}: evaluating on the default data settings", file=sys.stderr)
     return config.apply_overrides(cfg, args.set)
 
 
@@ -188,7 +192,7 @@ def _predict(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     elif "caption" in result:
         for item in result.get("captions", [result]):
-            print(f"{item['caption']}  (log-prob {item['score']:.3f})")
+            print(f"{item['caption']}  (score {item['score']:.3f})")
     else:
         print(f"{result['answer']}  (score {result['score']:.3f})")
     return 0
@@ -239,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score a run on its test split (VQA: accuracy per question type; captioning: caption metrics and truth)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--out", help="JSON file for the results (default RUN_DIR/eval.json)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.num_test=50, generation.num_beams=3")
+    evaluate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="e.g. data.num_test=50 (Sort-of-CLEVR VQA), shapes.num_test=100 (shapes VQA), data.num_test=100 or generation.num_beams=3 (captioning)",
+    )
     evaluate.set_defaults(run=_eval)
 
     predict = commands.add_parser("predict", help="answer questions about images, or caption images")
@@ -249,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print the result as JSON")
     predict.add_argument("--input", help="JSON Lines of {\"image\": PATH} (+ \"question\": TEXT for VQA)")
     predict.add_argument("--output", help="JSON Lines of results, one per input line")
-    decoding = predict.add_argument_group("decoding (captioning)")
+    decoding = predict.add_argument_group(
+        "decoding (captioning, generative VQA)",
+        "score: summed log-probability of the text; with beam search divided by length ** length-penalty",
+    )
     decoding.add_argument("--beam", type=int, default=1, metavar="N", help="beam search of width N (default 1: greedy)")
     decoding.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length ** this")
     decoding.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")

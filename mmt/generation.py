@@ -14,7 +14,9 @@ Beam search follows the usual formulation (Wu et al. 2016, "Google's NMT system"
 the `num_beams` best partial hypotheses by summed log-probability; a hypothesis that
 emits [EOS] joins the finished pool with score logp / length ** length_penalty; an image
 is done when its pool is full and no running beam can beat the worst pooled hypothesis at
-the current length.
+any length it could still reach (a true bound, so stopping early never changes the result;
+transformers' default checks only the current length). Sampling draws from one generator
+for the whole batch: a seed reproduces a batch, not one row independent of its neighbours.
 """
 
 from __future__ import annotations
@@ -185,8 +187,11 @@ def _beam_search(
         rows = (offsets + source.gather(1, order)).view(-1)
         ids = torch.cat([ids.index_select(0, rows), token.gather(1, order).view(-1, 1)], dim=1)
         cache = cache.select(rows, cross=False) if cfg.use_cache else None
-        # an image is done once its pool is full and its best running beam cannot beat the pool's worst
-        done |= (pool_scores[:, -1] > float("-inf")) & (beam_scores[:, 0] / t**alpha <= pool_scores[:, -1])
+        # an image is done once its pool is full and its best running beam cannot beat the pool's
+        # worst: its log p only falls, so its best possible score is log p / (longest length) ** alpha
+        # for alpha > 0 (a longer hypothesis is divided by more), log p / t ** alpha otherwise
+        best_possible = beam_scores[:, 0] / ((L - 1) ** alpha if alpha > 0 else t**alpha)
+        done |= (pool_scores[:, -1] > float("-inf")) & (best_possible <= pool_scores[:, -1])
         if done.all():
             break
     else:

@@ -30,10 +30,10 @@ class _Answerer:
 
     empty_result = {"answer": None, "score": None}
 
-    def __init__(self, model, tokenizer, directory: Path):
+    def __init__(self, model, tokenizer, directory: Path, generation: GenerationConfig):
         from mmt.tasks.vqa import ANSWERS_NAME
 
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.generation = model, tokenizer, generation
         self.vocab = AnswerVocab.load(directory / ANSWERS_NAME)
         self.size = model.config.vision.image_size
 
@@ -46,9 +46,17 @@ class _Answerer:
         pixels = to_pixels(np.stack([image for image, _ in items]))
         ids, _ = self.tokenizer.batch([q for _, q in items], self.model.config.text.max_len, wrap="cls")
         if self.model.config.head == "generate":  # the answer's probability under the decoder
-            out = self.model.generate_answers(pixels, ids, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
-            texts = [self.tokenizer.decode(row) for row in out.ids[:, 0]]
-            return [{"answer": t, "score": round(s, 4)} for t, s in zip(texts, out.scores[:, 0].exp().tolist())]
+            out = self.model.generate_answers(
+                pixels, ids, config=self.generation, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id
+            )
+            results = []
+            for ids_row, scores in zip(out.ids, out.scores):
+                texts = [self.tokenizer.decode(row) for row in ids_row]
+                best = {"answer": texts[0], "score": round(float(scores[0].exp()), 4)}
+                if len(texts) > 1:
+                    best["answers"] = [{"answer": t, "score": round(float(s.exp()), 4)} for t, s in zip(texts, scores)]
+                results.append(best)
+            return results
         probs = self.model.answer_logits(pixels, ids).float().softmax(-1)
         score, best = probs.max(-1)
         return [{"answer": self.vocab.answers[i], "score": round(s, 4)} for i, s in zip(best.tolist(), score.tolist())]
@@ -95,7 +103,7 @@ def load_predictor(run_dir: str | Path, generation: GenerationConfig | None = No
     """The predictor for whatever task the run trained."""
     model, tokenizer, directory = checkpoint.load_for_inference(run_dir)
     if model.model_type == "vqa":
-        return _Answerer(model, tokenizer, directory)
+        return _Answerer(model, tokenizer, directory, generation or GenerationConfig())
     if model.model_type == "caption":
         return _Captioner(model, tokenizer, generation or GenerationConfig())
     raise checkpoint.CheckpointError(f"{directory}: mmt predict does not handle {model.model_type!r} models yet")

@@ -10,7 +10,7 @@ Run directory:
     tokenizer.json, ...        task artefacts (answer vocabulary, ...)
     metrics.jsonl              one JSON object per log / evaluation line
     checkpoints/step-000500/   model.safetensors, config.json, optimizer.safetensors, trainer_state.json
-    model/                     the final model, ready for `mmt eval` / `mmt predict`
+    model/                     the final model (+ a copy of run_config.json), ready for `mmt eval` / `mmt predict`
 
 Batches are a pure function of (seed, step), so the position in the data stream is the
 step number, and a resumed run sees exactly the batches the uninterrupted run would.
@@ -263,4 +263,6 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
     bar.close()
     metrics_file.close()
     task.save_model(model, run_dir / "model")
+    # the run's data settings travel with the model, so `mmt eval MODEL_DIR` uses the right data
+    shutil.copyfile(run_dir / "run_config.json", run_dir / "model" / "run_config.json")
     return final_eval

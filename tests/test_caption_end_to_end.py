@@ -149,9 +149,20 @@ def test_generative_vqa_trains_evaluates_and_answers_in_words(tmp_path, images, 
     assert main(["predict", str(run), "--image", str(images / "scene.png"), "--question", "how many objects are there?", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert isinstance(answer["answer"], str) and 0.0 <= answer["score"] <= 1.0
+    # decoding options reach the answer decoder too
+    args = ["predict", str(run), "--image", str(images / "scene.png"), "--question", "is there a cross?", "--beam", "2", "--num-return", "2", "--json"]
+    assert main(args) == 0
+    beams = json.loads(capsys.readouterr().out)["answers"]
+    assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
 
 
 def test_vqa_on_shapes_needs_the_matching_image_size(tmp_path, capsys):
     args = ["train", "vqa", "--run-dir", str(tmp_path / "r"), "--no-progress", "--set", "dataset=shapes"]
     assert main(args) == 2  # vqa-small reads 75x75 Sort-of-CLEVR images; the shapes world is 64x64
     assert "set model.vision.image_size=64" in capsys.readouterr().err
+
+
+def test_eval_of_a_model_directory_uses_the_runs_data_settings(caption_run, tmp_path, capsys):
+    # the model directory carries the run's config, so its 8 test images at 32x32 are used
+    assert main(["eval", str(caption_run / "model"), "--out", str(tmp_path / "e.json")]) == 0
+    assert "8 test images captioned" in capsys.readouterr().out

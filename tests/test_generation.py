@@ -174,3 +174,39 @@ def test_wide_beam_finds_the_exhaustive_optimum_and_greedy_sometimes_does_not(al
         length = int((greedy.ids[0, 0, 1:] != T_PAD).sum())
         greedy_worse += greedy.scores[0, 0].item() / length**alpha < best_score - 1e-6
     assert greedy_worse > 0
+
+
+def reference_beam_search(logits_of, K: int, max_new: int, alpha: float) -> tuple[tuple[int, ...], float]:
+    """Beam search written plainly, one image, running every step to the limit (no early stop)."""
+    running, pool = [((T_BOS,), 0.0)], []
+    for t in range(1, max_new + 1):
+        candidates = []
+        for seq, score in running:
+            logits = logits_of(seq).clone()
+            logits[[T_PAD, T_BOS]] = float("-inf")
+            logp = logits.log_softmax(-1)
+            candidates += [(score + logp[v].item(), seq + (v,)) for v in range(T_VOCAB) if v not in (T_PAD, T_BOS)]
+        candidates.sort(key=lambda c: -c[0])
+        running = []
+        for rank, (score, seq) in enumerate(candidates[: 2 * K]):
+            if seq[-1] == T_EOS:
+                if rank < K:
+                    pool.append((score / t**alpha, seq))
+            elif len(running) < K:
+                running.append((seq, score))
+    pool += [(score / max_new**alpha, seq) for seq, score in running]
+    best = max(pool)
+    return best[1], best[0]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0, 2.0])
+def test_early_stopping_never_changes_the_beam_result(alpha):
+    # an image stops once no running beam can beat its pool at any reachable length; the result
+    # must equal a search that always runs to the limit
+    for seed in range(40):
+        step, logits_of = toy_step(100 + seed)
+        cfg = GenerationConfig(max_new_tokens=6, num_beams=2, length_penalty=alpha, use_cache=False)
+        beam = generate(step, 1, 0, cfg, bos_id=T_BOS, eos_id=T_EOS, pad_id=T_PAD)
+        best, best_score = reference_beam_search(logits_of, 2, 6, alpha)
+        assert tuple(t for t in beam.ids[0, 0].tolist() if t != T_PAD) == best, seed
+        assert beam.scores[0, 0].item() == pytest.approx(best_score, abs=1e-5)
