@@ -111,6 +111,9 @@ def generate(
 ) -> Generated:
     """Decode `batch_size` inputs with `step` (see the module docstring)."""
     cfg.validate()
+    if batch_size == 0:  # nothing to decode (e.g. an evaluation batch without questions)
+        R = cfg.num_return
+        return Generated(torch.full((0, R, 1), bos_id, dtype=torch.long, device=device), torch.zeros(0, R, device=device))
     if cfg.num_beams > 1:
         return _beam_search(step, batch_size, num_layers, cfg, bos_id, eos_id, pad_id, torch.device(device))
     R = cfg.num_return

@@ -124,5 +124,6 @@ def test_query_sequences_can_share_a_context(fast):
     assert (shared - copied).abs().max() <= 1e-5
     if not fast:
         assert (weights - copied_weights).abs().max() <= 1e-6
-    with pytest.raises(ValueError, match="cannot share"):
-        attn(torch.randn(5, T, D), static_kv=kv)
+    for uneven in (5, 3):  # 3 // 2 == 1 must not pass as "one query per context"
+        with pytest.raises(ValueError, match="cannot share"):
+            attn(torch.randn(uneven, T, D), static_kv=kv)

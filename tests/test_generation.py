@@ -210,3 +210,10 @@ def test_early_stopping_never_changes_the_beam_result(alpha):
         best, best_score = reference_beam_search(logits_of, 2, 6, alpha)
         assert tuple(t for t in beam.ids[0, 0].tolist() if t != T_PAD) == best, seed
         assert beam.scores[0, 0].item() == pytest.approx(best_score, abs=1e-5)
+
+
+def test_an_empty_batch_decodes_to_nothing(captioner):
+    model, pixels = captioner
+    for options in ({}, {"num_beams": 2}):
+        out = model.generate(pixels[:0], max_new_tokens=5, **options)
+        assert out.ids.shape[0] == 0 and out.scores.shape[0] == 0

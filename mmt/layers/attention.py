@@ -138,13 +138,14 @@ class MultiHeadAttention(nn.Module):
                 kv = KV(torch.cat([past_kv.k, kv.k], dim=2), torch.cat([past_kv.v, kv.v], dim=2))
         S = kv.k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
-        groups = B // kv.k.shape[0]
+        contexts = kv.k.shape[0]
+        groups = B // contexts if contexts else 1  # (an empty batch has no contexts)
+        if (B % contexts if contexts else B) or (groups > 1 and causal):
+            raise ValueError(f"{B} query sequences cannot share {contexts} contexts{' causally' if causal else ''}")
         if groups > 1:
             # Several query sequences share each context (e.g. 20 questions about one image):
             # attention is independent per query, so each context's query sequences are laid
             # end to end and attend once, instead of copying the keys/values per sequence.
-            if causal or B % kv.k.shape[0]:
-                raise ValueError(f"{B} query sequences cannot share {kv.k.shape[0]} contexts{' causally' if causal else ''}")
             q = q.view(-1, groups, self.heads, T, self.head_dim).transpose(1, 2)  # (B / g, H, g, T, Dh)
             q = q.reshape(-1, self.heads, groups * T, self.head_dim)  # (B / g, H, g * T, Dh)
 
