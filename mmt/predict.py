@@ -49,14 +49,7 @@ class _Answerer:
             out = self.model.generate_answers(
                 pixels, ids, config=self.generation, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id
             )
-            results = []
-            for ids_row, scores in zip(out.ids, out.scores):
-                texts = [self.tokenizer.decode(row) for row in ids_row]
-                best = {"answer": texts[0], "score": round(float(scores[0].exp()), 4)}
-                if len(texts) > 1:
-                    best["answers"] = [{"answer": t, "score": round(float(s.exp()), 4)} for t, s in zip(texts, scores)]
-                results.append(best)
-            return results
+            return _ranked("answer", self.tokenizer, out.ids, out.scores.exp())
         probs = self.model.answer_logits(pixels, ids).float().softmax(-1)
         score, best = probs.max(-1)
         return [{"answer": self.vocab.answers[i], "score": round(s, 4)} for i, s in zip(best.tolist(), score.tolist())]
@@ -77,14 +70,17 @@ class _Captioner:
     @torch.no_grad()
     def __call__(self, items: list[tuple]) -> list[dict[str, Any]]:
         out = self.model.generate(to_pixels(np.stack([item[0] for item in items])), self.generation)
-        results = []
-        for ids, scores in zip(out.ids, out.scores):
-            texts = [self.tokenizer.decode(row) for row in ids]
-            best = {"caption": texts[0], "score": round(float(scores[0]), 4)}
-            if len(texts) > 1:
-                best["captions"] = [{"caption": t, "score": round(float(s), 4)} for t, s in zip(texts, scores)]
-            results.append(best)
-        return results
+        return _ranked("caption", self.tokenizer, out.ids, out.scores)
+
+
+def _ranked(key: str, tokenizer, ids: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
+    """Per input, the best text under `key` with its score, and all `num_return` of them
+    under `key + "s"` when there are several. ids (B, R, L), scores (B, R), best first."""
+    results = []
+    for rows, row_scores in zip(ids, scores.tolist()):
+        ranked = [{key: tokenizer.decode(row), "score": round(score, 4)} for row, score in zip(rows, row_scores)]
+        results.append({**ranked[0], key + "s": ranked} if len(ranked) > 1 else ranked[0])
+    return results
 
 
 def _image_key(record: dict[str, Any]) -> str:
