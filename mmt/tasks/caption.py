@@ -84,12 +84,13 @@ class CaptionTask:
             )
         if not 1 <= self.cfg.captions_per_image <= 5:
             raise ValueError(f"captions_per_image={self.cfg.captions_per_image}: the shapes world has 5 captions per image (use 1-5)")
-        self.train_split, self.val_split, _ = shapes_splits(self.cfg.data)
+        self.train_split, self.val_split, _ = shapes_splits(dataclasses.replace(self.cfg.data, num_test=0))
+        flat = [c for caps in self.train_split.captions for c in caps]
         tokenizer_path = run_dir / checkpoint.TOKENIZER_NAME
         if tokenizer_path.is_file():  # resuming: reuse the run's own
             self.tokenizer = Tokenizer.load(tokenizer_path)
         else:
-            self.tokenizer = Tokenizer.train((c for caps in self.train_split.captions for c in caps), kind="word")
+            self.tokenizer = Tokenizer.train(flat, kind="word")
             self.tokenizer.save(tokenizer_path)
         model = self.cfg.model
         model.vocab_size = self.tokenizer.vocab_size
@@ -98,7 +99,6 @@ class CaptionTask:
         # all 5 captions of every training image, tokenised once: (N, 5, T). The model's
         # positions must cover the longest caption (a cut caption would teach the decoder
         # to stop mid-phrase), so max_len grows to fit the training captions.
-        flat = [c for caps in self.train_split.captions for c in caps]
         ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
         model.max_len = max(model.max_len, ids.shape[1])
         self.train_ids = ids.view(len(self.train_split), -1, ids.shape[1])
