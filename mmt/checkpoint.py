@@ -96,6 +96,32 @@ class LoadReport:
             lines.append(f"shape mismatch ({len(shapes)}): {listing(shapes)}")
         return "; ".join(lines)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loaded": self.loaded,
+            "new": self.missing,
+            "skipped_shape_mismatch": [{"key": k, "file": list(a), "model": list(b)} for k, a, b in self.mismatched],
+            "unused": self.unexpected,
+        }
+
+    def describe_init(self, source: str | Path, limit: int = 12) -> str:
+        """Multi-line report of initialising a model from `source`, by module prefix."""
+
+        def grouped(keys: list[str]) -> str:
+            prefixes: dict[str, int] = {}
+            for key in keys:
+                prefix = ".".join(key.split(".")[:2]) if key.split(".")[1:2] and not key.split(".")[1].isdigit() else key.split(".")[0]
+                prefixes[prefix] = prefixes.get(prefix, 0) + 1
+            items = [f"{p} ({n})" for p, n in sorted(prefixes.items())]
+            return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more groups)" if len(items) > limit else "")
+
+        lines = [f"init from {source}:", f"  loaded  {len(self.loaded):4d} tensors: {grouped(self.loaded) or '-'}"]
+        lines.append(f"  new     {len(self.missing):4d} tensors (not in the source, kept as initialised): {grouped(self.missing) or '-'}")
+        shapes = [f"{k} {list(a)} -> {list(b)}" for k, a, b in self.mismatched]
+        lines.append(f"  skipped {len(shapes):4d} tensors (shape mismatch, source -> model): {', '.join(shapes[:limit]) or '-'}")
+        lines.append(f"  unused  {len(self.unexpected):4d} tensors (in the source, not in this model): {grouped(self.unexpected) or '-'}")
+        return "\n".join(lines)
+
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, with an error naming the file if it is damaged."""

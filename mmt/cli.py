@@ -30,9 +30,15 @@ def _inspect(args: argparse.Namespace) -> int:
 def _tasks() -> dict:
     """Trainable tasks: name -> (run config class, task class)."""
     from mmt.tasks.caption import CaptionRunConfig, CaptionTask
+    from mmt.tasks.retrieval import PretrainRunConfig, PretrainTask, RetrievalRunConfig, RetrievalTask
     from mmt.tasks.vqa import VQARunConfig, VQATask
 
-    return {"vqa": (VQARunConfig, VQATask), "caption": (CaptionRunConfig, CaptionTask)}
+    return {
+        "vqa": (VQARunConfig, VQATask),
+        "caption": (CaptionRunConfig, CaptionTask),
+        "retrieval": (RetrievalRunConfig, RetrievalTask),
+        "pretrain": (PretrainRunConfig, PretrainTask),
+    }
 
 
 def _run_config(args: argparse.Namespace):
@@ -57,7 +63,13 @@ def _run_config(args: argparse.Namespace):
             cfg = config.merge(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{args.config}: {e}") from None
-    return config.apply_overrides(cfg, args.set)
+    cfg = config.apply_overrides(cfg, args.set)
+    if args.init:
+        from mmt.checkpoint import model_directory, read_config
+
+        read_config(model_directory(args.init))  # fail now, with the file named, if it is not a model
+        cfg.train.init = str(args.init)
+    return cfg
 
 
 def _print_result(task: str, result: dict) -> None:
@@ -65,6 +77,10 @@ def _print_result(task: str, result: dict) -> None:
         from mmt.tasks.vqa import format_table
 
         print(format_table(result))
+    elif task in ("retrieval", "pretrain"):
+        from mmt.tasks.retrieval import format_recall
+
+        print(format_recall(result))
     else:
         from mmt.metrics.captions import format_scores
 
@@ -115,6 +131,8 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (run_dir / "eval.json")
     if model_type == "caption":
         return _eval_caption(run_dir, out, args)
+    if model_type == "retrieval":
+        return _eval_retrieval(run_dir, out, args)
     from mmt.tasks.vqa import QuestionSet, VQARunConfig, VQATask, counts_by_type, format_table, load_for_inference, load_split
 
     model, tokenizer, vocab = load_for_inference(run_dir)
@@ -150,6 +168,28 @@ def _eval_caption(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
     write_coco_references(out.with_name(out.stem + "_references.json"), dict(enumerate(test.captions)))
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}; captions (COCO results format) in {results_path}")
+    return 0
+
+
+def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from mmt.data.transforms import to_pixels
+    from mmt.tasks.common import shapes_splits
+    from mmt.tasks.retrieval import RetrievalRunConfig, format_recall, load_for_inference, retrieval_scores
+
+    model, tokenizer = load_for_inference(run_dir)
+    cfg = _saved_run_config(run_dir, RetrievalRunConfig(model=model.config), args)
+    _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+    started = time.perf_counter()
+    result = retrieval_scores(model, tokenizer, to_pixels(test.images), test.captions, rerank_k=args.rerank_k)
+    seconds = time.perf_counter() - started
+    texts = sum(len(c) for c in test.captions)
+    print(f"{len(test)} test images, {texts} captions, scored in {seconds:.1f}s")
+    print(format_recall(result))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out}")
     return 0
 
 
@@ -231,22 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="train a task model on built-in data")
-    train.add_argument("task", help="vqa or caption")
+    train.add_argument("task", help="vqa, caption, retrieval or pretrain")
     train.add_argument("--run-dir", help="where the run is written (default runs/<task>)")
     train.add_argument("--preset", help="named model preset, e.g. vqa-small, seed-vqa, caption-small")
     train.add_argument("--config", help="JSON/YAML file with model/data/train sections")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=500")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--init", metavar="RUN_DIR", help="start from the weights of another run (e.g. pretrain) where names and shapes match")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="score a run on its test split (VQA: accuracy per question type; captioning: caption metrics and truth)")
+    evaluate = commands.add_parser("eval", help="score a run on its test split (VQA: accuracy per question type; captioning: caption metrics and truth; retrieval: Recall@K)")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--out", help="JSON file for the results (default RUN_DIR/eval.json)")
     evaluate.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="e.g. data.num_test=50 (Sort-of-CLEVR VQA), shapes.num_test=100 (shapes VQA), data.num_test=100 or generation.num_beams=3 (captioning)",
     )
+    evaluate.add_argument("--rerank-k", type=int, help="retrieval: re-rank this many contrastive candidates with the matching head (default: the model's)")
     evaluate.set_defaults(run=_eval)
 
     predict = commands.add_parser("predict", help="answer questions about images, or caption images")

@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 50  # write training metrics every N steps
     seed: int = 0  # seeds weights, data order and dropout
     threads: int = 0  # torch CPU threads (0: torch's default)
+    init: str = ""  # run or model directory whose weights start this run where names and shapes match (--init)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -165,6 +166,13 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport:
+    """Load every weight of the model saved in `init` (a run or model directory) whose name
+    and shape match `model`'s; the report says what was loaded, new, skipped and unused."""
+    directory = checkpoint.model_directory(init)
+    return checkpoint.load_weights(model, directory / checkpoint.WEIGHTS_NAME, strict=False)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -188,6 +196,10 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
 
     start_step, best = 0, {"metric": -math.inf, "step": None}
+    if cfg.init and not resume:  # a resumed run's weights come from its own checkpoint
+        report = init_from(model, cfg.init)
+        print(report.describe_init(cfg.init))
+        (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if resume:
         last = latest_checkpoint(run_dir)
         if last is None:

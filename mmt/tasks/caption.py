@@ -26,7 +26,7 @@ from mmt.data.transforms import to_pixels
 from mmt.generation import GenerationConfig
 from mmt.metrics.captions import score_captions
 from mmt.models.caption import CaptionConfig, CaptionModel
-from mmt.tasks.common import ShapesConfig, epoch_order, shapes_splits
+from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -86,12 +86,7 @@ class CaptionTask:
             raise ValueError(f"captions_per_image={self.cfg.captions_per_image}: the shapes world has 5 captions per image (use 1-5)")
         self.train_split, self.val_split, _ = shapes_splits(dataclasses.replace(self.cfg.data, num_test=0))
         flat = [c for caps in self.train_split.captions for c in caps]
-        tokenizer_path = run_dir / checkpoint.TOKENIZER_NAME
-        if tokenizer_path.is_file():  # resuming: reuse the run's own
-            self.tokenizer = Tokenizer.load(tokenizer_path)
-        else:
-            self.tokenizer = Tokenizer.train(flat, kind="word")
-            self.tokenizer.save(tokenizer_path)
+        self.tokenizer = init_tokenizer(run_dir, self.cfg.train.init, lambda: flat)
         model = self.cfg.model
         model.vocab_size = self.tokenizer.vocab_size
         self.train_pixels = to_pixels(self.train_split.images)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
+from mmt import checkpoint
 from mmt.data import shapes
+from mmt.text import Tokenizer
 
 
 @dataclasses.dataclass
@@ -37,3 +41,20 @@ def epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
         order = np.random.default_rng([seed, int(epoch)]).permutation(n)
         items[epochs == epoch] = order[positions[epochs == epoch] % n]
     return items
+
+
+def init_tokenizer(run_dir: Path, init: str, corpus: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The run's tokenizer, saved in run_dir: its own when resuming; the --init run's when
+    starting from one (its weights mean nothing under other token ids); else a word
+    tokenizer trained on `corpus()`."""
+    path = run_dir / checkpoint.TOKENIZER_NAME
+    if path.is_file():
+        return Tokenizer.load(path)
+    if init:
+        tokenizer = checkpoint.load_tokenizer(checkpoint.model_directory(init))
+        if tokenizer is None:
+            raise checkpoint.CheckpointError(f"{init}: no tokenizer.json beside the model; --init needs a run or model directory made by mmt")
+    else:
+        tokenizer = Tokenizer.train(corpus(), kind="word")
+    tokenizer.save(path)
+    return tokenizer

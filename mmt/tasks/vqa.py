@@ -22,7 +22,7 @@ from mmt.data.answers import AnswerVocab
 from mmt.data.transforms import to_pixels
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.text import Tokenizer
-from mmt.tasks.common import ShapesConfig, epoch_order, shapes_splits
+from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits
 from mmt.train import TrainConfig
 
 ANSWERS_NAME = "answers.json"
@@ -136,18 +136,17 @@ class VQATask:
             key = "shapes.image_size" if cfg.dataset == "shapes" else "the Sort-of-CLEVR image size"
             raise ValueError(f"model.vision.image_size={model.vision.image_size} but {key} is {size}: set model.vision.image_size={size}")
         train = load_split(cfg, "train")
-        tokenizer_path, answers_path = run_dir / checkpoint.TOKENIZER_NAME, run_dir / ANSWERS_NAME
-        if tokenizer_path.is_file() and answers_path.is_file():  # resuming: reuse the run's own
-            self.tokenizer, self.vocab = Tokenizer.load(tokenizer_path), AnswerVocab.load(answers_path)
+        answers_path = run_dir / ANSWERS_NAME
+        # answers are texts too: the generative head writes them
+        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: [q.text for q in train.questions] + [q.answer for q in train.questions])
+        if answers_path.is_file():  # resuming: reuse the run's own
+            self.vocab = AnswerVocab.load(answers_path)
         else:
-            texts = [q.text for q in train.questions] + [q.answer for q in train.questions]  # answers: generative head
-            self.tokenizer = Tokenizer.train(texts, kind="word")
             # ranked by training frequency; answers the dataset defines but this (small)
             # training split never uses still get a class, so the head always covers them
             seen = AnswerVocab.build(q.answer for q in train.questions).answers
             defined = sort_of_clevr.ANSWERS if cfg.dataset == "sort-of-clevr" else ()
             self.vocab = AnswerVocab(seen + [a for a in defined if a not in seen])
-            self.tokenizer.save(tokenizer_path)
             self.vocab.save(answers_path)
         model.text.vocab_size = self.tokenizer.vocab_size
         model.num_answers = len(self.vocab)

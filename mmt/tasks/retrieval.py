@@ -1,0 +1,281 @@
+"""Image-text retrieval and multimodal pretraining on the built-in shapes world.
+
+`mmt train retrieval` trains the dual encoder (ITC) and the matching head (ITM);
+`mmt train pretrain` is the same task with the masked-LM and captioning terms on as well
+(preset pretrain-small). A batch is B images of a seeded epoch order, each with one of its
+5 captions drawn by a seeded generator.
+
+Evaluation embeds every image and caption of a split and reports Recall@1/5/10 both ways:
+image -> text (an image is right at K when any of its 5 captions is among the top K) and
+text -> image (a caption is right at K when its own image is among the top K), first by
+contrastive similarity alone, then with the top `rerank_k` candidates re-ordered by the
+matching head.
+
+The trainer (`mmt.train`) calls: prepare, build_model, train_batch, batch_accuracy,
+evaluate, headline, score, save_model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmt import checkpoint, registry
+from mmt.data import shapes
+from mmt.data.transforms import to_pixels
+from mmt.layers.attention import KV
+from mmt.layers.transformer import DecoderCache
+from mmt.models.retrieval import RetrievalConfig, RetrievalModel
+from mmt.tasks.common import ShapesConfig, epoch_order, shapes_splits, init_tokenizer
+from mmt.text import Tokenizer
+from mmt.train import TrainConfig
+
+KS = (1, 5, 10)
+
+
+@dataclasses.dataclass
+class RetrievalRunConfig:
+    """Everything a `mmt train retrieval` (or `pretrain`) run needs."""
+
+    model: RetrievalConfig = dataclasses.field(default_factory=lambda: registry.preset("retrieval-small"))
+    data: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=5e-4, warmup_steps=200, eval_every=500, save_every=500)
+    )
+
+
+@dataclasses.dataclass
+class PretrainRunConfig(RetrievalRunConfig):
+    """`mmt train pretrain`: ITC + ITM + MLM + captioning on the shapes captions."""
+
+    model: RetrievalConfig = dataclasses.field(default_factory=lambda: registry.preset("pretrain-small"))
+
+
+# ----------------------------------------------------------------------------- inference helpers
+
+
+@torch.no_grad()
+def encode_images(model: RetrievalModel, pixels: torch.Tensor, batch_size: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings (N, E), image tokens (N, S, D)) of (N, 3, H, W) pixels, in batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    embs, tokens = [], []
+    for start in range(0, len(pixels), batch_size):
+        t, pad = model.vision(pixels[start : start + batch_size].to(device))
+        embs.append(model.image_embedding(t, pad).cpu())
+        tokens.append(t.cpu())
+    return torch.cat(embs), torch.cat(tokens)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: RetrievalModel, tokenizer: Tokenizer, texts: list[str], batch_size: int = 500
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(embeddings (N, E), per-text token states, per-text padding masks) of `texts`."""
+    model.eval()
+    device = next(model.parameters()).device
+    embs, tokens, pads = [], [], []
+    for start in range(0, len(texts), batch_size):
+        ids, _ = tokenizer.batch(texts[start : start + batch_size], model.config.text.max_len)
+        t, pad = model.text(ids.to(device))
+        embs.append(model.text_embedding(t).cpu())
+        tokens += list(t.cpu())
+        pads += list(pad.cpu())
+    return torch.cat(embs), tokens, pads
+
+
+def embed_texts(model: RetrievalModel, tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor:
+    """Unit-length embeddings (N, E) of texts."""
+    return encode_texts(model, tokenizer, texts)[0]
+
+
+@torch.no_grad()
+def match_scores(
+    model: RetrievalModel,
+    text_tokens: list[torch.Tensor],
+    text_padding: list[torch.Tensor],
+    image_tokens: torch.Tensor,
+    pairs: torch.Tensor,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """ITM log-odds for each (text index, image index) row of `pairs` (P, 2). Each image's
+    cross-attention keys/values are projected once and shared by all its pairs."""
+    model.eval()
+    device = next(model.parameters()).device
+    images = image_tokens.to(device)
+    image_kv = [layer.cross_attn.project_kv(images) for layer in model.fusion.layers]
+    scores = torch.empty(len(pairs))
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        texts = [text_tokens[i] for i in chunk[:, 0].tolist()]
+        pads = [text_padding[i] for i in chunk[:, 0].tolist()]
+        T = max(len(t) for t in texts)
+        D = texts[0].shape[-1]
+        tok = torch.zeros(len(chunk), T, D)
+        pad = torch.ones(len(chunk), T, dtype=torch.bool)
+        for r, (t, p) in enumerate(zip(texts, pads)):
+            tok[r, : len(t)], pad[r, : len(p)] = t, p
+        which = chunk[:, 1].to(device)
+        cache = DecoderCache([None] * len(image_kv), [KV(kv.k.index_select(0, which), kv.v.index_select(0, which)) for kv in image_kv])
+        fused, _ = model.fusion(tok.to(device), None, key_padding_mask=pad.to(device), cache=cache)
+        logits = model.itm_head(fused[:, 0]).float()
+        scores[start : start + len(chunk)] = (logits[:, 1] - logits[:, 0]).cpu()
+    return scores
+
+
+def recall_at(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """ranks: 0-based rank of the first right answer per query."""
+    return {f"R@{k}": float((ranks < k).float().mean()) for k in ks}
+
+
+def ranks_of(similarity: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the best-ranked positive column of each row (ties count against it)."""
+    best = similarity.masked_fill(~positive, -float("inf")).max(1).values
+    return (similarity > best[:, None]).sum(1)
+
+
+def rerank(similarity: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Similarity whose top-k columns per row (`candidates` (R, k)) are re-ordered by the
+    matching scores (R, k) and stay above every other column."""
+    out = similarity.clone()
+    lifted = similarity.max() - similarity.min() + 1.0  # puts the re-ranked k above the rest
+    rank_in_k = scores.argsort(1, descending=True).argsort(1).float()  # 0 = best match
+    k = candidates.shape[1]
+    out.scatter_(1, candidates, similarity.max() + lifted + (k - rank_in_k))
+    return out
+
+
+def retrieval_scores(
+    model: RetrievalModel, tokenizer: Tokenizer, pixels: torch.Tensor, captions: list[list[str]], rerank_k: int | None = None
+) -> dict[str, float]:
+    """Recall@1/5/10, image->text and text->image, contrastive and (when the model has a
+    matching head) with the top rerank_k re-ranked by it."""
+    texts = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])  # image of each text
+    image_emb, image_tokens = encode_images(model, pixels)
+    text_emb, text_tokens, text_padding = encode_texts(model, tokenizer, texts)
+    t2i = text_emb @ image_emb.T  # (texts, images)
+    positive = owner[:, None] == torch.arange(len(captions))[None]
+    result = {}
+    for name, sim, pos in (("t2i", t2i, positive), ("i2t", t2i.T, positive.T)):
+        result |= {f"{name}_{k}": v for k, v in recall_at(ranks_of(sim, pos)).items()}
+    if hasattr(model, "itm_head"):
+        k = min(rerank_k or model.config.rerank_k, len(captions))
+        for name, sim, pos in (("t2i", t2i, positive), ("i2t", t2i.T, positive.T)):
+            candidates = sim.topk(k, dim=1).indices  # (R, k)
+            rows = torch.arange(len(sim))[:, None].expand_as(candidates)
+            if name == "t2i":
+                pairs = torch.stack([rows.flatten(), candidates.flatten()], 1)
+            else:
+                pairs = torch.stack([candidates.flatten(), rows.flatten()], 1)
+            scores = match_scores(model, text_tokens, text_padding, image_tokens, pairs).view(-1, k)
+            result |= {f"{name}_{r}_rerank": v for r, v in recall_at(ranks_of(rerank(sim, candidates, scores), pos)).items()}
+    result["mean_recall"] = float(np.mean([v for key, v in result.items() if key.startswith(("t2i", "i2t"))]))
+    return result
+
+
+@torch.no_grad()
+def zero_shot(
+    model: RetrievalModel, tokenizer: Tokenizer, pixels: torch.Tensor, labels: list[str], template: str = "{}"
+) -> torch.Tensor:
+    """Zero-shot classification: (N, L) probabilities that each image shows each label,
+    a softmax over scale * cosine(image, template.format(label))."""
+    if not labels:
+        raise ValueError("zero-shot classification needs at least one label")
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} needs a {{}} where the label goes")
+    image_emb, _ = encode_images(model, pixels)
+    label_emb = embed_texts(model, tokenizer, [template.format(label) for label in labels])
+    return torch.softmax(model.scale().cpu() * image_emb @ label_emb.T, dim=1)
+
+
+def format_recall(result: dict[str, float]) -> str:
+    """Recall table: rows t2i / i2t (contrastive, re-ranked), columns R@1/5/10."""
+    lines = [f"{'':28s}" + "".join(f"{f'R@{k}':>8s}" for k in KS)]
+    for name, label in (("t2i", "text -> image"), ("i2t", "image -> text")):
+        for suffix, how in (("", "contrastive"), ("_rerank", "+ ITM re-rank")):
+            if f"{name}_R@1{suffix}" not in result:
+                continue
+            lines.append(f"{label + ' ' + how:28s}" + "".join(f"{100 * result[f'{name}_R@{k}{suffix}']:8.2f}" for k in KS))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class RetrievalTask:
+    name = "retrieval"
+
+    def __init__(self, cfg: RetrievalRunConfig):
+        self.cfg = cfg
+
+    def prepare(self, run_dir: Path) -> None:
+        cfg, model = self.cfg, self.cfg.model
+        if model.vision.image_size != cfg.data.image_size:
+            raise ValueError(
+                f"model.vision.image_size={model.vision.image_size} but data.image_size={cfg.data.image_size}: set them equal"
+            )
+        self.train_split, self.val_split, _ = shapes_splits(dataclasses.replace(cfg.data, num_test=0))
+        # the vocabulary of the world's language (captions, questions, answers of the
+        # training images), so a VQA or caption run can start from this one's weights
+        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: shapes.corpus(self.train_split))
+        model.text.vocab_size = self.tokenizer.vocab_size
+        flat = [c for caps in self.train_split.captions for c in caps]
+        ids, _ = self.tokenizer.batch(flat, 10_000)  # [CLS] caption [SEP]
+        model.text.max_len = max(model.text.max_len, ids.shape[1])
+        self.text_ids = ids.view(len(self.train_split), 5, -1)
+        if model.losses.lm:
+            caption_ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
+            model.caption_max_len = max(model.caption_max_len, caption_ids.shape[1])
+            self.caption_ids = caption_ids.view(len(self.train_split), 5, -1)
+        self.train_pixels = to_pixels(self.train_split.images)
+        self.val_pixels = to_pixels(self.val_split.images)
+
+    def build_model(self) -> RetrievalModel:
+        return RetrievalModel(self.cfg.model)
+
+    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """B images of seeded epoch permutations, one of each image's captions (seeded)."""
+        B = self.cfg.train.batch_size
+        images = torch.as_tensor(epoch_order(self.cfg.train.seed, step, B, len(self.train_split)))
+        rng = np.random.default_rng([self.cfg.train.seed, 2_000_003, step])
+        which = torch.as_tensor(rng.integers(0, 5, size=B))
+        ids = self.text_ids[images, which]
+        batch = {"pixels": self.train_pixels[images], "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
+        if self.cfg.model.losses.lm:
+            caps = self.caption_ids[images, which]
+            batch["caption_ids"] = caps[:, : int((caps != 0).sum(1).max())]
+        return batch
+
+    @staticmethod
+    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """In-batch text -> image accuracy of the contrastive embeddings."""
+        return (out["pairs_correct"].item() if "pairs_correct" in out else 0.0), len(batch["image_ids"])
+
+    def evaluate(self, model: RetrievalModel) -> dict[str, float]:
+        return retrieval_scores(model, self.tokenizer, self.val_pixels, self.val_split.captions)
+
+    @staticmethod
+    def headline(result: dict[str, float]) -> dict[str, float]:
+        return {k: result[k] for k in ("t2i_R@1", "i2t_R@1", "t2i_R@1_rerank", "i2t_R@1_rerank") if k in result}
+
+    @staticmethod
+    def score(result: dict[str, float]) -> float:
+        return result.get("mean_recall", 0.0)
+
+    def save_model(self, model: RetrievalModel, directory: Path) -> None:
+        checkpoint.save_pretrained(model, directory, self.tokenizer)
+
+
+class PretrainTask(RetrievalTask):
+    name = "pretrain"
+
+
+def load_for_inference(run_dir: str | Path) -> tuple[RetrievalModel, Tokenizer]:
+    model, tokenizer, _ = checkpoint.load_for_inference(run_dir)
+    if not isinstance(model, RetrievalModel):
+        raise checkpoint.CheckpointError(f"{run_dir}: a {model.model_type} model; retrieval needs a retrieval or pretrain run")
+    return model, tokenizer
