@@ -177,13 +177,15 @@ def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
 
     from mmt.data.transforms import to_pixels
     from mmt.tasks.common import shapes_splits
-    from mmt.tasks.retrieval import RetrievalRunConfig, format_recall, load_for_inference, retrieval_scores
+    from mmt.tasks.retrieval import SHAPES_CAPTION_GROUPS, RetrievalRunConfig, format_recall, load_for_inference, retrieval_scores
 
     model, tokenizer = load_for_inference(run_dir)
     cfg = _saved_run_config(run_dir, RetrievalRunConfig(model=model.config), args)
     _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
     started = time.perf_counter()
-    result = retrieval_scores(model, tokenizer, to_pixels(test.images), test.captions, rerank_k=args.rerank_k)
+    result = retrieval_scores(
+        model, tokenizer, to_pixels(test.images), test.captions, rerank_k=args.rerank_k, caption_groups=SHAPES_CAPTION_GROUPS
+    )
     seconds = time.perf_counter() - started
     texts = sum(len(c) for c in test.captions)
     print(f"{len(test)} test images, {texts} captions, scored in {seconds:.1f}s")
@@ -221,15 +223,19 @@ def _predict(args: argparse.Namespace) -> int:
     from mmt.predict import predict_file, predict_one
 
     generation = _generation_config(args)
+    labels = args.labels.split(",") if args.labels else None
     if args.input:
         if not args.output:
             raise ConfigError("--input needs --output (where the answers go)")
-        return predict_file(args.run_dir, args.input, args.output, generation)
+        return predict_file(args.run_dir, args.input, args.output, generation, labels, args.template)
     if not args.image:
         raise ConfigError("give --image IMG (and --question TEXT for VQA), or --input IN.jsonl --output OUT.jsonl")
-    result = predict_one(args.run_dir, args.image, args.question, generation)
+    result = predict_one(args.run_dir, args.image, args.question, generation, labels, args.template)
     if args.json:
         print(json.dumps(result))
+    elif "label" in result:
+        for item in result["labels"]:
+            print(f"{item['score']:.4f}  {item['label']}")
     elif "caption" in result:
         for item in result.get("captions", [result]):
             print(f"{item['caption']}  (score {item['score']:.3f})")
@@ -245,6 +251,36 @@ def _score(args: argparse.Namespace) -> int:
     print(format_scores(scores))
     if args.out:
         Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from mmt.search import build_index
+
+    summary = build_index(
+        args.run_dir, args.images, args.out, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress
+    )
+    resumed = f", {summary['resumed']} already there from an interrupted run" if summary["resumed"] else ""
+    skipped = f"; {summary['skipped']} unreadable images skipped" if summary["skipped"] else ""
+    print(f"indexed {summary['count']} images into {summary['out']} ({summary['embedded']} embedded now{resumed}){skipped}; "
+          f"search structure: {summary['index']['type']}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from mmt.search import SearchIndex
+
+    if (args.text is None) == (args.image is None):
+        raise ConfigError("give exactly one of --text TEXT or --image IMG")
+    index = SearchIndex.load(args.index_dir)
+    if args.nprobe:
+        index.nprobe = args.nprobe
+    hits = index.search_text(args.text, args.k) if args.text is not None else index.search_image(args.image, args.k)
+    if args.json:
+        print(json.dumps(hits))
+    else:
+        for hit in hits:
+            print(f"{hit['rank']:3d}  {hit['score']:.4f}  {hit['path']}")
     return 0
 
 
@@ -296,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--image")
     predict.add_argument("--question", help="the question (VQA runs)")
     predict.add_argument("--json", action="store_true", help="print the result as JSON")
+    predict.add_argument("--labels", help='retrieval / pretrain runs: classify zero-shot among these comma-separated labels, e.g. "red,blue,green"')
+    predict.add_argument("--template", default="{}", help='prompt each label is put into, e.g. "the largest object is {}" (default "{}")')
     predict.add_argument("--input", help="JSON Lines of {\"image\": PATH} (+ \"question\": TEXT for VQA)")
     predict.add_argument("--output", help="JSON Lines of results, one per input line")
     decoding = predict.add_argument_group(
@@ -320,6 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--references", required=True, help="COCO captions annotations (images + annotations)")
     captions.add_argument("--out", help="also write the scores to this JSON file")
     captions.set_defaults(run=_score)
+
+    index = commands.add_parser("index", help="embed a gallery of images with a retrieval run, for `mmt search` (resumable)")
+    index.add_argument("run_dir", help="a retrieval or pretrain run (or its model directory)")
+    index.add_argument("--images", required=True, help='a folder of images (searched recursively) or JSON Lines of {"image": PATH}')
+    index.add_argument("--out", required=True, help="index directory; running again after an interruption continues it")
+    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--skip-bad", action="store_true", help="skip and count unreadable images instead of stopping")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    index.set_defaults(run=_index)
+
+    search = commands.add_parser("search", help="find the images of an index that best match a text or an image")
+    search.add_argument("index_dir")
+    search.add_argument("--text", help="query text, e.g. \"a red circle left of a blue square\"")
+    search.add_argument("--image", help="query image")
+    search.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    search.add_argument("--nprobe", type=int, help="large indexes: inverted lists scanned per query (more: slower, better recall)")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.set_defaults(run=_search)
 
     data = commands.add_parser("data", help="built-in datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -1,5 +1,6 @@
-"""Use a trained run: answer questions (VQA) or caption images (captioning), one at a
-time or a JSON Lines file of them.
+"""Use a trained run: answer questions (VQA), caption images (captioning) or classify
+images zero-shot among text labels (retrieval / pretraining), one at a time or a JSON
+Lines file of them.
 
 Batch mode never loses work to one bad line: a missing or corrupt image, an empty
 question or an unreadable line gets `{"error": ...}` in its output line (and a message
@@ -73,6 +74,40 @@ class _Captioner:
         return _ranked("caption", self.tokenizer, out.ids, out.scores)
 
 
+class _Classifier:
+    """Retrieval / pretraining: zero-shot classification of each image among text labels."""
+
+    empty_result = {"label": None, "score": None}
+
+    def __init__(self, model, tokenizer, labels: list[str], template: str):
+        from mmt.tasks.retrieval import embed_texts
+
+        labels = [label.strip() for label in labels if label.strip()]
+        if not labels:
+            raise ValueError("zero-shot classification needs labels: --labels \"a red circle,a blue square\"")
+        if "{}" not in template:
+            raise ValueError(f"--template {template!r} needs a {{}} where the label goes")
+        self.model, self.labels = model, labels
+        self.size = model.config.vision.image_size
+        self.label_emb = embed_texts(model, tokenizer, [template.format(label) for label in labels])
+
+    def parse(self, record: dict[str, Any], base: Path) -> tuple:
+        return (load_image(Path(base, _image_key(record)), self.size),)
+
+    @torch.no_grad()
+    def __call__(self, items: list[tuple]) -> list[dict[str, Any]]:
+        from mmt.tasks.retrieval import encode_images
+
+        image_emb, _ = encode_images(self.model, to_pixels(np.stack([item[0] for item in items])))
+        probs = torch.softmax(self.model.scale().cpu() * image_emb @ self.label_emb.T, dim=1)
+        results = []
+        for row in probs.tolist():
+            ranked = sorted(zip(self.labels, row), key=lambda pair: -pair[1])
+            results.append({"label": ranked[0][0], "score": round(ranked[0][1], 4),
+                            "labels": [{"label": label, "score": round(p, 4)} for label, p in ranked]})
+        return results
+
+
 def _ranked(key: str, tokenizer, ids: torch.Tensor, scores: torch.Tensor) -> list[dict[str, Any]]:
     """Per input, the best text under `key` with its score, and all `num_return` of them
     under `key + "s"` when there are several. ids (B, R, L), scores (B, R), best first."""
@@ -95,9 +130,16 @@ def _check_question(question: Any) -> str:
     return question
 
 
-def load_predictor(run_dir: str | Path, generation: GenerationConfig | None = None) -> _Answerer | _Captioner:
-    """The predictor for whatever task the run trained."""
+def load_predictor(
+    run_dir: str | Path, generation: GenerationConfig | None = None, labels: list[str] | None = None, template: str = "{}"
+) -> _Answerer | _Captioner | _Classifier:
+    """The predictor for whatever task the run trained (`labels`: zero-shot classes for a
+    retrieval or pretraining run, each put into `template`)."""
     model, tokenizer, directory = checkpoint.load_for_inference(run_dir)
+    if model.model_type == "retrieval":
+        if not labels:
+            raise ValueError(f"{directory} is a retrieval model: give --labels \"a,b,c\" to classify images among them")
+        return _Classifier(model, tokenizer, labels, template)
     if model.model_type == "vqa":
         return _Answerer(model, tokenizer, directory, generation or GenerationConfig())
     if model.model_type == "caption":
@@ -106,17 +148,19 @@ def load_predictor(run_dir: str | Path, generation: GenerationConfig | None = No
 
 
 def predict_one(run_dir: str | Path, image: str | Path, question: str | None = None,
-                generation: GenerationConfig | None = None) -> dict[str, Any]:
-    predictor = load_predictor(run_dir, generation)
+                generation: GenerationConfig | None = None, labels: list[str] | None = None,
+                template: str = "{}") -> dict[str, Any]:
+    predictor = load_predictor(run_dir, generation, labels, template)
     record = {"image": str(image)} if question is None else {"image": str(image), "question": question}
     return predictor([predictor.parse(record, Path.cwd())])[0]
 
 
 def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str | Path,
-                 generation: GenerationConfig | None = None) -> int:
+                 generation: GenerationConfig | None = None, labels: list[str] | None = None,
+                 template: str = "{}") -> int:
     """Answer every line of `input_path` into `output_path`; exit code 1 if any line failed.
     Image paths are relative to the input file's folder."""
-    predictor = load_predictor(run_dir, generation)
+    predictor = load_predictor(run_dir, generation, labels, template)
     input_path = Path(input_path)
     try:
         lines = input_path.read_text().splitlines()

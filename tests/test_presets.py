@@ -23,6 +23,12 @@ def example_inputs(model, n=2):
             "answers": torch.randint(0, cfg.num_answers, (2 * n,)),
             "image_index": torch.arange(n).repeat_interleave(2),
         }
+    if model.model_type == "retrieval":
+        ids = torch.randint(7, cfg.text.vocab_size, (n, 6))
+        ids[:, 0] = 2  # [CLS]
+        captions = torch.randint(7, cfg.text.vocab_size, (n, 6))
+        captions[:, 0] = 5  # [BOS]
+        return {"pixels": pixels, "text_ids": ids, "caption_ids": captions}
     raise AssertionError(f"add example inputs for model type {model.model_type}")
 
 

@@ -285,3 +285,17 @@ def test_corpus_and_preview(tmp_path):
     assert texts[:5] == data.captions[0]
     path = preview_shapes(tmp_path / "sheet.png", num_scenes=2)
     assert Image.open(path).size[0] > 64 * 4
+
+
+def test_scenes_described_finds_every_scene_a_caption_is_true_of():
+    from mmt.data.shapes_truth import scenes_described
+
+    scenes = [
+        Scene([Obj("circle", "red", "large", 20, 20), Obj("square", "blue", "small", 45, 45)]),
+        Scene([Obj("circle", "red", "small", 20, 20), Obj("square", "blue", "small", 45, 45)]),
+        Scene([Obj("circle", "red", "large", 45, 20), Obj("square", "blue", "small", 20, 45)]),
+    ]
+    assert scenes_described("a large red circle and a small blue square", scenes) == [0, 2]
+    assert scenes_described("the red circle is left of the blue square", scenes) == [0, 1]
+    assert scenes_described("two small objects", scenes) == [1]
+    assert scenes_described("a green triangle", scenes) == []

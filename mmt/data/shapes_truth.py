@@ -222,3 +222,10 @@ def caption_objects(caption: str) -> Counter:
             key = (min(m.sizes, default=None), min(m.colours, default=None), m.shape)
             named[key] += m.count or 1
     return named
+
+
+def scenes_described(caption: str, scenes: list[Scene]) -> list[int]:
+    """Indices of the scenes of which every fact the caption states is true (all of them
+    when it states none): how ambiguous the caption is within a gallery."""
+    facts = caption_facts(caption)
+    return [k for k, scene in enumerate(scenes) if all(_check(fact, scene)[0] for fact in facts)]
