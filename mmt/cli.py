@@ -254,6 +254,16 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_vqa(args: argparse.Namespace) -> int:
+    from mmt.metrics.vqa import format_vqa_scores, score_files
+
+    scores = score_files(args.results, args.questions, args.annotations, always_normalize=args.always_normalize)
+    print(format_vqa_scores(scores, question_types=args.question_types))
+    if args.out:
+        Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
+    return 0
+
+
 def _index(args: argparse.Namespace) -> int:
     from mmt.search import build_index
 
@@ -358,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--references", required=True, help="COCO captions annotations (images + annotations)")
     captions.add_argument("--out", help="also write the scores to this JSON file")
     captions.set_defaults(run=_score)
+    vqa = score_commands.add_parser("vqa", help="the official VQA accuracy (VQA v2 rules), overall and per answer type")
+    vqa.add_argument("--results", required=True, help='results: [{"question_id": ..., "answer": ...}]')
+    vqa.add_argument("--questions", required=True, help="official questions JSON")
+    vqa.add_argument("--annotations", required=True, help="official annotations JSON (10 human answers per question)")
+    vqa.add_argument("--always-normalize", action="store_true", help="normalise answers even when all humans agree (not the official rule)")
+    vqa.add_argument("--question-types", action="store_true", help="also print accuracy per question type")
+    vqa.add_argument("--out", help="also write the scores to this JSON file")
+    vqa.set_defaults(run=_score_vqa)
 
     index = commands.add_parser("index", help="embed a gallery of images with a retrieval run, for `mmt search` (resumable)")
     index.add_argument("run_dir", help="a retrieval or pretrain run (or its model directory)")
