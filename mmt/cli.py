@@ -294,6 +294,19 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from mmt.data.records import check_dataset, format_report, load_source
+
+    source = load_source(
+        args.source, image_root=args.images, kind=args.kind, skip_bad=args.skip_bad, annotations=args.annotations, split=args.split
+    )
+    report = check_dataset(source, load=not args.headers_only, skip_bad=args.skip_bad)
+    print(format_report(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    return 0 if report.ok else 1
+
+
 def _data_preview(args: argparse.Namespace) -> int:
     from mmt.data.preview import preview_sort_of_clevr
     from mmt.data.shapes_preview import preview_shapes
@@ -395,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.set_defaults(run=_search)
 
-    data = commands.add_parser("data", help="built-in datasets")
+    data = commands.add_parser("data", help="built-in datasets; checking your own")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     preview = data_commands.add_parser("preview", help="draw scenes with their questions and answers")
     preview.add_argument("dataset", help="sort-of-clevr or shapes")
@@ -403,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--scenes", type=int, default=6)
     preview.add_argument("--seed", type=int, default=0)
     preview.set_defaults(run=_data_preview)
+    check = data_commands.add_parser(
+        "check", help="validate a data set (COCO captions, Karpathy split, VQA v2, JSON Lines): records and every image"
+    )
+    check.add_argument("source", help="captions_*.json, dataset_coco.json, VQA v2 questions or annotations JSON, or a .jsonl file")
+    check.add_argument("--images", help="image root (COCO, Karpathy, VQA v2; JSON Lines paths are relative to the file)")
+    check.add_argument("--kind", help="skip format detection: coco, karpathy, vqa or jsonl")
+    check.add_argument("--annotations", help="VQA v2: the annotations file, when not beside the questions under its official name")
+    check.add_argument("--split", help="Karpathy: which split (train, val, test; default train with restval)")
+    check.add_argument("--skip-bad", action="store_true", help="count bad records instead of stopping at the first (exit code 1 if any)")
+    check.add_argument("--headers-only", action="store_true", help="check image headers and sizes without decoding every image (fast)")
+    check.add_argument("--out", help="also write the report to this JSON file")
+    check.set_defaults(run=_data_check)
 
     inspect = commands.add_parser("inspect", help="load a saved model directory and report on it")
     inspect.add_argument("model_dir")

@@ -14,13 +14,23 @@ Run directory:
 
 Batches are a pure function of (seed, step), so the position in the data stream is the
 step number, and a resumed run sees exactly the batches the uninterrupted run would.
+
+Several processes (`torchrun --nproc_per_node=N -m mmt train ...`): data-parallel training
+with DDP, NCCL on GPUs and gloo on CPU. `train.batch_size` stays the batch of one optimizer
+step over all processes: each process trains on its own equal share of every step's batch
+(and with `train.accumulate=K` splits that share into K micro-steps, synchronising gradients
+only on the last), so a run's batches, learning rate and schedule do not depend on how many
+processes run it. Rank 0 alone logs, evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -56,6 +66,9 @@ class TrainConfig:
     seed: int = 0  # seeds weights, data order and dropout
     threads: int = 0  # torch CPU threads (0: torch's default)
     init: str = ""  # run or model directory whose weights start this run where names and shapes match (--init)
+    accumulate: int = 1  # micro-steps per optimizer step (gradient accumulation); batch_size counts all of them
+    activation_checkpointing: bool = False  # recompute Transformer layer activations in backward: less memory, ~30% more compute
+    dist_timeout: int = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -111,16 +124,21 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def save_checkpoint(
-    run_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any], keep_last: int, best: int | None
+    run_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any], keep_last: int, best: int | None,
+    rng_states: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically (a temporary directory renamed into place)."""
+    """Write checkpoints/step-N atomically (a temporary directory renamed into place).
+    `rng_states`: every process's torch RNG state, by rank (default: this process's)."""
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save_pretrained(model, tmp)
     tensors, meta = _optimizer_tensors(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
+    rng_states = rng_states or [torch.get_rng_state()]
+    tensors["rng.torch"] = rng_states[0]
+    for rank, rng in enumerate(rng_states[1:], start=1):
+        tensors[f"rng.torch.rank{rank}"] = rng
     checkpoint.atomic_write(tmp / "optimizer.safetensors", lambda path: save_file(tensors, path))
     state = {
         "step": step,
@@ -173,6 +191,62 @@ def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport
     return checkpoint.load_weights(model, directory / checkpoint.WEIGHTS_NAME, strict=False)
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclasses.dataclass
+class Processes:
+    """Where this process stands in a torchrun launch (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    started_group: bool = False  # this trainer initialised the process group (and ends it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def start_processes(cfg: TrainConfig) -> Processes:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT);
+    a single process when WORLD_SIZE is unset or 1. Joining fails after cfg.dist_timeout
+    seconds instead of hanging."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes()
+    started = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        started = True
+    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), started)
+
+
+def _gather_rng(procs: Processes) -> list[torch.Tensor]:
+    """Every process's torch RNG state, by rank (a collective: all processes call it)."""
+    state = torch.get_rng_state()
+    if procs.world == 1:
+        return [state]
+    states: list[Any] = [None] * procs.world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _sum_across(values: list[float], procs: Processes) -> list[float]:
+    if procs.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -180,17 +254,49 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
     """Train `task` (see mmt.tasks) into `run_dir`; returns the final evaluation."""
     cfg: TrainConfig = task.cfg.train
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.accumulate < 1:
+        raise ValueError(f"train.accumulate={cfg.accumulate}: must be at least 1")
+    procs = start_processes(cfg)
+    try:
+        return _train(task, cfg, run_dir, resume, progress, procs)
+    finally:
+        if procs.started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, procs: Processes) -> dict[str, Any]:
+    say = print if procs.main else (lambda *a, **k: None)
+    parts = procs.world * cfg.accumulate
+    if cfg.batch_size % parts:
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} does not split evenly over {procs.world} processes x "
+            f"train.accumulate={cfg.accumulate}; choose a multiple of {parts}"
+        )
+    if procs.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    task.prepare(run_dir)  # data, tokenizer, vocabularies; fills model config sizes
-    (run_dir / "run_config.json").write_text(json.dumps({"task": task.name, **to_dict(task.cfg)}, indent=2) + "\n")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # data, tokenizer, vocabularies; fills model config sizes. Rank 0 first: it writes the
+    # run's tokenizer and vocabularies, which the other ranks then read instead of racing it.
+    if procs.main:
+        task.prepare(run_dir)
+        (run_dir / "run_config.json").write_text(json.dumps({"task": task.name, **to_dict(task.cfg)}, indent=2) + "\n")
+    procs.barrier()
+    if not procs.main:
+        task.prepare(run_dir)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     model = task.build_model().to(device)
+    for module in model.modules():
+        if hasattr(module, "activation_checkpointing"):
+            module.activation_checkpointing = cfg.activation_checkpointing
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
@@ -198,8 +304,9 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
     start_step, best = 0, {"metric": -math.inf, "step": None}
     if cfg.init and not resume:  # a resumed run's weights come from its own checkpoint
         report = init_from(model, cfg.init)
-        print(report.describe_init(cfg.init))
-        (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        say(report.describe_init(cfg.init))
+        if procs.main:
+            (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if resume:
         last = latest_checkpoint(run_dir)
         if last is None:
@@ -207,74 +314,105 @@ def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True
         checkpoint.load_weights(model, last / checkpoint.WEIGHTS_NAME)
         tensors = load_file(str(last / "optimizer.safetensors"))
         state = json.loads((last / "trainer_state.json").read_text())
-        torch.set_rng_state(tensors.pop("rng.torch"))
+        rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.torch")]}
+        torch.set_rng_state(rng.get(f"rng.torch.rank{procs.rank}", rng["rng.torch"]))
         _restore_optimizer(optimizer, tensors, state["optimizer"])
         random.setstate(_tuples(state["rng"]["python"]))
         np.random.set_state(state["rng"]["numpy"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, best = state["step"], state["best"]
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        print(f"resumed from {last} at step {start_step}")
+        if procs.main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        say(f"resumed from {last} at step {start_step}")
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{task.name}: {n_params / 1e6:.2f}M parameters, {'bf16 autocast' if use_bf16 else 'fp32'} on {device}, "
-          f"{cfg.steps} steps of {cfg.batch_size}")
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    say(f"{task.name}: {n_params / 1e6:.2f}M parameters, {'bf16 autocast' if use_bf16 else 'fp32'} on {device}, "
+        f"{cfg.steps} steps of {cfg.batch_size}")
+    if parts > 1:
+        say(f"batch per optimizer step {cfg.batch_size} = {procs.world} processes x {cfg.accumulate} micro-steps x "
+            f"{cfg.batch_size // parts}; learning rate {cfg.lr:g} (set for the batch of {cfg.batch_size}, whatever the split)")
+    core = model
+    if procs.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every process built the same weights from the same seed; DDP checks and broadcasts rank 0's
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if not resume:  # dropout and sampling differ across processes (a resumed run restored each one's state)
+            torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if procs.main else None
 
     def log(record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, dynamic_ncols=True, desc=f"train {task.name}")
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and procs.main), dynamic_ncols=True, desc=f"train {task.name}")
     window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
     final_eval: dict[str, Any] = {}
     for step in range(start_step, cfg.steps):
         model.train()
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.train_batch(step).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(**batch)
-        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
-        loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value, step_losses = 0.0, {}
+        for micro in range(cfg.accumulate):
+            part = procs.rank * cfg.accumulate + micro
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.train_batch(step, part, parts).items()}
+            last_micro = micro == cfg.accumulate - 1
+            # gradients are averaged across processes once per step, on the last micro-step
+            sync = contextlib.nullcontext() if last_micro or procs.world == 1 else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = model(**batch)
+                losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+                loss = sum(losses.values())
+                (loss / cfg.accumulate).backward()
+            loss_value += loss.item() / cfg.accumulate
+            for k, v in losses.items():
+                step_losses[k] = step_losses.get(k, 0.0) + v.item() / cfg.accumulate
+            correct, count = task.batch_accuracy(out, batch)
+            window["correct"] += correct
+            window["count"] += count
+            window["samples"] += task.batch_samples(batch) if hasattr(task, "batch_samples") else count
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
         optimizer.step()
         scheduler.step()
 
-        correct, count = task.batch_accuracy(out, batch)
-        window["loss"] += loss.item()
-        window["correct"] += correct
-        window["count"] += count
-        window["samples"] += task.batch_samples(batch) if hasattr(task, "batch_samples") else count
+        window["loss"] += loss_value
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
             seconds = time.perf_counter() - window["start"]
             steps_in_window = (done - 1) % cfg.log_every + 1
+            names = sorted(step_losses)
+            # every process's share of the batch: losses averaged, counts summed
+            totals = _sum_across([window["loss"], window["correct"], window["count"], window["samples"], *(step_losses[k] for k in names)], procs)
             record = {
                 "step": done,
-                "loss": window["loss"] / steps_in_window,
-                **{k: v.item() for k, v in losses.items()},
-                "train_accuracy": window["correct"] / max(1, window["count"]),
+                "loss": totals[0] / procs.world / steps_in_window,
+                **{k: v / procs.world for k, v in zip(names, totals[4:])},
+                "train_accuracy": totals[1] / max(1, totals[2]),
                 "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": window["samples"] / seconds,
+                "samples_per_s": totals[3] / seconds,
                 "grad_norm": None if grad_norm is None else grad_norm.item(),
             }
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", sps=f"{record['samples_per_s']:.0f}")
             window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            final_eval = task.evaluate(model)
+        if procs.main and (done % cfg.eval_every == 0 or done == cfg.steps):
+            final_eval = task.evaluate(core)
             log({"step": done, "eval": final_eval})
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in task.headline(final_eval).items()))
             if task.score(final_eval) > best["metric"]:
                 best = {"metric": task.score(final_eval), "step": done}
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(run_dir, model, optimizer, scheduler, done, {"best": best}, cfg.keep_last, best["step"])
+            rng_states = _gather_rng(procs)
+            if procs.main:
+                save_checkpoint(run_dir, core, optimizer, scheduler, done, {"best": best}, cfg.keep_last, best["step"], rng_states)
             window["start"] = time.perf_counter()  # do not count checkpoint time in samples/s
     bar.close()
-    metrics_file.close()
-    task.save_model(model, run_dir / "model")
-    # the run's data settings travel with the model, so `mmt eval MODEL_DIR` uses the right data
-    shutil.copyfile(run_dir / "run_config.json", run_dir / "model" / "run_config.json")
+    if procs.main:
+        metrics_file.close()
+        task.save_model(core, run_dir / "model")
+        # the run's data settings travel with the model, so `mmt eval MODEL_DIR` uses the right data
+        shutil.copyfile(run_dir / "run_config.json", run_dir / "model" / "run_config.json")
+    procs.barrier()  # the other processes end once the model is saved
     return final_eval

@@ -57,10 +57,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     task = VQATask(tiny_cfg())
     real_batch = task.train_batch
 
-    def crash_at_step_3(step):
+    def crash_at_step_3(step, part=0, parts=1):
         if step == 3:
             raise KeyboardInterrupt("simulated crash")
-        return real_batch(step)
+        return real_batch(step, part, parts)
 
     task.train_batch = crash_at_step_3
     with pytest.raises(KeyboardInterrupt):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmt.config import TransformerConfig
 from mmt.layers.attention import KV, MultiHeadAttention
@@ -243,6 +244,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
+        self.activation_checkpointing = False  # training: recompute each layer's activations in backward
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False
@@ -250,6 +252,9 @@ class Encoder(nn.Module):
         """x: (B, T, D) -> ((B, T, D), per-layer attention weights if requested, else [])."""
         all_weights = []
         for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled() and not need_weights:
+                x = checkpoint(lambda h, layer=layer: layer(h, key_padding_mask, causal, False)[0], x, use_reentrant=False)
+                continue
             x, weights = layer(x, key_padding_mask, causal, need_weights)
             if weights is not None:
                 all_weights.append(weights)
@@ -263,6 +268,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim, causal) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
+        # training: recompute each layer's activations in backward (the returned cache then
+        # holds no keys/values: training reads none)
+        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -286,6 +294,18 @@ class Decoder(nn.Module):
         """
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
         for i, layer in enumerate(self.layers):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                past = cache.self_kv[i] if cache is not None else None
+                cross = cache.cross_kv[i] if cache is not None else None
+
+                def run(h: Tensor, layer=layer, past=past, cross=cross) -> Tensor:
+                    return layer(
+                        h, context, key_padding_mask=key_padding_mask, context_padding_mask=context_padding_mask,
+                        past_kv=past, cross_kv=cross,
+                    )[0]
+
+                x = checkpoint(run, x, use_reentrant=False)
+                continue
             x, self_kv, cross_kv, _ = layer(
                 x,
                 context,

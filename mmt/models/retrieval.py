@@ -72,9 +72,13 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd all-gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 def gather_plain(x: Tensor) -> Tensor:
@@ -239,9 +243,10 @@ class RetrievalModel(nn.Module):
         text_emb = self.text_embedding(text_tokens)
         if w.itc:
             out["itc_loss"] = w.itc * contrastive_loss(image_emb, text_emb, self.scale(), image_ids)
-            with torch.no_grad():  # in-batch retrieval accuracy (text -> image), for the progress bar
-                best = (text_emb @ image_emb.T).argmax(1)
-                out["pairs_correct"] = (image_ids[best] == image_ids).sum()
+            with torch.no_grad():  # text -> image accuracy within the whole batch (all processes), for the progress bar
+                all_images, all_ids = gather_plain(image_emb.detach()), gather_plain(image_ids)
+                best = (text_emb @ all_images.T).argmax(1)
+                out["pairs_correct"] = (all_ids[best] == image_ids).sum()
         if w.itm:
             out["itm_loss"] = w.itm * self._itm_loss(image_tokens, image_padding, text_tokens, text_padding, image_emb, text_emb, image_ids)
         if w.mlm:

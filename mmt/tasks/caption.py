@@ -26,7 +26,7 @@ from mmt.data.transforms import to_pixels
 from mmt.generation import GenerationConfig
 from mmt.metrics.captions import score_captions
 from mmt.models.caption import CaptionConfig, CaptionModel
-from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits
+from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits, share
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -101,16 +101,19 @@ class CaptionTask:
     def build_model(self) -> CaptionModel:
         return CaptionModel(self.cfg.model)
 
-    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
+    def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
         """B images of seeded epoch permutations, each with `captions_per_image` of its captions
-        (all 5 by default: the image is encoded once for five targets)."""
+        (all 5 by default: the image is encoded once for five targets); share `part` of `parts`."""
         B, g = self.cfg.train.batch_size, self.cfg.captions_per_image
         images = torch.as_tensor(epoch_order(self.cfg.train.seed, step, B, len(self.train_split)))
         if g >= self.train_ids.shape[1]:
+            images = torch.as_tensor(share(images.numpy(), part, parts))
             ids = self.train_ids[images].flatten(0, 1)  # (B * 5, T), image by image
-        else:  # a seeded choice of g different captions per image
+        else:  # a seeded choice of g different captions per image, drawn for the whole batch
             rng = np.random.default_rng([self.cfg.train.seed, 1_000_003, step])
             which = torch.as_tensor(np.stack([rng.permutation(self.train_ids.shape[1])[:g] for _ in range(B)]))
+            rows = share(np.arange(B), part, parts)
+            images, which = images[rows], which[rows]
             ids = self.train_ids[images[:, None], which].flatten(0, 1)  # (B * g, T)
         ids = ids[:, : int((ids != self.cfg.model.pad_id).sum(1).max())]  # drop all-padding columns
         return {"pixels": self.train_pixels[images], "caption_ids": ids}

@@ -43,6 +43,19 @@ def epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
     return items
 
 
+def share(items: np.ndarray, part: int, parts: int) -> np.ndarray:
+    """Part `part` of `parts` equal, contiguous shares of a step's items: what one process
+    (and one micro-step of gradient accumulation) trains on. Equal shares keep the mean of
+    the shares' mean losses equal to the whole batch's mean loss."""
+    if len(items) % parts:
+        raise ValueError(
+            f"train.batch_size={len(items)} does not split evenly into {parts} shares "
+            "(processes x train.accumulate); choose a batch size divisible by it"
+        )
+    size = len(items) // parts
+    return items[part * size : (part + 1) * size]
+
+
 def init_tokenizer(run_dir: Path, init: str, corpus: Callable[[], Iterable[str]]) -> Tokenizer:
     """The run's tokenizer, saved in run_dir: its own when resuming; the --init run's when
     starting from one (its weights mean nothing under other token ids); else a word

@@ -29,7 +29,7 @@ from mmt.data.transforms import to_pixels
 from mmt.layers.attention import KV
 from mmt.layers.transformer import DecoderCache
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
-from mmt.tasks.common import ShapesConfig, epoch_order, shapes_splits, init_tokenizer
+from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits, share
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -256,12 +256,15 @@ class RetrievalTask:
     def build_model(self) -> RetrievalModel:
         return RetrievalModel(self.cfg.model)
 
-    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
-        """B images of seeded epoch permutations, one of each image's captions (seeded)."""
+    def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+        """B images of seeded epoch permutations, one of each image's captions (seeded); share
+        `part` of `parts`. Under DDP the contrastive loss still contrasts the whole batch."""
         B = self.cfg.train.batch_size
         images = torch.as_tensor(epoch_order(self.cfg.train.seed, step, B, len(self.train_split)))
         rng = np.random.default_rng([self.cfg.train.seed, 2_000_003, step])
         which = torch.as_tensor(rng.integers(0, 5, size=B))
+        rows = share(np.arange(B), part, parts)
+        images, which = images[rows], which[rows]
         ids = self.text_ids[images, which]
         batch = {"pixels": self.train_pixels[images], "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
         if self.cfg.model.losses.lm:

@@ -22,7 +22,7 @@ from mmt.data.answers import AnswerVocab
 from mmt.data.transforms import to_pixels
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.text import Tokenizer
-from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits
+from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits, share
 from mmt.train import TrainConfig
 
 ANSWERS_NAME = "answers.json"
@@ -159,10 +159,10 @@ class VQATask:
     def build_model(self) -> VQAModel:
         return VQAModel(self.cfg.model)
 
-    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
-        """Images of seeded epoch permutations, each with all its questions."""
+    def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+        """Images of seeded epoch permutations, each with all its questions (share `part` of `parts`)."""
         images = epoch_order(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.train_set.questions_of_image))
-        return self.train_set.batch(images)
+        return self.train_set.batch(share(images, part, parts))
 
     @staticmethod
     def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:

@@ -1,0 +1,120 @@
+"""Multi-process training: 2 gloo processes == 1 process on the whole batch; gradient
+accumulation == one big step; activation checkpointing changes nothing but memory."""
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mmt import checkpoint, train as train_lib
+from mmt.config import apply_overrides
+from mmt.tasks.retrieval import RetrievalRunConfig, RetrievalTask
+from mmt.tasks.vqa import VQARunConfig, VQATask
+
+# contrastive loss only (matching draws its negatives at random per process), GroupNorm stem
+RETRIEVAL = [
+    "data.image_size=32", "data.num_train=32", "data.num_val=4", "data.num_test=0",
+    "train.steps=3", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=3", "train.save_every=3",
+    "train.log_every=1", "train.threads=1", "train.dist_timeout=60",
+    "model.losses.itm=0", "model.losses.mlm=0", "model.losses.lm=0",
+]
+
+
+def retrieval_cfg(extra=()):
+    from mmt import registry
+
+    cfg = RetrievalRunConfig(model=registry.preset("retrieval-tiny"))
+    return apply_overrides(cfg, [*RETRIEVAL, *extra])
+
+
+def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    train_lib.train(RetrievalTask(retrieval_cfg()), run_dir, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(run_dir):
+    return checkpoint.read_weights(run_dir / "model" / "model.safetensors")
+
+
+def test_two_gloo_processes_reach_the_weights_of_one_process(tmp_path):
+    together, split = tmp_path / "one", tmp_path / "two"
+    train_lib.train(RetrievalTask(retrieval_cfg()), together, progress=False)
+    context = mp.start_processes(_worker, args=(2, _free_port(), str(split)), nprocs=2, join=False, start_method="spawn")
+    try:
+        finished = context.join(timeout=180)  # a broken process group fails the test instead of hanging it
+        while not finished:
+            finished = context.join(timeout=1)
+            if all(p.is_alive() for p in context.processes):
+                pytest.fail("the 2-process gloo run did not finish in 180 s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    a, b = _weights(together), _weights(split)
+    assert a.keys() == b.keys()
+    # Key biases get a zero gradient in exact arithmetic (softmax ignores a constant added to
+    # every score); what they get is rounding noise, which AdamW scales up to full-size
+    # steps, so they differ by noise whatever the layout. Every other tensor must agree.
+    # Elsewhere AdamW's division by sqrt(v) lets summation-order rounding move entries with
+    # tiny gradients by up to ~1e-5; a real difference in the loss (say, contrasting each
+    # process's half alone) moves weights by the size of a step, ~1e-3 here (checked below).
+    noise_only = [k for k in a if k.endswith("k_proj.bias")]
+    start = _initial_weights()
+    for key in a.keys() - set(noise_only):
+        torch.testing.assert_close(b[key], a[key], atol=3e-5, rtol=0, msg=key)
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 5e-4
+    # rank 0 alone wrote the log, with the losses of the whole batch
+    logs = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    solo = [json.loads(line) for line in (together / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3]
+    for x, y in zip([r for r in logs if "loss" in r], [r for r in solo if "loss" in r]):
+        assert x["itc_loss"] == pytest.approx(y["itc_loss"], abs=1e-5)
+        assert x["train_accuracy"] == pytest.approx(y["train_accuracy"])
+    assert len([p for p in (split / "checkpoints").iterdir()]) == 1
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    """The weights the trainer starts from (same seed, same config as a run)."""
+
+    task = RetrievalTask(retrieval_cfg())
+    with tempfile.TemporaryDirectory() as directory:
+        task.prepare(Path(directory))
+    torch.manual_seed(0)
+    return task.build_model().state_dict()
+
+
+VQA = [
+    "data.num_train=8", "data.num_test=2", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
+    "train.eval_every=2", "train.save_every=2", "train.log_every=1", "train.threads=1",
+    "model.vision.encoder.depth=1", "model.fusion_encoder.depth=1", "model.vision.conv_norm=group",
+]
+
+
+@pytest.mark.parametrize("extra", [["train.accumulate=2"], ["train.accumulate=4"], ["train.activation_checkpointing=true"]])
+def test_accumulation_and_activation_checkpointing_match_the_plain_step(tmp_path, extra):
+    plain, other = tmp_path / "plain", tmp_path / "other"
+    train_lib.train(VQATask(apply_overrides(VQARunConfig(), VQA)), plain, progress=False)
+    train_lib.train(VQATask(apply_overrides(VQARunConfig(), [*VQA, *extra])), other, progress=False)
+    a, b = _weights(plain), _weights(other)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_batch_must_split_evenly(tmp_path):
+    with pytest.raises(ValueError, match="train.accumulate=3"):
+        train_lib.train(VQATask(apply_overrides(VQARunConfig(), [*VQA, "train.accumulate=3"])), tmp_path / "r", progress=False)
