@@ -46,7 +46,7 @@ class RetrievalRunConfig:
     model: RetrievalConfig = dataclasses.field(default_factory=lambda: registry.preset("retrieval-small"))
     data: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
     train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=5e-4, warmup_steps=200, eval_every=500, save_every=500)
+        default_factory=lambda: TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
     )
 
 
@@ -55,6 +55,9 @@ class PretrainRunConfig(RetrievalRunConfig):
     """`mmt train pretrain`: ITC + ITM + MLM + captioning on the shapes captions."""
 
     model: RetrievalConfig = dataclasses.field(default_factory=lambda: registry.preset("pretrain-small"))
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(steps=1500, batch_size=48, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
+    )
 
 
 # ----------------------------------------------------------------------------- inference helpers
