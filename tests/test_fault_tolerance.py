@@ -1,0 +1,117 @@
+"""Nothing lost: a training process killed with SIGKILL, mid-run or mid-checkpoint, resumes
+to the weights and logged losses of a run that was never interrupted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mmt import checkpoint
+from mmt.cli import main
+from mmt.train import latest_checkpoint
+
+TINY = [
+    "data.num_train=8", "data.num_test=2", "train.steps=6", "train.batch_size=2", "train.warmup_steps=1",
+    "train.eval_every=6", "train.save_every=2", "train.log_every=1", "train.threads=1",
+    "model.vision.encoder.depth=1", "model.fusion_encoder.depth=1",
+]
+
+# Runs `mmt train vqa` in a child process that stops (and says so in a flag file) at a chosen
+# point, so the test can SIGKILL it exactly there.
+DRIVER = """
+import sys, time
+from pathlib import Path
+import mmt.checkpoint, mmt.tasks.vqa
+from mmt.cli import main
+
+where, flag, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+
+def stop_here():
+    flag.write_text("stopped")
+    time.sleep(600)
+
+if where == "step":  # before training step 3 (index 3), after checkpoint step-2
+    real = mmt.tasks.vqa.VQATask.train_batch
+    def train_batch(self, step, part=0, parts=1):
+        if step == 3:
+            stop_here()
+        return real(self, step, part, parts)
+    mmt.tasks.vqa.VQATask.train_batch = train_batch
+else:  # half-way through writing checkpoint step-4's optimizer file
+    real_write = mmt.checkpoint.atomic_write
+    def atomic_write(path, write):
+        if ".tmp-step-0000004" in str(path) and Path(path).name == "optimizer.safetensors":
+            Path(path).with_name(".optimizer.safetensors.partial").write_bytes(b"half a file")
+            stop_here()
+        return real_write(path, write)
+    mmt.checkpoint.atomic_write = atomic_write
+main(argv)
+"""
+
+
+def sets(overrides):
+    return sum((["--set", s] for s in overrides), [])
+
+
+def kill_at(where: str, run_dir: Path, tmp_path: Path) -> None:
+    flag = tmp_path / f"stopped-{where}"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = [sys.executable, str(driver), where, str(flag), "train", "vqa", "--run-dir", str(run_dir), "--no-progress", *sets(TINY)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert child.poll() is None, f"the run ended before the kill point: {child.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa = checkpoint.read_weights(a / "model" / "model.safetensors")
+    wb = checkpoint.read_weights(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) <= 1e-6
+    logged = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    losses = [[(r["step"], r["answer_loss"]) for r in log if "answer_loss" in r] for log in logged]
+    assert losses[0] == losses[1] and [s for s, _ in losses[0]] == [1, 2, 3, 4, 5, 6]
+    evals = [[r["eval"] for r in log if "eval" in r] for log in logged]
+    assert evals[0] == evals[1]
+
+
+def straight_run(tmp_path: Path) -> Path:
+    run = tmp_path / "straight"
+    assert main(["train", "vqa", "--run-dir", str(run), "--no-progress", *sets(TINY)]) == 0
+    return run
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    killed = tmp_path / "killed"
+    kill_at("step", killed, tmp_path)
+    assert latest_checkpoint(killed).name == "step-0000002"
+    assert main(["train", "vqa", "--resume", str(killed), "--no-progress"]) == 0
+    assert_same_run(straight_run(tmp_path), killed)
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    killed = tmp_path / "killed"
+    kill_at("checkpoint", killed, tmp_path)
+    ckpts = killed / "checkpoints"
+    assert (ckpts / ".tmp-step-0000004").is_dir() and not (ckpts / "step-0000004").exists()  # the half-written one
+    assert latest_checkpoint(killed).name == "step-0000002"
+    # the previous good checkpoint is whole: its files parse (read_weights raises on damage)
+    assert checkpoint.read_weights(ckpts / "step-0000002" / "optimizer.safetensors")
+    assert json.loads((ckpts / "step-0000002" / "trainer_state.json").read_text())["step"] == 2
+    assert main(["train", "vqa", "--resume", str(killed), "--no-progress"]) == 0
+    assert not (ckpts / ".tmp-step-0000004").exists()  # cleaned up when step 4 was written again
+    assert_same_run(straight_run(tmp_path), killed)
