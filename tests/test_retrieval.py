@@ -275,3 +275,12 @@ def test_init_needs_a_model_directory(tmp_path, capsys):
     args = ["train", "retrieval", "--run-dir", str(tmp_path / "r"), "--init", str(tmp_path / "nowhere"), "--no-progress"]
     assert main(args) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_matching_needs_two_different_images_in_a_batch():
+    cfg = registry.preset("retrieval-tiny")
+    cfg.text.vocab_size = 30
+    model = RetrievalModel(cfg)
+    pixels, ids, _ = _ddp_batch()
+    with pytest.raises(ValueError, match="at least 2 different images"):
+        model(pixels[:2], ids[:2], torch.tensor([4, 4]))

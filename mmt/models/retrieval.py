@@ -273,6 +273,11 @@ class RetrievalModel(nn.Module):
         with torch.no_grad():
             similarity = image_emb @ text_emb.T  # (B images, B texts)
             positive = image_ids[:, None] == image_ids[None]
+            if positive.all():
+                raise ValueError(
+                    f"image-text matching needs at least 2 different images in each process's batch (got {len(image_ids)} "
+                    "row(s) of one image): raise train.batch_size, or lower the number of processes or train.accumulate"
+                )
             neg_text = sample_hard_negatives(similarity, positive)  # for each image
             neg_image = sample_hard_negatives(similarity.T, positive.T)  # for each text
         texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
