@@ -117,7 +117,7 @@ def _saved_run_config(run_dir: Path, cfg, args: argparse.Namespace):
     found = [p for p in (run_dir / "run_config.json", model_directory(run_dir) / "run_config.json") if p.is_file()]
     if found:  # evaluate on the test split the run was made with
         saved = json.loads(found[0].read_text())
-        cfg = config.merge(cfg, {k: saved[k] for k in ("dataset", "data", "shapes", "generation") if k in saved})
+        cfg = config.merge(cfg, {k: saved[k] for k in ("dataset", "data", "shapes", "generation", "source") if k in saved})
     else:
         print(f"mmt eval: no run_config.json in {run_dir}: evaluating on the default data settings", file=sys.stderr)
     return config.apply_overrides(cfg, args.set)
@@ -181,14 +181,23 @@ def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for_inference(run_dir)
     cfg = _saved_run_config(run_dir, RetrievalRunConfig(model=model.config), args)
-    _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+    if cfg.source.train:  # the run trained on its own data: evaluate on source.test (or source.val)
+        from mmt.tasks.common import load_image_texts
+
+        path = cfg.source.test or cfg.source.val
+        if not path:
+            raise ConfigError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
+        split = cfg.source.val_split
+        test = load_image_texts(path, cfg.source, model.config.vision.image_size, split)
+        pixels, captions, groups = test.pixels, test.captions, None
+    else:
+        _, _, shapes_test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+        pixels, captions, groups = to_pixels(shapes_test.images), shapes_test.captions, SHAPES_CAPTION_GROUPS
     started = time.perf_counter()
-    result = retrieval_scores(
-        model, tokenizer, to_pixels(test.images), test.captions, rerank_k=args.rerank_k, caption_groups=SHAPES_CAPTION_GROUPS
-    )
+    result = retrieval_scores(model, tokenizer, pixels, captions, rerank_k=args.rerank_k, caption_groups=groups)
     seconds = time.perf_counter() - started
-    texts = sum(len(c) for c in test.captions)
-    print(f"{len(test)} test images, {texts} captions, scored in {seconds:.1f}s")
+    texts = sum(len(c) for c in captions)
+    print(f"{len(captions)} test images, {texts} captions, scored in {seconds:.1f}s")
     print(format_recall(result))
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")

@@ -284,3 +284,28 @@ def test_matching_needs_two_different_images_in_a_batch():
     pixels, ids, _ = _ddp_batch()
     with pytest.raises(ValueError, match="at least 2 different images"):
         model(pixels[:2], ids[:2], torch.tensor([4, 4]))
+
+
+def test_retrieval_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
+    split = shapes.ShapesSplit.generate(30, seed=9, image_size=32)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (image, captions) in enumerate(zip(split.images, split.captions)):
+        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+        lines += [json.dumps({"image": f"img/{i}.png", "text": c}) for c in captions[: 1 + i % 3]]  # 1-3 captions each
+    lines.append(json.dumps({"image": "img/missing.png", "text": "a red circle"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines[:12]) + "\n")
+    run = tmp_path / "run"
+    args = ["train", "retrieval", "--run-dir", str(run), "--preset", "retrieval-tiny", "--no-progress", "--set", f"source.train={tmp_path / 'pairs.jsonl'}"]
+    steps = sets(["train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2"])
+    assert main(args + steps) == 2  # the missing image stops the run before training, named
+    assert "missing.png" in capsys.readouterr().err
+    assert main(args + steps + ["--set", "source.skip_bad=true"]) == 0
+    report = json.loads((run / "data_report.json").read_text())
+    assert report == {"train_images": 27, "val_images": 3, "skipped_train": {"missing_image": 1}, "skipped_val": {}}
+    assert main(["eval", str(run)]) == 2  # a held-out tail cannot be rebuilt: ask for a test file
+    assert "source.test" in capsys.readouterr().err
+    assert main(["eval", str(run), "--set", f"source.test={tmp_path / 'test.jsonl'}"]) == 0
+    out = capsys.readouterr().out
+    assert "test images" in out and "text -> image contrastive" in out

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+import torch
 
 from mmt import checkpoint
 from mmt.data import shapes
@@ -71,3 +72,46 @@ def init_tokenizer(run_dir: Path, init: str, corpus: Callable[[], Iterable[str]]
         tokenizer = Tokenizer.train(corpus(), kind="word")
     tokenizer.save(path)
     return tokenizer
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """Your own image-text data instead of the built-in world (COCO captions, Karpathy, JSON Lines)."""
+
+    train: str = ""  # captions_*.json, dataset_coco.json or pairs.jsonl; empty: the built-in shapes world
+    val: str = ""  # evaluated during training; empty: the last 10% of the training images (at most 1,000) are held out
+    test: str = ""  # `mmt eval`; empty: the validation data
+    image_root: str = ""  # folder of the images (COCO, Karpathy; JSON Lines paths are relative to their file)
+    kind: str = ""  # coco | karpathy | jsonl; empty: detected from the file
+    train_split: str = "train"  # Karpathy: split of `train` (restval folded in)
+    val_split: str = "val"  # Karpathy: split of `val`/`test` when they name the same file
+    skip_bad: bool = False  # skip and count bad records and images instead of stopping at the first
+
+
+@dataclasses.dataclass
+class ImageTexts:
+    """Images (N, 3, H, W) in [-1, 1] and each one's captions (any number per image)."""
+
+    pixels: torch.Tensor
+    captions: list[list[str]]
+    skipped: dict  # bad records skipped, by kind (empty unless skip_bad)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> ImageTexts:
+    """Read a captions source, check every record and image, and load the images at the
+    model's size (the same loader `mmt predict` and `mmt index` use)."""
+    from mmt.data.records import CaptionRecord, DataError, check_dataset, load_source
+    from mmt.data.transforms import load_image, to_pixels
+
+    source = load_source(path, image_root=cfg.image_root or None, kind=cfg.kind or None, skip_bad=cfg.skip_bad, split=split)
+    report = check_dataset(source, load=True, skip_bad=cfg.skip_bad)
+    records = [r for r in report.records if isinstance(r, CaptionRecord) and r.captions]
+    if len(records) < len(report.records):
+        raise DataError(path, "records", "holds VQA records or images without captions; retrieval trains on image-text pairs")
+    if not records:
+        raise DataError(path, "records", "no usable image-text records")
+    images = np.stack([load_image(r.image_path, size) for r in records])
+    return ImageTexts(to_pixels(images), [list(r.captions) for r in records], dict(report.bad.counts))

@@ -18,6 +18,7 @@ evaluate, headline, score, save_model.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from mmt.data.transforms import to_pixels
 from mmt.layers.attention import KV
 from mmt.layers.transformer import DecoderCache
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
-from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits, share
+from mmt.tasks.common import ImageTexts, ShapesConfig, SourceConfig, epoch_order, init_tokenizer, load_image_texts, shapes_splits, share
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -45,6 +46,7 @@ class RetrievalRunConfig:
 
     model: RetrievalConfig = dataclasses.field(default_factory=lambda: registry.preset("retrieval-small"))
     data: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)  # your own data (source.train=...) instead of `data`
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
     )
@@ -236,25 +238,52 @@ class RetrievalTask:
 
     def prepare(self, run_dir: Path) -> None:
         cfg, model = self.cfg, self.cfg.model
-        if model.vision.image_size != cfg.data.image_size:
-            raise ValueError(
-                f"model.vision.image_size={model.vision.image_size} but data.image_size={cfg.data.image_size}: set them equal"
-            )
-        self.train_split, self.val_split, _ = shapes_splits(dataclasses.replace(cfg.data, num_test=0))
-        # the vocabulary of the world's language (captions, questions, answers of the
-        # training images), so a VQA or caption run can start from this one's weights
-        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: shapes.corpus(self.train_split))
+        if cfg.source.train:
+            train, val = self._own_data(run_dir)
+            self.groups = None
+            corpus = lambda: [c for caps in train.captions for c in caps]  # noqa: E731
+        else:
+            if model.vision.image_size != cfg.data.image_size:
+                raise ValueError(
+                    f"model.vision.image_size={model.vision.image_size} but data.image_size={cfg.data.image_size}: set them equal"
+                )
+            train_split, val_split, _ = shapes_splits(dataclasses.replace(cfg.data, num_test=0))
+            train = ImageTexts(to_pixels(train_split.images), train_split.captions, {})
+            val = ImageTexts(to_pixels(val_split.images), val_split.captions, {})
+            self.groups = SHAPES_CAPTION_GROUPS
+            # the vocabulary of the world's language (captions, questions, answers of the
+            # training images), so a VQA or caption run can start from this one's weights
+            corpus = lambda: shapes.corpus(train_split)  # noqa: E731
+        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, corpus)
         model.text.vocab_size = self.tokenizer.vocab_size
-        flat = [c for caps in self.train_split.captions for c in caps]
-        ids, _ = self.tokenizer.batch(flat, 10_000)  # [CLS] caption [SEP]
-        model.text.max_len = max(model.text.max_len, ids.shape[1])
-        self.text_ids = ids.view(len(self.train_split), 5, -1)
+        self.train_pixels, self.val_pixels, self.val_captions = train.pixels, val.pixels, val.captions
+        # every training caption once, image by image; image i owns rows start[i] .. start[i] + count[i] - 1
+        flat = [c for caps in train.captions for c in caps]
+        self.count = np.array([len(caps) for caps in train.captions])
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])
+        self.text_ids, _ = self.tokenizer.batch(flat, 10_000)  # [CLS] caption [SEP]
+        model.text.max_len = max(model.text.max_len, self.text_ids.shape[1])
         if model.losses.lm:
-            caption_ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
-            model.caption_max_len = max(model.caption_max_len, caption_ids.shape[1])
-            self.caption_ids = caption_ids.view(len(self.train_split), 5, -1)
-        self.train_pixels = to_pixels(self.train_split.images)
-        self.val_pixels = to_pixels(self.val_split.images)
+            self.caption_ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
+            model.caption_max_len = max(model.caption_max_len, self.caption_ids.shape[1])
+
+    def _own_data(self, run_dir: Path) -> tuple[ImageTexts, ImageTexts]:
+        """source.train (and source.val, or a held-out tail of train), checked and loaded."""
+        src, size = self.cfg.source, self.cfg.model.vision.image_size
+        train = load_image_texts(src.train, src, size, src.train_split)
+        if src.val:
+            val = load_image_texts(src.val, src, size, src.val_split)
+        else:  # hold out the last 10% (at most 1,000) of the training images
+            if len(train) < 2:
+                raise ValueError(f"{src.train}: {len(train)} usable image(s); give source.val or more training images")
+            n = min(1000, max(1, len(train) // 10))
+            val = ImageTexts(train.pixels[-n:], train.captions[-n:], {})
+            train = ImageTexts(train.pixels[:-n], train.captions[:-n], train.skipped)
+        report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
+        if train.skipped or val.skipped:
+            print(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")
+        checkpoint.atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
+        return train, val
 
     def build_model(self) -> RetrievalModel:
         return RetrievalModel(self.cfg.model)
@@ -263,15 +292,15 @@ class RetrievalTask:
         """B images of seeded epoch permutations, one of each image's captions (seeded); share
         `part` of `parts`. Under DDP the contrastive loss still contrasts the whole batch."""
         B = self.cfg.train.batch_size
-        images = torch.as_tensor(epoch_order(self.cfg.train.seed, step, B, len(self.train_split)))
+        images = epoch_order(self.cfg.train.seed, step, B, len(self.count))
         rng = np.random.default_rng([self.cfg.train.seed, 2_000_003, step])
-        which = torch.as_tensor(rng.integers(0, 5, size=B))
-        rows = share(np.arange(B), part, parts)
-        images, which = images[rows], which[rows]
-        ids = self.text_ids[images, which]
+        rows = torch.as_tensor(self.start[images] + rng.integers(0, self.count[images]))  # one caption per image
+        share_of = share(np.arange(B), part, parts)
+        images, rows = torch.as_tensor(images[share_of]), rows[share_of]
+        ids = self.text_ids[rows]
         batch = {"pixels": self.train_pixels[images], "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
         if self.cfg.model.losses.lm:
-            caps = self.caption_ids[images, which]
+            caps = self.caption_ids[rows]
             batch["caption_ids"] = caps[:, : int((caps != 0).sum(1).max())]
         return batch
 
@@ -281,7 +310,7 @@ class RetrievalTask:
         return (out["pairs_correct"].item() if "pairs_correct" in out else 0.0), len(batch["image_ids"])
 
     def evaluate(self, model: RetrievalModel) -> dict[str, float]:
-        return retrieval_scores(model, self.tokenizer, self.val_pixels, self.val_split.captions, caption_groups=SHAPES_CAPTION_GROUPS)
+        return retrieval_scores(model, self.tokenizer, self.val_pixels, self.val_captions, caption_groups=self.groups)
 
     @staticmethod
     def headline(result: dict[str, float]) -> dict[str, float]:

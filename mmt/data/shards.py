@@ -1,0 +1,246 @@
+"""Pack any data set `load_source` reads into webdataset tar shards, and read them back.
+
+Layout written by `pack(source, out_dir)`:
+
+    out_dir/shard-000000.tar   samples 0 .. shard_size-1 (fewer if max_shard_bytes is hit first)
+    out_dir/shard-000001.tar   ...
+    out_dir/index.json         {"format", "kind", "shards": [{"name", "count", "bytes"}], "num_samples",
+                                "skipped": {"total", "counts", "examples"}, ...}
+
+Each sample is two tar members sharing one key, `{index:08d}` where `index` is the record's
+position in `Source.records` (so a skipped record leaves a gap in the keys):
+
+    00000007.jpg    the original image file's bytes, unchanged, under its own extension
+    00000007.json   the record's fields: "kind" ("caption" or "vqa"), "index", "image_member"
+                    (the image's extension), "image_path" (the original path) and the rest of
+                    CaptionRecord (captions, image_id, source, where) or VQARecord (question,
+                    question_id, answers, answer_type, question_type, image_id,
+                    multiple_choice_answer, source, where)
+
+Every image is checked as a loader would meet it (`check_image`: exists, header readable,
+within the pixel limit, fully decodable). A bad image raises DataError naming the data file,
+the record and the image; with skip_bad it is left out and counted in index.json's "skipped"
+(together with the records `load_source` itself skipped).
+
+Atomicity: each shard is written to a temporary file in out_dir (".shard-000000.tar.XXXX.tmp")
+and renamed over its final name (`atomic_write`), so an interrupted pack never leaves a half
+shard under a shard name. index.json is written last, the same way, and is what readers use:
+shards it does not list (e.g. stale ones from an earlier, larger pack) are deleted after it is
+written.
+
+Reading (`shard_dataset`): shards are split first across ranks, then across DataLoader workers,
+both *strided*, which is what webdataset's `split_by_node` / `split_by_worker` do:
+
+    rank r of world W (torch.distributed)     gets shards r, r+W, r+2W, ...   (= shards_for_rank)
+    worker w of N (torch DataLoader workers)  gets every N-th of those, from its w-th
+
+so with W ranks and N workers, each shard is read by exactly one (rank, worker) per epoch.
+webdataset takes rank and world from the RANK and WORLD_SIZE environment variables when both are
+set (torchrun sets them), else from an initialised torch.distributed; the worker from
+`torch.utils.data.get_worker_info()` (or WORKER / NUM_WORKERS). Give
+the data set at least W x N shards: a rank or worker without a shard yields nothing, and ranks
+whose sample counts differ (shard counts not divisible by W, a short last shard) take different
+numbers of steps, which distributed training must allow for (e.g. `.with_epoch(n)` or dropping
+the remainder). With `split_by_node=False` every rank reads every shard (single process use,
+evaluation on each rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from mmt.checkpoint import atomic_write, atomic_write_text
+from mmt.data.records import CaptionRecord, DataError, DataRecord, check_image, load_source
+
+__all__ = ["INDEX_NAME", "pack", "read_index", "shard_dataset", "shard_name", "shards_for_rank"]
+
+INDEX_NAME = "index.json"
+SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
+_TAR_OVERHEAD = 1024  # per member: a 512-byte header plus up to 511 bytes of padding (an estimate)
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def _image_ext(path: Path) -> str:
+    """The extension the image file has (lower case, no dot); PIL's format name when it has none."""
+    ext = path.suffix.lower().lstrip(".")
+    if ext and ext not in ("json", "tmp"):
+        return ext
+    with Image.open(path) as image:
+        return (image.format or "img").lower()
+
+
+def _record_json(record: DataRecord, index: int, ext: str) -> dict[str, Any]:
+    fields = dataclasses.asdict(record)
+    fields["image_path"] = str(record.image_path)
+    kind = "caption" if isinstance(record, CaptionRecord) else "vqa"
+    return {"kind": kind, "index": index, "image_member": ext, **fields}
+
+
+def _write_tar(tmp: str, samples: list[tuple[str, str, bytes, bytes]]) -> None:
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, ext, image_bytes, meta in samples:
+            for name, data in ((f"{key}.{ext}", image_bytes), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mode = 0o644
+                info.mtime = 0  # same input, same bytes
+                tar.addfile(info, io.BytesIO(data))
+
+
+def pack(
+    source_path: str | Path,
+    out_dir: str | Path,
+    image_root: str | Path | None = None,
+    kind: str | None = None,
+    shard_size: int = 1000,
+    skip_bad: bool = False,
+    max_shard_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Write the records of `source_path` (any format `load_source` reads) as tar shards in `out_dir`.
+
+    A shard is closed after `shard_size` samples or, with `max_shard_bytes`, before a sample
+    would take it past that many bytes (a single larger sample still gets a shard of its own).
+    Returns the summary that is also written to out_dir/index.json.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = load_source(source_path, image_root, kind, skip_bad=skip_bad)
+    bad = source.bad  # records load_source skipped; bad images are added to it
+    skipped_reading = bad.total
+    checked: dict[Path, DataError | None] = {}  # an image used by many records (VQA) is decoded once
+
+    shards: list[dict[str, Any]] = []
+    buffer: list[tuple[str, str, bytes, bytes]] = []
+    buffer_bytes = 0
+
+    def flush() -> None:
+        nonlocal buffer, buffer_bytes
+        if not buffer:
+            return
+        name = shard_name(len(shards))
+        atomic_write(out_dir / name, lambda tmp: _write_tar(tmp, buffer))
+        shards.append({"name": name, "count": len(buffer), "bytes": (out_dir / name).stat().st_size})
+        buffer, buffer_bytes = [], 0
+
+    for index, record in enumerate(source.records):
+        path = Path(record.image_path)
+        if path not in checked:
+            try:
+                check_image(path)
+                checked[path] = None
+            except DataError as e:
+                checked[path] = e
+        error = checked[path]
+        if error is None:
+            try:
+                image_bytes = path.read_bytes()
+                ext = _image_ext(path)
+            except OSError as e:  # vanished or unreadable since the check
+                error = DataError(path, "", f"cannot read image ({e})", kind="missing_image")
+        if error is not None:
+            restated = DataError(
+                record.source or error.path, record.where, f"image {error.path}: {error.detail}", kind=error.kind, key=error.key
+            )
+            if not skip_bad:
+                raise restated
+            bad.add(restated)
+            continue
+        meta = json.dumps(_record_json(record, index, ext), ensure_ascii=False).encode("utf-8")
+        size = len(image_bytes) + len(meta) + 2 * _TAR_OVERHEAD
+        if max_shard_bytes is not None and buffer and buffer_bytes + size > max_shard_bytes:
+            flush()
+        buffer.append((f"{index:08d}", ext, image_bytes, meta))
+        buffer_bytes += size
+        if len(buffer) >= shard_size:
+            flush()
+    flush()
+
+    summary = {
+        "source": str(source_path),
+        "format": source.format,
+        "kind": None if not source.records else ("caption" if isinstance(source.records[0], CaptionRecord) else "vqa"),
+        "num_records": len(source.records) + skipped_reading,  # good + bad, as read from the source
+        "num_samples": sum(s["count"] for s in shards),
+        "num_shards": len(shards),
+        "shard_size": shard_size,
+        "max_shard_bytes": max_shard_bytes,
+        "shards": shards,
+        "skipped": bad.as_dict(),
+    }
+    atomic_write_text(out_dir / INDEX_NAME, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    listed = {s["name"] for s in shards}
+    for stale in out_dir.iterdir():
+        if SHARD_PATTERN.match(stale.name) and stale.name not in listed:
+            stale.unlink(missing_ok=True)
+    return summary
+
+
+def read_index(out_dir: str | Path) -> dict[str, Any]:
+    """The index.json `pack` wrote in `out_dir`; DataError when missing or unreadable."""
+    path = Path(out_dir) / INDEX_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "", "no shard index (run `mmt data pack` first)", kind="missing_file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(path, "", f"unreadable shard index ({e})", kind="invalid_json") from None
+
+
+def shards_for_rank(shards: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """The shards rank `rank` of `world` reads: strided (rank, rank+world, ...), as webdataset's
+    `split_by_node` does. Deterministic; over all ranks a partition (no overlap, full coverage)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+    return list(shards)[rank::world]
+
+
+def _decode(sample: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
+    meta = json.loads(sample["json"])
+    data = sample.get(meta.get("image_member", ""))
+    if data is None:  # fall back to whatever non-json member the sample has
+        data = next(v for k, v in sample.items() if not k.startswith("__") and k != "json")
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB"), meta
+
+
+def shard_dataset(out_dir: str | Path, shuffle: int = 0, seed: int = 0, split_by_node: bool = True):
+    """A `webdataset.WebDataset` over the shards listed in out_dir/index.json, yielding
+    (PIL RGB image, record dict) pairs.
+
+    Shards are split strided across torch.distributed ranks (`webdataset.split_by_node`; skipped
+    with split_by_node=False, so every rank reads everything) and then across DataLoader workers
+    (`webdataset.split_by_worker`); see the module docstring. With `shuffle` > 0 the shard order
+    (within each rank/worker) and the samples (through a buffer of `shuffle` samples) are
+    shuffled deterministically from `seed`; with 0 samples come in shard order.
+    """
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    urls = [str(out_dir / s["name"]) for s in read_index(out_dir)["shards"]]
+    dataset = wds.WebDataset(
+        urls,
+        shardshuffle=len(urls) if shuffle > 0 and urls else False,
+        detshuffle=True,
+        seed=seed,
+        nodesplitter=wds.split_by_node if split_by_node else None,
+        workersplitter=wds.split_by_worker,
+        empty_check=False,  # a rank or worker with no shard yields nothing instead of raising
+    )
+    if shuffle > 0:
+        dataset = dataset.shuffle(shuffle, seed=seed)
+    return dataset.map(_decode)

@@ -1,0 +1,156 @@
+"""Packing a data set into webdataset tar shards and reading them back (mmt.data.shards)."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmt.data.records import DataError
+from mmt.data.shards import pack, read_index, shard_dataset, shards_for_rank
+
+N = 7
+
+
+def make_dataset(root: Path, bad_line: int | None = None) -> Path:
+    """A JSONL caption set of N images (PNG and JPEG); with `bad_line`, that line's image is not an image."""
+    (root / "img").mkdir(parents=True)
+    lines = []
+    for i in range(N):
+        ext = "png" if i % 2 == 0 else "jpg"
+        path = root / "img" / f"im{i}.{ext}"
+        if i == bad_line:
+            path.write_bytes(b"this is not an image")
+        else:
+            image = Image.new("RGB", (8 + i, 6), (30 * i, 255 - 20 * i, 7 * i))
+            image.putpixel((1, 1), (i, 2 * i, 3 * i))
+            image.save(path, "PNG" if ext == "png" else "JPEG")
+        lines.append(json.dumps({"image": f"img/{path.name}", "text": [f"caption {i}", f"another {i}"]}))
+    source = root / "caps.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    return source
+
+
+def json_keys(shard: Path) -> list[int]:
+    with tarfile.open(shard) as tar:
+        return [int(name.split(".")[0]) for name in tar.getnames() if name.endswith(".json")]
+
+
+def read_all(out: Path):
+    return list(shard_dataset(out, split_by_node=False))
+
+
+def test_pack_writes_shards_and_index(tmp_path):
+    source = make_dataset(tmp_path / "data")
+    out = tmp_path / "shards"
+    summary = pack(source, out, shard_size=3)
+    assert [s["name"] for s in summary["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [s["count"] for s in summary["shards"]] == [3, 3, 1]
+    assert summary["num_samples"] == N and summary["format"] == "jsonl" and summary["skipped"]["total"] == 0
+    assert read_index(out) == summary
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    with tarfile.open(out / "shard-000001.tar") as tar:
+        assert tar.getnames() == ["00000003.jpg", "00000003.json", "00000004.png", "00000004.json", "00000005.jpg", "00000005.json"]
+
+
+def test_round_trip_every_record_once_with_identical_bytes(tmp_path):
+    source = make_dataset(tmp_path / "data")
+    out = tmp_path / "shards"
+    pack(source, out, shard_size=3)
+    samples = read_all(out)
+    assert len(samples) == N
+    assert sorted(meta["index"] for _, meta in samples) == list(range(N))
+    members = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    for image, meta in samples:
+        i = meta["index"]
+        original = tmp_path / "data" / "img" / f"im{i}.{'png' if i % 2 == 0 else 'jpg'}"
+        assert meta["kind"] == "caption" and meta["captions"] == [f"caption {i}", f"another {i}"]
+        assert Path(meta["image_path"]) == original and meta["image_member"] == original.suffix[1:]
+        assert meta["where"] == f"line {i + 1}" and meta["source"] == str(source)
+        assert members[f"{i:08d}{original.suffix}"] == original.read_bytes()
+        assert json.loads(members[f"{i:08d}.json"]) == meta
+        assert image.mode == "RGB" and image.size == (8 + i, 6)
+        with Image.open(original) as expected:
+            assert image.tobytes() == expected.convert("RGB").tobytes()
+
+
+def test_bad_image_errors_naming_file_and_record(tmp_path):
+    source = make_dataset(tmp_path / "data", bad_line=4)
+    out = tmp_path / "shards"
+    with pytest.raises(DataError) as caught:
+        pack(source, out, shard_size=3)
+    message = str(caught.value)
+    assert "caps.jsonl" in message and "line 5" in message and "im4.png" in message
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_bad_image_skipped_and_counted(tmp_path):
+    source = make_dataset(tmp_path / "data", bad_line=4)
+    out = tmp_path / "shards"
+    summary = pack(source, out, shard_size=3, skip_bad=True)
+    assert summary["num_samples"] == N - 1 and summary["num_records"] == N
+    assert [s["count"] for s in summary["shards"]] == [3, 3]
+    assert summary["skipped"]["total"] == 1 and summary["skipped"]["counts"] == {"corrupt_image": 1}
+    assert read_index(out)["skipped"] == summary["skipped"]
+    assert sorted(meta["index"] for _, meta in read_all(out)) == [0, 1, 2, 3, 5, 6]
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_repack_removes_stale_shards(tmp_path):
+    source = make_dataset(tmp_path / "data")
+    out = tmp_path / "shards"
+    pack(source, out, shard_size=2)
+    assert len(list(out.glob("shard-*.tar"))) == 4
+    pack(source, out, shard_size=5)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert len(read_all(out)) == N
+
+
+def test_max_shard_bytes_closes_shards_early(tmp_path):
+    source = make_dataset(tmp_path / "data")
+    summary = pack(source, tmp_path / "shards", shard_size=100, max_shard_bytes=1)
+    assert [s["count"] for s in summary["shards"]] == [1] * N
+
+
+def test_shuffle_is_deterministic_and_complete(tmp_path):
+    source = make_dataset(tmp_path / "data")
+    out = tmp_path / "shards"
+    pack(source, out, shard_size=3)
+    first = [m["index"] for _, m in shard_dataset(out, shuffle=5, seed=3, split_by_node=False)]
+    again = [m["index"] for _, m in shard_dataset(out, shuffle=5, seed=3, split_by_node=False)]
+    assert first == again and sorted(first) == list(range(N))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_shards", [1, 3, 7, 8])
+def test_shards_for_rank_partitions(world, num_shards):
+    shards = [f"shard-{i:06d}.tar" for i in range(num_shards)]
+    parts = [shards_for_rank(shards, rank, world) for rank in range(world)]
+    flat = [s for part in parts for s in part]
+    assert sorted(flat) == shards and len(flat) == len(set(flat))
+    assert parts == [shards_for_rank(shards, rank, world) for rank in range(world)]
+    assert parts[0] == shards[::world]  # strided, like webdataset.split_by_node
+    with pytest.raises(ValueError):
+        shards_for_rank(shards, world, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dataset_reads_the_shards_of_its_rank(tmp_path, monkeypatch, world):
+    source = make_dataset(tmp_path / "data")
+    out = tmp_path / "shards"
+    summary = pack(source, out, shard_size=2)  # 4 shards
+    seen = []
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        mine = shards_for_rank(summary["shards"], rank, world)
+        expected = sorted(index for s in mine for index in json_keys(out / s["name"]))
+        got = sorted(meta["index"] for _, meta in shard_dataset(out))
+        assert got == expected
+        seen += got
+    assert sorted(seen) == list(range(N))
