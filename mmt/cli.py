@@ -316,6 +316,16 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _data_pack(args: argparse.Namespace) -> int:
+    from mmt.data.shards import pack
+
+    summary = pack(args.source, args.out, image_root=args.images, kind=args.kind, shard_size=args.shard_size, skip_bad=args.skip_bad)
+    skipped = summary["skipped"]["total"]
+    print(f"packed {summary['num_samples']} records into {summary['num_shards']} shards in {args.out}"
+          + (f"; {skipped} bad records skipped" if skipped else ""))
+    return 0
+
+
 def _data_preview(args: argparse.Namespace) -> int:
     from mmt.data.preview import preview_sort_of_clevr
     from mmt.data.shapes_preview import preview_shapes
@@ -437,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--headers-only", action="store_true", help="check image headers and sizes without decoding every image (fast)")
     check.add_argument("--out", help="also write the report to this JSON file")
     check.set_defaults(run=_data_check)
+    pack = data_commands.add_parser("pack", help="write a data set as tar shards in the webdataset layout, for streaming")
+    pack.add_argument("source", help="anything `mmt data check` reads")
+    pack.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and index.json")
+    pack.add_argument("--images", help="image root (COCO, Karpathy, VQA v2)")
+    pack.add_argument("--kind", help="skip format detection: coco, karpathy, vqa or jsonl")
+    pack.add_argument("--shard-size", type=int, default=1000, help="records per shard (default 1000)")
+    pack.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    pack.set_defaults(run=_data_pack)
 
     inspect = commands.add_parser("inspect", help="load a saved model directory and report on it")
     inspect.add_argument("model_dir")

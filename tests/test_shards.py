@@ -154,3 +154,13 @@ def test_dataset_reads_the_shards_of_its_rank(tmp_path, monkeypatch, world):
         assert got == expected
         seen += got
     assert sorted(seen) == list(range(N))
+
+
+def test_data_pack_command(tmp_path, capsys):
+    from mmt.cli import main
+
+    source = make_dataset(tmp_path / "data")
+    out = tmp_path / "shards"
+    assert main(["data", "pack", str(source), "--out", str(out), "--shard-size", "3"]) == 0
+    assert "packed 7 records into 3 shards" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
