@@ -151,21 +151,30 @@ def _eval_caption(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
 
     from mmt.data.transforms import to_pixels
     from mmt.metrics.captions import format_scores, write_coco_references, write_coco_results
-    from mmt.tasks.caption import CaptionRunConfig, caption_images, evaluate_captions, load_for_inference
+    from mmt.tasks.caption import CaptionRunConfig, caption_images, evaluate_captions, load_for_inference, score_references
     from mmt.tasks.common import shapes_splits
 
     model, tokenizer = load_for_inference(run_dir)
     cfg = _saved_run_config(run_dir, CaptionRunConfig(model=model.config), args)
-    _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+    if cfg.source.train:  # the run trained on its own data: evaluate on source.test (or source.val)
+        pixels, references = _own_test_data(cfg.source, model.config.vision.image_size)
+        test = None
+    else:
+        _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+        pixels, references = to_pixels(test.images), test.captions
     started = time.perf_counter()
-    captions = caption_images(model, tokenizer, to_pixels(test.images), cfg.generation)
+    captions = caption_images(model, tokenizer, pixels, cfg.generation)
     seconds = time.perf_counter() - started
-    result = evaluate_captions(captions, test, meteor=None, tokenize=None)  # METEOR and PTB tokens when Java is present
+    # METEOR and PTB tokens when Java is present; truth only where there are scene graphs
+    if test is None:
+        result = score_references(captions, references, meteor=None, tokenize=None)
+    else:
+        result = evaluate_captions(captions, test, meteor=None, tokenize=None)
     print(f"{len(captions)} test images captioned in {seconds:.1f}s ({_decoding(cfg.generation)})")
     print(format_scores(result))
     results_path = out.with_name(out.stem + "_captions.json")
     write_coco_results(results_path, dict(enumerate(captions)))
-    write_coco_references(out.with_name(out.stem + "_references.json"), dict(enumerate(test.captions)))
+    write_coco_references(out.with_name(out.stem + "_references.json"), dict(enumerate(references)))
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}; captions (COCO results format) in {results_path}")
     return 0
@@ -182,14 +191,8 @@ def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(run_dir)
     cfg = _saved_run_config(run_dir, RetrievalRunConfig(model=model.config), args)
     if cfg.source.train:  # the run trained on its own data: evaluate on source.test (or source.val)
-        from mmt.tasks.common import load_image_texts
-
-        path = cfg.source.test or cfg.source.val
-        if not path:
-            raise ConfigError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
-        split = cfg.source.val_split
-        test = load_image_texts(path, cfg.source, model.config.vision.image_size, split)
-        pixels, captions, groups = test.pixels, test.captions, None
+        pixels, captions = _own_test_data(cfg.source, model.config.vision.image_size)
+        groups = None
     else:
         _, _, shapes_test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
         pixels, captions, groups = to_pixels(shapes_test.images), shapes_test.captions, SHAPES_CAPTION_GROUPS
@@ -202,6 +205,17 @@ def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0
+
+
+def _own_test_data(source, size: int):
+    """(pixels, captions per image) of source.test, else source.val, of a run on its own data."""
+    from mmt.tasks.common import load_image_texts
+
+    path = source.test or source.val
+    if not path:
+        raise ConfigError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
+    test = load_image_texts(path, source, size, source.val_split)
+    return test.pixels, test.captions
 
 
 def _decoding(generation) -> str:

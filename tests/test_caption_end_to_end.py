@@ -166,3 +166,23 @@ def test_eval_of_a_model_directory_uses_the_runs_data_settings(caption_run, tmp_
     # the model directory carries the run's config, so its 8 test images at 32x32 are used
     assert main(["eval", str(caption_run / "model"), "--out", str(tmp_path / "e.json")]) == 0
     assert "8 test images captioned" in capsys.readouterr().out
+
+
+def test_caption_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
+    split = shapes.ShapesSplit.generate(12, seed=4, image_size=32)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (image, captions) in enumerate(zip(split.images, split.captions)):
+        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+        lines += [json.dumps({"image": f"img/{i}.png", "text": c}) for c in captions[: 1 + i % 3]]  # 1-3 captions each
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    args = ["train", "caption", "--run-dir", str(run), "--preset", "caption-tiny", "--no-progress",
+            "--set", f"source.train={tmp_path / 'pairs.jsonl'}", "--set", "captions_per_image=2"]
+    assert main(args + sets(["train.steps=2", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2"])) == 0
+    assert json.loads((run / "data_report.json").read_text())["train_images"] == 11
+    assert main(["eval", str(run), "--set", f"source.test={tmp_path / 'pairs.jsonl'}"]) == 0
+    out = capsys.readouterr().out
+    assert "CIDEr-D" in out and "fact_precision" not in out  # no scene graphs: reference metrics only
+    results = json.loads((run / "eval_captions.json").read_text())
+    assert len(results) == 12

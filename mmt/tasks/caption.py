@@ -26,7 +26,7 @@ from mmt.data.transforms import to_pixels
 from mmt.generation import GenerationConfig
 from mmt.metrics.captions import score_captions
 from mmt.models.caption import CaptionConfig, CaptionModel
-from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits, share
+from mmt.tasks.common import ImageTexts, ShapesConfig, SourceConfig, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -40,7 +40,8 @@ class CaptionRunConfig:
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(steps=4000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
     )
-    captions_per_image: int = 5  # training captions per image and step (1-5); the batch size counts images
+    captions_per_image: int = 5  # training captions per image and step; the batch size counts images
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)  # your own data (source.train=...) instead of `data`
     # decoding for evaluation; max_new_tokens is capped by the model's max_len
     generation: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(max_new_tokens=100))
 
@@ -71,6 +72,14 @@ def evaluate_captions(
     return {k: v if isinstance(v, str) else float(v) for k, v in {**scores, **truth}.items()}
 
 
+def score_references(
+    captions: list[str], references: list[list[str]], meteor: bool | None = False, tokenize: str | None = "simple"
+) -> dict[str, float | str]:
+    """COCO caption metrics of `captions` against each image's references (no truth check)."""
+    scores = score_captions(dict(enumerate(captions)), dict(enumerate(references[: len(captions)])), meteor=meteor, tokenize=tokenize)
+    return {k: v if isinstance(v, str) else float(v) for k, v in scores.items()}
+
+
 class CaptionTask:
     name = "caption"
 
@@ -78,45 +87,59 @@ class CaptionTask:
         self.cfg = cfg
 
     def prepare(self, run_dir: Path) -> None:
-        if self.cfg.model.vision.image_size != self.cfg.data.image_size:
-            raise ValueError(
-                f"model.vision.image_size={self.cfg.model.vision.image_size} but data.image_size={self.cfg.data.image_size}: set them equal"
-            )
-        if not 1 <= self.cfg.captions_per_image <= 5:
-            raise ValueError(f"captions_per_image={self.cfg.captions_per_image}: the shapes world has 5 captions per image (use 1-5)")
-        self.train_split, self.val_split, _ = shapes_splits(dataclasses.replace(self.cfg.data, num_test=0))
-        flat = [c for caps in self.train_split.captions for c in caps]
-        self.tokenizer = init_tokenizer(run_dir, self.cfg.train.init, lambda: flat)
-        model = self.cfg.model
+        cfg, model = self.cfg, self.cfg.model
+        if cfg.captions_per_image < 1:
+            raise ValueError(f"captions_per_image={cfg.captions_per_image}: must be at least 1")
+        if cfg.source.train:  # your own data: reference captions only (no scene graphs to check truth against)
+            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir)
+            self.val_split = None
+        else:
+            if model.vision.image_size != cfg.data.image_size:
+                raise ValueError(
+                    f"model.vision.image_size={model.vision.image_size} but data.image_size={cfg.data.image_size}: set them equal"
+                )
+            if cfg.captions_per_image > 5:
+                raise ValueError(f"captions_per_image={cfg.captions_per_image}: the shapes world has 5 captions per image (use 1-5)")
+            train_split, self.val_split, _ = shapes_splits(dataclasses.replace(cfg.data, num_test=0))
+            train = ImageTexts(to_pixels(train_split.images), train_split.captions, {})
+            val = ImageTexts(to_pixels(self.val_split.images), self.val_split.captions, {})
+        flat = [c for caps in train.captions for c in caps]
+        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: flat)
         model.vocab_size = self.tokenizer.vocab_size
-        self.train_pixels = to_pixels(self.train_split.images)
-        self.val_pixels = to_pixels(self.val_split.images)
-        # all 5 captions of every training image, tokenised once: (N, 5, T). The model's
-        # positions must cover the longest caption (a cut caption would teach the decoder
-        # to stop mid-phrase), so max_len grows to fit the training captions.
-        ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
-        model.max_len = max(model.max_len, ids.shape[1])
-        self.train_ids = ids.view(len(self.train_split), -1, ids.shape[1])
+        self.train_pixels, self.val_pixels, self.val_captions = train.pixels, val.pixels, val.captions
+        # every training caption, tokenised once, image by image: image i owns rows
+        # start[i] .. start[i] + count[i] - 1. The model's positions must cover the longest
+        # caption (a cut caption would teach the decoder to stop mid-phrase), so max_len
+        # grows to fit the training captions.
+        self.count = np.array([len(caps) for caps in train.captions])
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])
+        self.train_ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
+        model.max_len = max(model.max_len, self.train_ids.shape[1])
 
     def build_model(self) -> CaptionModel:
         return CaptionModel(self.cfg.model)
 
     def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
-        """B images of seeded epoch permutations, each with `captions_per_image` of its captions
-        (all 5 by default: the image is encoded once for five targets); share `part` of `parts`."""
+        """B images of seeded epoch permutations, each with `captions_per_image` (g) of its captions;
+        share `part` of `parts`. When every image has at most g captions and all have the same
+        number (the shapes world: 5), each image brings all of them, in order: encoded once
+        for five targets. Otherwise each image brings g captions in a seeded order, repeating
+        its captions when it has fewer than g."""
         B, g = self.cfg.train.batch_size, self.cfg.captions_per_image
-        images = torch.as_tensor(epoch_order(self.cfg.train.seed, step, B, len(self.train_split)))
-        if g >= self.train_ids.shape[1]:
-            images = torch.as_tensor(share(images.numpy(), part, parts))
-            ids = self.train_ids[images].flatten(0, 1)  # (B * 5, T), image by image
-        else:  # a seeded choice of g different captions per image, drawn for the whole batch
+        images = epoch_order(self.cfg.train.seed, step, B, len(self.count))
+        counts = self.count[images]
+        if g >= counts.max() and (counts == counts[0]).all():
+            images = share(images, part, parts)
+            rows = (self.start[images][:, None] + np.arange(counts[0])).reshape(-1)  # (B * count, ), image by image
+        else:
             rng = np.random.default_rng([self.cfg.train.seed, 1_000_003, step])
-            which = torch.as_tensor(np.stack([rng.permutation(self.train_ids.shape[1])[:g] for _ in range(B)]))
-            rows = share(np.arange(B), part, parts)
-            images, which = images[rows], which[rows]
-            ids = self.train_ids[images[:, None], which].flatten(0, 1)  # (B * g, T)
+            which = np.stack([np.resize(rng.permutation(n), g) for n in counts])  # (B, g); resize repeats short lists
+            mine = share(np.arange(B), part, parts)
+            images = images[mine]
+            rows = (self.start[images][:, None] + which[mine]).reshape(-1)
+        ids = self.train_ids[torch.as_tensor(rows)]
         ids = ids[:, : int((ids != self.cfg.model.pad_id).sum(1).max())]  # drop all-padding columns
-        return {"pixels": self.train_pixels[images], "caption_ids": ids}
+        return {"pixels": self.train_pixels[torch.as_tensor(images)], "caption_ids": ids}
 
     @staticmethod
     def batch_samples(batch: dict[str, torch.Tensor]) -> int:
@@ -129,8 +152,11 @@ class CaptionTask:
         return out["tokens_correct"].item(), int(out["tokens"].item())
 
     def evaluate(self, model: CaptionModel) -> dict[str, float]:
-        """Greedy captions of the validation split, scored (simple tokenizer, no METEOR: fast)."""
+        """Greedy captions of the validation split, scored (simple tokenizer, no METEOR: fast);
+        on the shapes world also checked for truth against the scenes."""
         captions = caption_images(model, self.tokenizer, self.val_pixels, self.cfg.generation)
+        if self.val_split is None:
+            return score_references(captions, self.val_captions)
         return evaluate_captions(captions, self.val_split)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -115,3 +116,22 @@ def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> Ima
         raise DataError(path, "records", "no usable image-text records")
     images = np.stack([load_image(r.image_path, size) for r in records])
     return ImageTexts(to_pixels(images), [list(r.captions) for r in records], dict(report.bad.counts))
+
+
+def own_image_texts(src: SourceConfig, size: int, run_dir: Path) -> tuple[ImageTexts, ImageTexts]:
+    """source.train and source.val (or a held-out tail of train: the last 10%, at most 1,000
+    images), checked and loaded; what was skipped goes to run_dir/data_report.json."""
+    train = load_image_texts(src.train, src, size, src.train_split)
+    if src.val:
+        val = load_image_texts(src.val, src, size, src.val_split)
+    else:
+        if len(train) < 2:
+            raise ValueError(f"{src.train}: {len(train)} usable image(s); give source.val or more training images")
+        n = min(1000, max(1, len(train) // 10))
+        val = ImageTexts(train.pixels[-n:], train.captions[-n:], {})
+        train = ImageTexts(train.pixels[:-n], train.captions[:-n], train.skipped)
+    report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
+    if train.skipped or val.skipped:
+        print(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")
+    checkpoint.atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
+    return train, val

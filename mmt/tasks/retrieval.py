@@ -18,7 +18,6 @@ evaluate, headline, score, save_model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from mmt.data.transforms import to_pixels
 from mmt.layers.attention import KV
 from mmt.layers.transformer import DecoderCache
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
-from mmt.tasks.common import ImageTexts, ShapesConfig, SourceConfig, epoch_order, init_tokenizer, load_image_texts, shapes_splits, share
+from mmt.tasks.common import ImageTexts, ShapesConfig, SourceConfig, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -239,7 +238,7 @@ class RetrievalTask:
     def prepare(self, run_dir: Path) -> None:
         cfg, model = self.cfg, self.cfg.model
         if cfg.source.train:
-            train, val = self._own_data(run_dir)
+            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir)
             self.groups = None
             corpus = lambda: [c for caps in train.captions for c in caps]  # noqa: E731
         else:
@@ -266,24 +265,6 @@ class RetrievalTask:
         if model.losses.lm:
             self.caption_ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
             model.caption_max_len = max(model.caption_max_len, self.caption_ids.shape[1])
-
-    def _own_data(self, run_dir: Path) -> tuple[ImageTexts, ImageTexts]:
-        """source.train (and source.val, or a held-out tail of train), checked and loaded."""
-        src, size = self.cfg.source, self.cfg.model.vision.image_size
-        train = load_image_texts(src.train, src, size, src.train_split)
-        if src.val:
-            val = load_image_texts(src.val, src, size, src.val_split)
-        else:  # hold out the last 10% (at most 1,000) of the training images
-            if len(train) < 2:
-                raise ValueError(f"{src.train}: {len(train)} usable image(s); give source.val or more training images")
-            n = min(1000, max(1, len(train) // 10))
-            val = ImageTexts(train.pixels[-n:], train.captions[-n:], {})
-            train = ImageTexts(train.pixels[:-n], train.captions[:-n], train.skipped)
-        report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
-        if train.skipped or val.skipped:
-            print(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")
-        checkpoint.atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
-        return train, val
 
     def build_model(self) -> RetrievalModel:
         return RetrievalModel(self.cfg.model)
