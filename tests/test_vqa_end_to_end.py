@@ -144,3 +144,26 @@ def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "vqa", "--run-dir", str(run_dir) + "-x", "--set", "model.fusion=sideways"]) == 2
     assert "model.fusion: 'sideways' is not one of" in capsys.readouterr().err
+
+
+def test_vqa_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
+    from mmt.data import shapes
+
+    split = shapes.ShapesSplit.generate(10, seed=2, image_size=32)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (image, qas) in enumerate(zip(split.images, split.qa)):
+        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+        for qa in qas:
+            kind = "yes/no" if qa.answer in ("yes", "no") else "other"
+            lines.append(json.dumps({"image": f"img/{i}.png", "question": qa.question, "answer": [qa.answer] * 3 + ["maybe"], "answer_type": kind}))
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    overrides = [f"source.train={tmp_path / 'qa.jsonl'}", "model.vision.image_size=32", "train.steps=2", "train.batch_size=3",
+                 "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2", "model.vision.encoder.depth=1"]
+    assert main(["train", "vqa", "--run-dir", str(run), "--no-progress", *sum((["--set", s] for s in overrides), [])]) == 0
+    answers = json.loads((run / "answers.json").read_text())["answers"]
+    assert "maybe" not in answers and "yes" in answers  # each question's most frequent human answer; no built-in answers added
+    assert main(["eval", str(run), "--set", f"source.test={tmp_path / 'qa.jsonl'}"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert set(result) == {"overall", "other", "yes/no"}

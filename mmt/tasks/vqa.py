@@ -22,7 +22,7 @@ from mmt.data.answers import AnswerVocab
 from mmt.data.transforms import to_pixels
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.text import Tokenizer
-from mmt.tasks.common import ShapesConfig, epoch_order, init_tokenizer, shapes_splits, share
+from mmt.tasks.common import ShapesConfig, SourceConfig, epoch_order, init_tokenizer, shapes_splits, share
 from mmt.train import TrainConfig
 
 ANSWERS_NAME = "answers.json"
@@ -46,6 +46,7 @@ class VQARunConfig:
     dataset: Literal["sort-of-clevr", "shapes"] = "sort-of-clevr"  # which built-in world to train on
     data: SortOfClevrConfig = dataclasses.field(default_factory=SortOfClevrConfig)  # dataset=sort-of-clevr
     shapes: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)  # dataset=shapes
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)  # your own data (source.train=...) instead of `dataset`
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(steps=1700, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
     )
@@ -67,8 +68,55 @@ class VQASplit:
     questions: list[Question]
 
 
+def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
+    """A VQA v2 or JSON Lines source as a split: images in order of first use, each question
+    with its most frequent human answer, typed by answer type ("yes/no", "number", "other")."""
+    from mmt.data.records import DataError, VQARecord, check_dataset, load_source
+    from mmt.data.transforms import load_image
+    from mmt.data.vqa_v2 import most_frequent
+
+    source = load_source(path, image_root=src.image_root or None, kind=src.kind or None, skip_bad=src.skip_bad)
+    records = check_dataset(source, load=True, skip_bad=src.skip_bad).records
+    if not records or not all(isinstance(r, VQARecord) for r in records):
+        raise DataError(path, "records", "needs question-answer records (VQA v2 questions + annotations, or JSON Lines with question and answer)")
+    image_of: dict[str, int] = {}
+    questions = []
+    for r in records:
+        if not r.answers:
+            raise DataError(path, r.where or f"question {r.question_id}", "has no answers (a test split without annotations cannot train or score)")
+        index = image_of.setdefault(str(r.image_path), len(image_of))
+        answer = r.multiple_choice_answer or most_frequent(r.answers)
+        questions.append(Question(index, r.question, answer, ("overall", r.answer_type or "other")))
+    images = np.stack([load_image(p, size) for p in image_of])
+    return VQASplit(images, questions)
+
+
+def _subset(split: VQASplit, first: int, last: int) -> VQASplit:
+    """Images first..last-1 of a split with their questions (re-indexed)."""
+    questions = [dataclasses.replace(q, image_index=q.image_index - first) for q in split.questions if first <= q.image_index < last]
+    return VQASplit(split.images[first:last], questions)
+
+
 def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQASplit:
-    """A split of the configured world. Sort-of-CLEVR has no validation split: its test split serves."""
+    """A split of the configured world, or of your own data (source.train; validation is
+    source.val or the last 10% of the training images; test is source.test, else source.val).
+    Sort-of-CLEVR has no validation split: its test split serves."""
+    src = cfg.source
+    if src.train:
+        size = cfg.model.vision.image_size
+        if which == "test" or (which == "val" and src.val):
+            path = src.test if which == "test" and src.test else src.val
+            if not path:
+                raise ValueError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
+            return own_split(path, src, size)
+        train = own_split(src.train, src, size)
+        if src.val:
+            return train
+        n = len(train.images)
+        if n < 2:
+            raise ValueError(f"{src.train}: {n} usable image(s); give source.val or more training images")
+        held = min(1000, max(1, n // 10))
+        return _subset(train, 0, n - held) if which == "train" else _subset(train, n - held, n)
     if cfg.dataset == "shapes":
         sizes = {k: getattr(cfg.shapes, f"num_{k}") if k == which else 0 for k in ("train", "val", "test")}
         train, val, test = shapes_splits(dataclasses.replace(cfg.shapes, **{f"num_{k}": v for k, v in sizes.items()}))
@@ -132,7 +180,7 @@ class VQATask:
     def prepare(self, run_dir: Path) -> None:
         cfg, model = self.cfg, self.cfg.model
         size = cfg.shapes.image_size if cfg.dataset == "shapes" else sort_of_clevr.IMAGE_SIZE
-        if model.vision.image_size != size:
+        if model.vision.image_size != size and not cfg.source.train:  # own data is resized to the model
             key = "shapes.image_size" if cfg.dataset == "shapes" else "the Sort-of-CLEVR image size"
             raise ValueError(f"model.vision.image_size={model.vision.image_size} but {key} is {size}: set model.vision.image_size={size}")
         train = load_split(cfg, "train")
@@ -145,7 +193,7 @@ class VQATask:
             # ranked by training frequency; answers the dataset defines but this (small)
             # training split never uses still get a class, so the head always covers them
             seen = AnswerVocab.build(q.answer for q in train.questions).answers
-            defined = sort_of_clevr.ANSWERS if cfg.dataset == "sort-of-clevr" else ()
+            defined = sort_of_clevr.ANSWERS if cfg.dataset == "sort-of-clevr" and not cfg.source.train else ()
             self.vocab = AnswerVocab(seen + [a for a in defined if a not in seen])
             self.vocab.save(answers_path)
         model.text.vocab_size = self.tokenizer.vocab_size
@@ -154,7 +202,8 @@ class VQATask:
             answer_ids, _ = self.tokenizer.batch(sorted({q.answer for q in train.questions}), 10_000, wrap="bos_eos")
             model.answer_max_len = max(model.answer_max_len, answer_ids.shape[1])
         self.train_set = QuestionSet(train, self.tokenizer, self.vocab, model)
-        self.eval_set = QuestionSet(load_split(cfg, "val" if cfg.dataset == "shapes" else "test"), self.tokenizer, self.vocab, model)
+        which = "val" if cfg.dataset == "shapes" or cfg.source.train else "test"
+        self.eval_set = QuestionSet(load_split(cfg, which), self.tokenizer, self.vocab, model)
 
     def build_model(self) -> VQAModel:
         return VQAModel(self.cfg.model)
@@ -200,8 +249,8 @@ class VQATask:
                 groups.setdefault(key, []).append(bool(ok))
         if "non-relational" in groups:  # Sort-of-CLEVR: families, then subtypes
             order = ["overall", "non-relational", "relational", *sort_of_clevr.NON_RELATIONAL, *sort_of_clevr.RELATIONAL]
-        else:
-            order = ["overall", *shapes.QTYPES]
+        else:  # the shapes world's question types, or your own data's answer types
+            order = ["overall", *shapes.QTYPES, *sorted(k for k in groups if k != "overall" and k not in shapes.QTYPES)]
         return {k: float(np.mean(groups[k])) for k in order if k in groups}
 
     @staticmethod
