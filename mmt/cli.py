@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmt.checkpoint import CheckpointError
 from mmt.config import ConfigError
+from mmt.train import TrainingError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, TrainingError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mmt {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ class TrainConfig:
     accumulate: int = 1  # micro-steps per optimizer step (gradient accumulation); batch_size counts all of them
     activation_checkpointing: bool = False  # recompute Transformer layer activations in backward: less memory, ~30% more compute
     dist_timeout: int = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
+    max_nonfinite: int = 3  # a step whose loss or gradients are not finite is skipped; this many in a row stop training
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -191,6 +192,10 @@ def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport
     return checkpoint.load_weights(model, directory / checkpoint.WEIGHTS_NAME, strict=False)
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss keeps coming out NaN); the message says what to do."""
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -227,6 +232,15 @@ def start_processes(cfg: TrainConfig) -> Processes:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
         started = True
     return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), started)
+
+
+def _all_finite(finite: bool, procs: Processes) -> bool:
+    """True when every process's step was finite (a collective under several processes)."""
+    if procs.world == 1:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0])
+    torch.distributed.all_reduce(flag)
+    return flag.item() == 0
 
 
 def _gather_rng(procs: Processes) -> list[torch.Tensor]:
@@ -349,9 +363,12 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and procs.main), dynamic_ncols=True, desc=f"train {task.name}")
     window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
     final_eval: dict[str, Any] = {}
+    nonfinite: list[int] = []  # consecutive skipped steps
     for step in range(start_step, cfg.steps):
         model.train()
         optimizer.zero_grad(set_to_none=True)
+        # running statistics (BatchNorm) change in the forward pass: kept to undo a skipped step
+        buffers = {name: b.detach().clone() for name, b in core.named_buffers() if b.is_floating_point()}
         loss_value, step_losses = 0.0, {}
         for micro in range(cfg.accumulate):
             part = procs.rank * cfg.accumulate + micro
@@ -373,11 +390,32 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
             window["count"] += count
             window["samples"] += task.batch_samples(batch) if hasattr(task, "batch_samples") else count
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm.item()))
+        done = step + 1
+        if not _all_finite(finite, procs):  # any process's loss or gradients: every process skips the step
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, b in core.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+            scheduler.step()  # the schedule stays tied to the step number
+            nonfinite.append(done)
+            log({"step": done, "skipped": "non-finite loss or gradients", "batch_step": step, **step_losses})
+            bar.write(f"step {done}: non-finite loss or gradients (batch of step index {step}); step skipped")
+            bar.update(1)
+            if len(nonfinite) >= cfg.max_nonfinite:
+                last = latest_checkpoint(run_dir)
+                raise TrainingError(
+                    f"{len(nonfinite)} steps in a row with a non-finite loss or gradients (steps {nonfinite[0]}-{nonfinite[-1]}); "
+                    f"training stopped. The last good checkpoint is {last or 'none yet'}: lower train.lr, check the data, "
+                    f"or raise train.max_nonfinite, then continue with --resume {run_dir}"
+                )
+            continue
+        nonfinite.clear()
         optimizer.step()
         scheduler.step()
 
         window["loss"] += loss_value
-        done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
             seconds = time.perf_counter() - window["start"]

@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from mmt import checkpoint
 from mmt.cli import main
 from mmt.train import latest_checkpoint
@@ -115,3 +118,44 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pa
     assert main(["train", "vqa", "--resume", str(killed), "--no-progress"]) == 0
     assert not (ckpts / ".tmp-step-0000004").exists()  # cleaned up when step 4 was written again
     assert_same_run(straight_run(tmp_path), killed)
+
+
+def _nan_at(task, steps):
+    """Make the batches of these step indices produce a NaN loss (NaN pixels)."""
+    real = task.train_batch
+
+    def train_batch(step, part=0, parts=1):
+        batch = real(step, part, parts)
+        if step in steps:
+            batch["pixels"] = torch.full_like(batch["pixels"], float("nan"))
+        return batch
+
+    task.train_batch = train_batch
+    return task
+
+
+def test_a_non_finite_step_is_skipped_and_logged(tmp_path):
+    from mmt import train as train_lib
+    from mmt.config import apply_overrides
+    from mmt.tasks.vqa import VQARunConfig, VQATask
+
+    task = _nan_at(VQATask(apply_overrides(VQARunConfig(), TINY)), {2})
+    train_lib.train(task, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if "skipped" in r]
+    assert [(r["step"], r["batch_step"]) for r in skipped] == [(3, 2)]
+    weights = checkpoint.read_weights(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())  # the NaN step never reached the weights
+
+
+def test_non_finite_steps_in_a_row_stop_training_and_keep_the_last_good_checkpoint(tmp_path):
+    from mmt import train as train_lib
+    from mmt.config import apply_overrides
+    from mmt.tasks.vqa import VQARunConfig, VQATask
+
+    task = _nan_at(VQATask(apply_overrides(VQARunConfig(), [*TINY, "train.max_nonfinite=2"])), {2, 3, 4, 5})
+    with pytest.raises(train_lib.TrainingError, match=r"2 steps in a row .*steps 3-4.*step-0000002"):
+        train_lib.train(task, tmp_path / "run", progress=False)
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000002"
+    weights = checkpoint.read_weights(tmp_path / "run" / "checkpoints" / "step-0000002" / "model.safetensors")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
