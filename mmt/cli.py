@@ -215,7 +215,7 @@ def _own_test_data(source, size: int):
     path = source.test or source.val
     if not path:
         raise ConfigError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
-    test = load_image_texts(path, source, size, source.val_split)
+    test = load_image_texts(path, source, size, source.test_split if source.test else source.val_split)
     return test.pixels, test.captions
 
 

@@ -126,20 +126,21 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 def save_checkpoint(
     run_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any], keep_last: int, best: int | None,
-    rng_states: list[torch.Tensor] | None = None,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically (a temporary directory renamed into place).
-    `rng_states`: every process's torch RNG state, by rank (default: this process's)."""
+    `rng_states`: every process's torch RNG states ({"torch": cpu, "cuda": gpu}), by rank
+    (default: this process's CPU state)."""
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save_pretrained(model, tmp)
     tensors, meta = _optimizer_tensors(optimizer)
-    rng_states = rng_states or [torch.get_rng_state()]
-    tensors["rng.torch"] = rng_states[0]
-    for rank, rng in enumerate(rng_states[1:], start=1):
-        tensors[f"rng.torch.rank{rank}"] = rng
+    rng_states = rng_states or [{"torch": torch.get_rng_state()}]
+    for rank, states in enumerate(rng_states):
+        for kind, rng in states.items():  # rank 0's CPU state keeps its old name, "rng.torch"
+            tensors[f"rng.{kind}" + (f".rank{rank}" if rank else "")] = rng
     checkpoint.atomic_write(tmp / "optimizer.safetensors", lambda path: save_file(tensors, path))
     state = {
         "step": step,
@@ -207,6 +208,7 @@ class Processes:
     world: int = 1
     local_rank: int = 0
     started_group: bool = False  # this trainer initialised the process group (and ends it)
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL takes CUDA tensors only)
 
     @property
     def main(self) -> bool:
@@ -227,36 +229,43 @@ def start_processes(cfg: TrainConfig) -> Processes:
     if world <= 1:
         return Processes()
     started = False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # before the group starts, so NCCL binds each process to its own GPU
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
         started = True
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), started)
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, started, device)
 
 
 def _all_finite(finite: bool, procs: Processes) -> bool:
     """True when every process's step was finite (a collective under several processes)."""
     if procs.world == 1:
         return finite
-    flag = torch.tensor([0.0 if finite else 1.0])
+    flag = torch.tensor([0.0 if finite else 1.0], device=procs.device)
     torch.distributed.all_reduce(flag)
     return flag.item() == 0
 
 
-def _gather_rng(procs: Processes) -> list[torch.Tensor]:
-    """Every process's torch RNG state, by rank (a collective: all processes call it)."""
-    state = torch.get_rng_state()
+def _gather_rng(procs: Processes) -> list[dict[str, torch.Tensor]]:
+    """Every process's torch RNG states (CPU, and its GPU's), by rank (a collective: all processes call it)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
     if procs.world == 1:
         return [state]
     states: list[Any] = [None] * procs.world
     torch.distributed.all_gather_object(states, state)
-    return states
+    return [{k: v.cpu() for k, v in s.items()} for s in states]
 
 
 def _sum_across(values: list[float], procs: Processes) -> list[float]:
     if procs.world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=procs.device)
     torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -307,6 +316,7 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    procs.device = device
     model = task.build_model().to(device)
     for module in model.modules():
         if hasattr(module, "activation_checkpointing"):
@@ -328,8 +338,11 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         checkpoint.load_weights(model, last / checkpoint.WEIGHTS_NAME)
         tensors = load_file(str(last / "optimizer.safetensors"))
         state = json.loads((last / "trainer_state.json").read_text())
-        rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.torch")]}
-        torch.set_rng_state(rng.get(f"rng.torch.rank{procs.rank}", rng["rng.torch"]))
+        rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.")]}
+        suffix = f".rank{procs.rank}" if procs.rank else ""
+        torch.set_rng_state(rng.get(f"rng.torch{suffix}", rng["rng.torch"]))
+        if torch.cuda.is_available() and f"rng.cuda{suffix}" in rng:
+            torch.cuda.set_rng_state(rng[f"rng.cuda{suffix}"])
         _restore_optimizer(optimizer, tensors, state["optimizer"])
         random.setstate(_tuples(state["rng"]["python"]))
         np.random.set_state(state["rng"]["numpy"])
@@ -350,7 +363,10 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         from torch.nn.parallel import DistributedDataParallel
 
         # every process built the same weights from the same seed; DDP checks and broadcasts rank 0's
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(core, "leaves_parameters_unused", False),
+        )
         if not resume:  # dropout and sampling differ across processes (a resumed run restored each one's state)
             torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
     metrics_file = (run_dir / "metrics.jsonl").open("a") if procs.main else None
@@ -361,7 +377,7 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
             metrics_file.flush()
 
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and procs.main), dynamic_ncols=True, desc=f"train {task.name}")
-    window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
+    window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
     final_eval: dict[str, Any] = {}
     nonfinite: list[int] = []  # consecutive skipped steps
     for step in range(start_step, cfg.steps):
@@ -416,17 +432,21 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         scheduler.step()
 
         window["loss"] += loss_value
+        window["steps"] += 1
+        for k, v in step_losses.items():
+            window["terms"][k] = window["terms"].get(k, 0.0) + v
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
             seconds = time.perf_counter() - window["start"]
-            steps_in_window = (done - 1) % cfg.log_every + 1
-            names = sorted(step_losses)
-            # every process's share of the batch: losses averaged, counts summed
-            totals = _sum_across([window["loss"], window["correct"], window["count"], window["samples"], *(step_losses[k] for k in names)], procs)
+            steps_in_window = max(1, window["steps"])  # steps taken (skipped ones have no loss to average)
+            terms = window["terms"]
+            names = sorted(terms)
+            # every process's share of the batch: losses averaged (over the window too), counts summed
+            totals = _sum_across([window["loss"], window["correct"], window["count"], window["samples"], *(terms[k] for k in names)], procs)
             record = {
                 "step": done,
                 "loss": totals[0] / procs.world / steps_in_window,
-                **{k: v / procs.world for k, v in zip(names, totals[4:])},
+                **{k: v / procs.world / steps_in_window for k, v in zip(names, totals[4:])},
                 "train_accuracy": totals[1] / max(1, totals[2]),
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": totals[3] / seconds,
@@ -434,7 +454,7 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
             }
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-            window = {"loss": 0.0, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
+            window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
         if procs.main and (done % cfg.eval_every == 0 or done == cfg.steps):
             final_eval = task.evaluate(core)
             log({"step": done, "eval": final_eval})

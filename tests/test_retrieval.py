@@ -176,6 +176,15 @@ def test_ranks_recall_and_rerank():
     reranked = rerank(similarity, candidates, scores)
     assert ranks_of(reranked, positive).tolist() == [0, 0]
     assert reranked[0].argsort(descending=True).tolist() == [1, 0, 2]  # the rest stays below the top-k
+    # a tie with a negative counts against the positive: a collapsed model scores nothing
+    assert ranks_of(torch.zeros(2, 3), positive).tolist() == [2, 2]
+
+
+def test_matching_without_the_contrastive_term_is_refused():
+    cfg = registry.preset("retrieval-tiny")
+    cfg.losses = LossWeights(itc=0.0, itm=1.0)
+    with pytest.raises(ValueError, match="losses.itm needs losses.itc"):
+        RetrievalModel(cfg)
 
 
 # ----------------------------------------------------------------------------- --init

@@ -8,8 +8,9 @@
 - Matching (ITM): a fusion encoder runs the text tokens through self-attention,
   cross-attention to the image tokens and feed-forward layers (a decoder stack without the
   causal mask, the same fusion the VQA model uses) and classifies [CLS] as match / no
-  match. Negatives are hard ones, drawn in proportion to the contrastive similarity with
-  every positive excluded (Li et al. 2021). At evaluation ITM re-ranks the contrastive top-k.
+  match. Negatives are drawn with probability softmax(cosine similarity), every positive
+  excluded: a mild preference for hard negatives (Li et al. 2021 scale the similarities by
+  the contrastive temperature, which makes them harder). At evaluation ITM re-ranks the contrastive top-k.
 - Masked language modelling (MLM, pretraining): 15% of the caption's tokens are masked
   and predicted through the fusion encoder, so filling them in needs the image.
 - Captioning / causal LM (LM, pretraining): a decoder over the image tokens, named as in
@@ -136,7 +137,9 @@ def contrastive_loss(
 def sample_hard_negatives(similarity: Tensor, positive: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """For each row, one column drawn with probability softmax(similarity) over the
     non-positive columns (positives get probability zero). similarity, positive: (R, C).
-    Every row needs at least one non-positive column."""
+    Every row needs at least one non-positive column. The ITM loss passes raw cosines
+    (in [-1, 1], not scaled by the contrastive temperature), which prefers similar
+    negatives only mildly; scaling them would make the negatives harder."""
     if (positive.all(1)).any():
         row = int(positive.all(1).nonzero()[0])
         raise ValueError(f"row {row} has no negative to sample: every column is a positive")
@@ -160,6 +163,10 @@ class RetrievalModel(nn.Module):
         self.text_proj = nn.Linear(tdim, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         w = cfg.losses
+        if w.itm and not w.itc:
+            raise ValueError("losses.itm needs losses.itc: matching draws its hard negatives from the contrastive similarities")
+        # without the contrastive term the projections and temperature get no gradient (DDP must be told)
+        self.leaves_parameters_unused = not w.itc
         if w.itm or w.mlm:
             if cfg.fusion_encoder.dim != tdim:
                 raise ValueError(f"fusion_encoder.dim={cfg.fusion_encoder.dim} must equal text.encoder.dim={tdim}")

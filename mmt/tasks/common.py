@@ -85,7 +85,8 @@ class SourceConfig:
     image_root: str = ""  # folder of the images (COCO, Karpathy; JSON Lines paths are relative to their file)
     kind: str = ""  # coco | karpathy | jsonl; empty: detected from the file
     train_split: str = "train"  # Karpathy: split of `train` (restval folded in)
-    val_split: str = "val"  # Karpathy: split of `val`/`test` when they name the same file
+    val_split: str = "val"  # Karpathy: split of `val`
+    test_split: str = "test"  # Karpathy: split of `test`
     skip_bad: bool = False  # skip and count bad records and images instead of stopping at the first
 
 

@@ -141,7 +141,7 @@ def recall_at(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]
 def ranks_of(similarity: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """0-based rank of the best-ranked positive column of each row (ties count against it)."""
     best = similarity.masked_fill(~positive, -float("inf")).max(1).values
-    return (similarity > best[:, None]).sum(1)
+    return ((similarity >= best[:, None]) & ~positive).sum(1)  # a negative scoring the same ranks first
 
 
 def rerank(similarity: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
