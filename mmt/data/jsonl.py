@@ -72,7 +72,7 @@ def read_lines(path: str | Path, bad: BadRecords | None = None) -> list[tuple[in
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(path, where, f"invalid JSON at column {e.colno}: {e.msg}", kind=INVALID_JSON) from None
+                    raise DataError(path, where, f"invalid JSON at column {e.pos + 1}: {e.msg}", kind=INVALID_JSON) from None
                 if not isinstance(value, dict):
                     raise DataError(path, where, f"expected a JSON object, got {type(value).__name__}", kind=NOT_AN_OBJECT)
                 objects.append((number, value))
