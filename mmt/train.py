@@ -193,6 +193,12 @@ def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport
     return checkpoint.load_weights(model, directory / checkpoint.WEIGHTS_NAME, strict=False)
 
 
+# files a run writes before its first checkpoint; a fresh (not resumed) run in the same
+# directory must not append to the log or reuse a vocabulary built from other data or for
+# other --init weights
+STALE_ON_FRESH_START = ("metrics.jsonl", checkpoint.TOKENIZER_NAME, "answers.json", "init_report.json", "data_report.json")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss keeps coming out NaN); the message says what to do."""
 
@@ -297,6 +303,9 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         )
     if procs.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # what an attempt that died before its first checkpoint left: start clean
+            for name in STALE_ON_FRESH_START:
+                (run_dir / name).unlink(missing_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -370,6 +379,9 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         if not resume:  # dropout and sampling differ across processes (a resumed run restored each one's state)
             torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
     metrics_file = (run_dir / "metrics.jsonl").open("a") if procs.main else None
+    data_report = run_dir / "data_report.json"
+    if metrics_file is not None and not resume and data_report.is_file():  # own data: what was read, what was skipped
+        metrics_file.write(json.dumps({"step": 0, "data": json.loads(data_report.read_text())}) + "\n")
 
     def log(record: dict[str, Any]) -> None:
         if metrics_file is not None:

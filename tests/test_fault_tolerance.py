@@ -159,3 +159,18 @@ def test_non_finite_steps_in_a_row_stop_training_and_keep_the_last_good_checkpoi
     assert latest_checkpoint(tmp_path / "run").name == "step-0000002"
     weights = checkpoint.read_weights(tmp_path / "run" / "checkpoints" / "step-0000002" / "model.safetensors")
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_a_fresh_run_ignores_what_a_dead_attempt_left(tmp_path):
+    """An attempt that died before its first checkpoint leaves a log and a vocabulary behind;
+    starting again (not --resume) must neither append to that log nor reuse that vocabulary."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 123.0}) + "\n")
+    from mmt.text import Tokenizer
+
+    Tokenizer.train(["completely different words"], kind="word").save(run / "tokenizer.json")
+    assert main(["train", "vqa", "--run-dir", str(run), "--no-progress", *sets(TINY)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6] and records[0]["loss"] != 123.0
+    assert "closest" in (run / "tokenizer.json").read_text()  # rebuilt from the Sort-of-CLEVR questions

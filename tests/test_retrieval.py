@@ -313,6 +313,8 @@ def test_retrieval_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys)
     assert main(args + steps + ["--set", "source.skip_bad=true"]) == 0
     report = json.loads((run / "data_report.json").read_text())
     assert report == {"train_images": 27, "val_images": 3, "skipped_train": {"missing_image": 1}, "skipped_val": {}}
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 0, "data": report}  # the skipped count is in the training log too
     assert main(["eval", str(run)]) == 2  # a held-out tail cannot be rebuilt: ask for a test file
     assert "source.test" in capsys.readouterr().err
     assert main(["eval", str(run), "--set", f"source.test={tmp_path / 'test.jsonl'}"]) == 0

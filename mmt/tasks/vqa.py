@@ -76,7 +76,10 @@ def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
     from mmt.data.vqa_v2 import most_frequent
 
     source = load_source(path, image_root=src.image_root or None, kind=src.kind or None, skip_bad=src.skip_bad)
-    records = check_dataset(source, load=True, skip_bad=src.skip_bad).records
+    report = check_dataset(source, load=True, skip_bad=src.skip_bad)
+    records = report.records
+    if report.bad.total:
+        print(f"{path}: skipped bad records (source.skip_bad): {dict(report.bad.counts)}")
     if not records or not all(isinstance(r, VQARecord) for r in records):
         raise DataError(path, "records", "needs question-answer records (VQA v2 questions + annotations, or JSON Lines with question and answer)")
     image_of: dict[str, int] = {}
