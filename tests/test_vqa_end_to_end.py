@@ -167,3 +167,22 @@ def test_vqa_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
     assert main(["eval", str(run), "--set", f"source.test={tmp_path / 'qa.jsonl'}"]) == 0
     result = json.loads((run / "eval.json").read_text())
     assert set(result) == {"overall", "other", "yes/no"}
+
+
+def test_several_human_answers_give_soft_targets_and_vqa_accuracy():
+    from mmt.data.answers import AnswerVocab
+    from mmt.tasks.vqa import Question, QuestionSet, VQASplit
+    from mmt.text import Tokenizer
+
+    humans = ("red",) * 4 + ("dark red",) * 2 + ("maroon",) + ("blue",) * 3  # 10 answers
+    split = VQASplit(np.zeros((1, 75, 75, 3), np.uint8), [Question(0, "what colour?", "red", ("overall", "other"), humans)])
+    vocab = AnswerVocab(["red", "dark red", "blue"])  # "maroon" is outside the vocabulary
+    cfg = tiny_cfg()
+    questions = QuestionSet(split, Tokenizer.train(["what colour?"]), vocab, cfg.model)
+    # min(1, k/3): red 4 -> 1, dark red 2 -> 2/3, blue 3 -> 1
+    torch.testing.assert_close(questions.answers, torch.tensor([[1.0, 2 / 3, 1.0]]))
+    batch = questions.batch(np.array([0]))
+    for predicted, score in ((0, 1.0), (1, 2 / 3)):
+        logits = torch.full((1, 3), -5.0)
+        logits[0, predicted] = 5.0
+        assert VQATask.batch_accuracy({"answer_logits": logits}, batch) == (pytest.approx(score), 1)

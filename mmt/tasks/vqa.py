@@ -60,6 +60,7 @@ class Question:
     text: str
     answer: str
     types: tuple[str, ...]  # rows of the accuracy table it counts in, "overall" first
+    human_answers: tuple[str, ...] = ()  # your own data: every human answer (VQA v2 has 10)
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
             raise DataError(path, r.where or f"question {r.question_id}", "has no answers (a test split without annotations cannot train or score)")
         index = image_of.setdefault(str(r.image_path), len(image_of))
         answer = r.multiple_choice_answer or most_frequent(r.answers)
-        questions.append(Question(index, r.question, answer, ("overall", r.answer_type or "other")))
+        questions.append(Question(index, r.question, answer, ("overall", r.answer_type or "other"), tuple(r.answers)))
     images = np.stack([load_image(p, size) for p in image_of])
     return VQASplit(images, questions)
 
@@ -149,6 +150,17 @@ class QuestionSet:
             self.answers, _ = tokenizer.batch([q.answer for q in split.questions], model.answer_max_len, wrap="bos_eos")
             # what a perfect model writes, as text: answers pass through the tokenizer's normalisation
             self.answer_texts = [tokenizer.decode(row) for row in self.answers]
+        elif any(len(q.human_answers) > 1 for q in split.questions):
+            # several human answers (VQA v2): soft targets min(1, k/3) for an answer k humans
+            # gave; the classifier trains on them with binary cross-entropy, and a prediction
+            # scores its answer's target (the usual VQA accuracy)
+            from mmt.data.vqa_v2 import soft_scores
+
+            self.answers = torch.zeros(len(split.questions), len(vocab))
+            for i, q in enumerate(split.questions):
+                for answer, score in soft_scores(q.human_answers or (q.answer,)).items():
+                    if answer in vocab.index:
+                        self.answers[i, vocab.index[answer]] = score
         else:
             # an answer outside the vocabulary can never be predicted: it counts as wrong in
             # evaluation and is ignored by the training loss (cross-entropy's ignore index)
@@ -164,7 +176,7 @@ class QuestionSet:
         rows = torch.cat(per_image)
         counts = torch.tensor([len(r) for r in per_image])
         answers = self.answers[rows]
-        if answers.ndim == 2:  # answer tokens: drop all-padding columns
+        if answers.ndim == 2 and not answers.is_floating_point():  # answer tokens: drop all-padding columns
             answers = answers[:, : int((answers != 0).sum(1).max())]
         return {
             "pixels": self.pixels[torch.as_tensor(images)],
@@ -220,15 +232,18 @@ class VQATask:
     def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         if "answers_correct" in out:  # generative head
             return out["answers_correct"].item(), len(batch["answers"])
-        correct = (out["answer_logits"].argmax(-1) == batch["answers"]).sum().item()
-        return correct, len(batch["answers"])
+        predicted = out["answer_logits"].argmax(-1)
+        if batch["answers"].is_floating_point():  # soft targets: the predicted answer's score
+            return batch["answers"].gather(1, predicted[:, None]).sum().item(), len(predicted)
+        return (predicted == batch["answers"]).sum().item(), len(predicted)
 
     @torch.no_grad()
     def predictions_correct(self, model: VQAModel, questions: QuestionSet, images_per_batch: int = 50) -> np.ndarray:
-        """Whether the model answers each question of the split right (generative: exact text)."""
+        """How right the model answers each question of the split: 1 or 0 (generative: exact
+        text), or with soft targets the predicted answer's score min(1, k/3)."""
         model.eval()
         device = next(model.parameters()).device
-        correct = np.zeros(len(questions.split.questions), dtype=bool)
+        correct = np.zeros(len(questions.split.questions), dtype=float)
         n = len(questions.questions_of_image)
         for start in range(0, n, images_per_batch):
             images = np.arange(start, min(n, start + images_per_batch))
@@ -239,17 +254,22 @@ class VQATask:
                 correct[rows] = [questions.tokenizer.decode(row) == questions.answer_texts[r] for row, r in zip(ids, rows)]
             else:
                 logits = model.answer_logits(batch["pixels"], batch["question_ids"], batch["image_index"])
-                correct[rows] = (logits.argmax(-1).cpu() == questions.answers[rows]).numpy()
+                predicted = logits.argmax(-1).cpu()
+                targets = questions.answers[rows]
+                if targets.is_floating_point():
+                    correct[rows] = targets.gather(1, predicted[:, None]).squeeze(1).numpy()
+                else:
+                    correct[rows] = (predicted == targets).numpy()
         return correct
 
     def evaluate(self, model: VQAModel, questions: QuestionSet | None = None) -> dict[str, float]:
         """Accuracy overall and per question type."""
         questions = questions or self.eval_set
         correct = self.predictions_correct(model, questions)
-        groups: dict[str, list[bool]] = {}
+        groups: dict[str, list[float]] = {}
         for ok, q in zip(correct, questions.split.questions):
             for key in q.types:
-                groups.setdefault(key, []).append(bool(ok))
+                groups.setdefault(key, []).append(float(ok))
         if "non-relational" in groups:  # Sort-of-CLEVR: families, then subtypes
             order = ["overall", "non-relational", "relational", *sort_of_clevr.NON_RELATIONAL, *sort_of_clevr.RELATIONAL]
         else:  # the shapes world's question types, or your own data's answer types
