@@ -222,7 +222,8 @@ def score_captions(
 _RECORD = '{"image_id": ..., "caption": ...}'
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """The parsed JSON file; invalid JSON or bad UTF-8 raises ValueError naming the file (and line/column)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -248,7 +249,7 @@ def _caption_record(path: Path, where: str, record) -> tuple[int | str, str]:
 def load_coco_results(path: str | Path) -> dict[int | str, str]:
     """Read COCO results, `[{"image_id": ..., "caption": ...}, ...]`, one caption per image."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty list of {_RECORD} records (COCO results format)")
     results: dict[int | str, str] = {}
@@ -269,7 +270,7 @@ def load_coco_references(path: str | Path) -> dict[int | str, list[str]]:
     "images" is not needed and not read; an image's references are its annotations, in file order.
     """
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if isinstance(data, dict):
         if "annotations" not in data:
             raise ValueError(f"{path}: missing key 'annotations' (COCO captions format: {{\"annotations\": [{_RECORD}, ...]}})")

@@ -65,6 +65,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmt.checkpoint import atomic_write_text
+from mmt.data.records import is_id
+from mmt.metrics.captions import read_json
 
 # Number words the official evaluation turns into digits.
 NUMBER_WORDS: dict[str, str] = {
@@ -196,16 +198,7 @@ def _preview(ids: list) -> str:
 def _read_json(path: Path, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file ({what})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-
-
-def _is_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return read_json(path)
 
 
 def _record(path: Path, where: str, record, keys: tuple[str, ...]) -> dict:
@@ -215,7 +208,7 @@ def _record(path: Path, where: str, record, keys: tuple[str, ...]) -> dict:
     for key in keys:
         if key not in record:
             raise ValueError(f"{path}: {where}: missing key {key!r}")
-    if not _is_id(record["question_id"]):
+    if not is_id(record["question_id"]):
         raise ValueError(f"{path}: {where}: 'question_id' must be an integer, got {record['question_id']!r:.40}")
     return record
 
@@ -380,7 +373,7 @@ def write_results(path: str | Path, answers: dict[int, str]) -> None:
     if not answers:
         raise ValueError(f"{path}: no answers to write")
     for question_id, answer in answers.items():
-        if not _is_id(question_id):
+        if not is_id(question_id):
             raise ValueError(f"{path}: question id {question_id!r} must be an integer")
         if not isinstance(answer, str):
             raise ValueError(f"{path}: answer for question {question_id} must be a string, got {type(answer).__name__}")
