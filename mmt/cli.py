@@ -147,22 +147,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_caption(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
-    import dataclasses
     import time
 
-    from mmt.data.transforms import to_pixels
     from mmt.metrics.captions import format_scores, write_coco_references, write_coco_results
     from mmt.tasks.caption import CaptionRunConfig, caption_images, evaluate_captions, load_for_inference, score_references
-    from mmt.tasks.common import shapes_splits
 
     model, tokenizer = load_for_inference(run_dir)
     cfg = _saved_run_config(run_dir, CaptionRunConfig(model=model.config), args)
-    if cfg.source.train:  # the run trained on its own data: evaluate on source.test (or source.val)
-        pixels, references = _own_test_data(cfg.source, model.config.vision.image_size)
-        test = None
-    else:
-        _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
-        pixels, references = to_pixels(test.images), test.captions
+    pixels, references, test = _test_image_texts(cfg, model.config.vision.image_size)
     started = time.perf_counter()
     captions = caption_images(model, tokenizer, pixels, cfg.generation)
     seconds = time.perf_counter() - started
@@ -182,21 +174,14 @@ def _eval_caption(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
 
 
 def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
-    import dataclasses
     import time
 
-    from mmt.data.transforms import to_pixels
-    from mmt.tasks.common import shapes_splits
     from mmt.tasks.retrieval import SHAPES_CAPTION_GROUPS, RetrievalRunConfig, format_recall, load_for_inference, retrieval_scores
 
     model, tokenizer = load_for_inference(run_dir)
     cfg = _saved_run_config(run_dir, RetrievalRunConfig(model=model.config), args)
-    if cfg.source.train:  # the run trained on its own data: evaluate on source.test (or source.val)
-        pixels, captions = _own_test_data(cfg.source, model.config.vision.image_size)
-        groups = None
-    else:
-        _, _, shapes_test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
-        pixels, captions, groups = to_pixels(shapes_test.images), shapes_test.captions, SHAPES_CAPTION_GROUPS
+    pixels, captions, shapes_test = _test_image_texts(cfg, model.config.vision.image_size)
+    groups = SHAPES_CAPTION_GROUPS if shapes_test is not None else None
     started = time.perf_counter()
     result = retrieval_scores(model, tokenizer, pixels, captions, rerank_k=args.rerank_k, caption_groups=groups)
     seconds = time.perf_counter() - started
@@ -208,15 +193,24 @@ def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _own_test_data(source, size: int):
-    """(pixels, captions per image) of source.test, else source.val, of a run on its own data."""
-    from mmt.tasks.common import load_image_texts
+def _test_image_texts(cfg, size: int):
+    """(pixels, captions per image, the shapes split or None) a caption or retrieval run is
+    tested on: source.test (else source.val) for a run on its own data, else the shapes
+    world's test split."""
+    import dataclasses
 
+    from mmt.data.transforms import to_pixels
+    from mmt.tasks.common import load_image_texts, shapes_splits
+
+    source = cfg.source
+    if not source.train:
+        _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+        return to_pixels(test.images), test.captions, test
     path = source.test or source.val
     if not path:
         raise ConfigError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
-    test = load_image_texts(path, source, size, source.test_split if source.test else source.val_split)
-    return test.pixels, test.captions
+    own = load_image_texts(path, source, size, source.test_split if source.test else source.val_split)
+    return own.pixels, own.captions, None
 
 
 def _decoding(generation) -> str:
