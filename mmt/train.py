@@ -392,11 +392,14 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
     window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
     final_eval: dict[str, Any] = {}
     nonfinite: list[int] = []  # consecutive skipped steps
+    # the buffers a forward pass changes: BatchNorm statistics (other buffers, e.g. fixed
+    # position tables, never change)
+    running_stats = [b for m in core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
     for step in range(start_step, cfg.steps):
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        # running statistics (BatchNorm) change in the forward pass: kept to undo a skipped step
-        buffers = {name: b.detach().clone() for name, b in core.named_buffers() if b.is_floating_point()}
+        # running statistics change in the forward pass: kept to undo a skipped step
+        buffers = [b.detach().clone() for b in running_stats]
         loss_value, step_losses = 0.0, {}
         for micro in range(cfg.accumulate):
             part = procs.rank * cfg.accumulate + micro
@@ -423,9 +426,8 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         if not _all_finite(finite, procs):  # any process's loss or gradients: every process skips the step
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for name, b in core.named_buffers():
-                    if name in buffers:
-                        b.copy_(buffers[name])
+                for b, saved in zip(running_stats, buffers):
+                    b.copy_(saved)
             scheduler.step()  # the schedule stays tied to the step number
             nonfinite.append(done)
             log({"step": done, "skipped": "non-finite loss or gradients", "batch_step": step, **step_losses})
