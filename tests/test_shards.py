@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from mmt.data.records import DataError
-from mmt.data.shards import pack, read_index, shard_dataset, shards_for_rank
+from mmt.data.shards import ShardStream, iter_packed, pack, read_index, shard_dataset, shards_for_rank
 
 N = 7
 
@@ -164,3 +164,68 @@ def test_data_pack_command(tmp_path, capsys):
     assert main(["data", "pack", str(source), "--out", str(out), "--shard-size", "3"]) == 0
     assert "packed 7 records into 3 shards" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+# ----------------------------------------------------------------------------- training streams
+
+
+def big_dataset(root: Path, n: int = 23) -> Path:
+    """n distinct tiny PNGs (pixel (0, 0) encodes the index), one caption each."""
+    (root / "img").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(root / "img" / f"{i}.png")
+        lines.append(json.dumps({"image": f"img/{i}.png", "text": f"caption {i}"}))
+    (root / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "caps.jsonl"
+
+
+def stream_ids(stream: ShardStream, position: int, n: int) -> list[int]:
+    samples = stream.take(position, n)
+    for image, meta in samples:  # the decoded image is the record's own
+        assert image.shape == (4, 4, 3) and int(image[0, 0, 0]) == meta["index"]
+    return [meta["index"] for _, meta in samples]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_epochs_cover_each_sample_once_and_reshuffle(tmp_path, workers):
+    # each worker makes its own passes, so the rank's epochs line up when the workers' shares
+    # are equal: 24 samples in 6 shards of 4 give each of 2 workers 12
+    n = 23 if workers == 0 else 24
+    out = tmp_path / "shards"
+    pack(big_dataset(tmp_path / "data", n), out, shard_size=4)
+    stream = ShardStream(out, size=4, workers=workers, shuffle=5, seed=1)
+    first, second = stream_ids(stream, 0, n), stream_ids(stream, n, n)
+    assert sorted(first) == sorted(second) == list(range(n))  # each epoch: every sample exactly once
+    assert first != second and first != list(range(n))  # shuffled, differently each epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_restarts_at_any_position_exactly(tmp_path, workers):
+    out = tmp_path / "shards"
+    pack(big_dataset(tmp_path / "data"), out, shard_size=4)
+    whole = stream_ids(ShardStream(out, size=4, workers=workers, shuffle=5, seed=2), 0, 60)
+    for position in (0, 1, 7, 22, 23, 24, 45):  # inside the first epoch, at and after its end, in the third
+        resumed = ShardStream(out, size=4, workers=workers, shuffle=5, seed=2)
+        assert stream_ids(resumed, position, 60 - position) == whole[position:], position
+
+
+def test_stream_ranks_read_disjoint_shards(tmp_path):
+    out = tmp_path / "shards"
+    pack(big_dataset(tmp_path / "data"), out, shard_size=4)
+    epoch = {rank: set(stream_ids(ShardStream(out, size=4, rank=rank, world=2, workers=0, shuffle=0), 0, 11)) for rank in (0, 1)}
+    assert epoch[0].isdisjoint(epoch[1])
+    assert epoch[0] | epoch[1] <= set(range(23)) and len(epoch[0] | epoch[1]) == 22  # rank 0: 12 samples, 11 taken; rank 1: 11
+    with pytest.raises(DataError, match="leave process 6 of 7 without data"):
+        ShardStream(out, size=4, rank=6, world=7)
+
+
+def test_iter_packed_reads_records_without_images_and_names_a_missing_shard(tmp_path):
+    out = tmp_path / "shards"
+    pack(big_dataset(tmp_path / "data"), out, shard_size=10)
+    assert [meta["captions"] for meta, image in iter_packed(out, images=False)] == [[f"caption {i}"] for i in range(23)]
+    assert all(image is None for _, image in iter_packed(out, images=False))
+    assert all(image.startswith(b"\x89PNG") for _, image in iter_packed(out))
+    (out / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"shard-000001.tar: shard listed in .*index.json is missing"):
+        list(iter_packed(out, images=False))

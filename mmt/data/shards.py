@@ -53,14 +53,20 @@ import json
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
 
 from mmt.checkpoint import atomic_write, atomic_write_text
 from mmt.data.records import CaptionRecord, DataError, DataRecord, check_image, load_source
+from mmt.data.transforms import ImageError, decode_image
 
-__all__ = ["INDEX_NAME", "pack", "read_index", "shard_dataset", "shard_name", "shards_for_rank"]
+__all__ = [
+    "INDEX_NAME", "ShardStream", "is_shard_dir", "iter_packed", "pack", "read_index", "sample_image", "shard_dataset", "shard_name",
+    "shards_for_rank",
+]
 
 INDEX_NAME = "index.json"
 SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
@@ -244,3 +250,163 @@ def shard_dataset(out_dir: str | Path, shuffle: int = 0, seed: int = 0, split_by
     if shuffle > 0:
         dataset = dataset.shuffle(shuffle, seed=seed)
     return dataset.map(_decode)
+
+
+# ----------------------------------------------------------------------------- training streams
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    """True when `path` is a folder `pack` wrote (it holds index.json)."""
+    return bool(str(path)) and (Path(path) / INDEX_NAME).is_file()
+
+
+def _listed_shards(out_dir: Path) -> list[tuple[str, int]]:
+    """(path, sample count) of each shard index.json lists, in order."""
+    index = read_index(out_dir)
+    try:
+        return [(str(out_dir / s["name"]), int(s["count"])) for s in index["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(out_dir / INDEX_NAME, "shards", f"malformed shard list ({e!r})") from None
+
+
+def iter_packed(out_dir: str | Path, images: bool = True) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+    """(record dict, image bytes) of every packed sample in shard order; with images=False
+    the image bytes are not read (None): what a trainer needs up front (e.g. every caption
+    for the tokenizer) costs a pass over the tar headers only."""
+    out_dir = Path(out_dir)
+    for path, count in _listed_shards(out_dir):
+        seen = 0
+        try:
+            with tarfile.open(path, "r:") as tar:
+                pending: dict[str, tuple[dict[str, Any] | None, bytes | None]] = {}
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if ext != "json" and not images:
+                        continue
+                    data = tar.extractfile(member).read()
+                    meta, image = pending.pop(key, (None, None))
+                    if ext == "json":
+                        meta = json.loads(data)
+                    else:
+                        image = data
+                    if meta is not None and (image is not None or not images):
+                        seen += 1
+                        yield meta, image
+                    else:
+                        pending[key] = (meta, image)
+        except FileNotFoundError:
+            raise DataError(path, "", f"shard listed in {out_dir / INDEX_NAME} is missing", kind="missing_file") from None
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise DataError(path, "", f"unreadable shard ({e})", kind="invalid_json") from None
+        if seen != count:
+            raise DataError(path, "", f"holds {seen} complete samples, {INDEX_NAME} lists {count}; pack again")
+
+
+def sample_image(sample: dict[str, Any], size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """A webdataset sample of a packed shard -> ((size, size, 3) uint8 image, record dict)."""
+    meta = json.loads(sample["json"])
+    name = f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}.{meta.get('image_member', '?')}"
+    data = sample.get(meta.get("image_member", ""))
+    if data is None:
+        raise DataError(sample.get("__url__", "?"), sample.get("__key__", "?"), "sample has no image member", kind="missing_image")
+    try:
+        return decode_image(data, size, name), meta
+    except ImageError as e:
+        raise DataError(sample.get("__url__", "?"), sample.get("__key__", "?"), str(e), kind="bad_image") from None
+
+
+class _RankStream(torch.utils.data.IterableDataset):
+    """The endless sample stream of one rank, read with webdataset by N stream workers.
+
+    Stream worker w of N reads the rank's shards w, w+N, ... (strided, like
+    `webdataset.split_by_worker`), pass after pass; each pass shuffles its shard order and
+    its samples (a buffer of `shuffle`) from a seed of (seed, rank, w, pass). The rank's
+    stream is the round-robin of its workers: sample j comes from worker j % N, which is the
+    order a DataLoader returns them in. A stream restarted at position `skip` has DataLoader
+    worker d play stream worker (skip + d) % N, each worker skips the samples it already
+    gave (whole passes by arithmetic, the rest by reading without decoding), and the next
+    sample is exactly sample `skip` of the uninterrupted stream.
+    """
+
+    def __init__(self, shards: list[tuple[str, int]], rank: int, workers: int, skip: int, shuffle: int, seed: int, size: int):
+        super().__init__()
+        self.shards, self.rank, self.workers, self.skip = shards, rank, workers, skip
+        self.shuffle, self.seed, self.size = shuffle, seed, size
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+        import random
+
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        N = self.workers
+        w = (self.skip + loader_worker) % N
+        mine = self.shards[w::N]
+        length = sum(count for _, count in mine)
+        given = -(-(self.skip - w) // N) if self.skip > w else 0  # samples j < skip with j % N == w
+        epoch, skip = divmod(given, length)
+        while True:
+            rng = random.Random(f"{self.seed}/{self.rank}/{w}/{epoch}")
+            urls = [url for url, _ in mine]
+            rng.shuffle(urls)
+            stages: list[Any] = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+            if self.shuffle > 0:
+                stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, rng=rng))
+            seen = 0
+            for sample in wds.DataPipeline(*stages):
+                seen += 1
+                if seen > skip:
+                    yield sample_image(sample, self.size)
+            if seen != length:
+                raise DataError(
+                    Path(mine[0][0]).parent / INDEX_NAME, "shards", f"stream worker {w} read {seen} samples from {len(mine)} shard(s) that list {length}; pack again"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+class ShardStream:
+    """Training samples from webdataset shards for one process: an endless, shuffled,
+    resumable stream of (uint8 image at `size`, record dict).
+
+    Rank `rank` of `world` reads shards rank, rank+world, ... (`shards_for_rank`, as
+    `webdataset.split_by_node` splits them), and `workers` DataLoader processes decode them in
+    parallel (0: in this process). `take(position, n)` returns samples position ..
+    position+n-1 of this rank's stream, a pure function of (shards, rank, world, workers,
+    shuffle, seed): a resumed run asks for the position its step implies and gets the
+    samples the uninterrupted run saw.
+    """
+
+    def __init__(self, out_dir: str | Path, size: int, rank: int = 0, world: int = 1, workers: int = 2, shuffle: int = 1000, seed: int = 0):
+        out_dir = Path(out_dir)
+        shards = _listed_shards(out_dir)
+        self.mine = [s for s in shards_for_rank(shards, rank, world) if s[1] > 0]
+        if not self.mine:
+            raise DataError(
+                out_dir / INDEX_NAME, "shards", f"{len(shards)} shard(s) leave process {rank} of {world} without data; pack with a smaller --shard-size"
+            )
+        self.rank, self.workers, self.shuffle, self.seed, self.size = rank, min(workers, len(self.mine)), shuffle, seed, size
+        self._samples: Iterator[tuple[np.ndarray, dict[str, Any]]] | None = None
+        self._next = -1
+
+    def take(self, position: int, n: int) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        if position != self._next:
+            self._start(position)
+        samples = []
+        for _ in range(n):
+            image, meta = next(self._samples)
+            samples.append((np.asarray(image), meta))
+        self._next = position + n
+        return samples
+
+    def _start(self, skip: int) -> None:
+        dataset = _RankStream(self.mine, self.rank, max(1, self.workers), skip, self.shuffle, self.seed, self.size)
+        if self.workers == 0:
+            self._samples = iter(dataset)
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_keep)
+            self._samples = iter(loader)
+
+
+def _keep(sample: Any) -> Any:
+    return sample

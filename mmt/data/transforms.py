@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +30,35 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: image not found")
+    return _read(path, size, str(path))
+
+
+def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
+    """`load_image` for an image file's bytes (e.g. a shard member); errors name `name`."""
+    return _read(io.BytesIO(data), size, name)
+
+
+def _read(file: Path | io.BytesIO, size: int, name: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {image.width}x{image.height} exceeds the {MAX_PIXELS:,}-pixel limit")
-            image.load()
-            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(canvas, rgba)
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+        with Image.open(file) as image:
+            return image_array(image, size, name)
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot read image ({e})") from None
+        raise ImageError(f"{name}: cannot read image ({e})") from None
+
+
+def image_array(image: Image.Image, size: int, name: str) -> np.ndarray:
+    """An opened image as (size, size, 3) uint8 RGB (see `load_image`); `name` is what the
+    pixel-limit error names."""
+    if image.width * image.height > MAX_PIXELS:
+        raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {MAX_PIXELS:,}-pixel limit")
+    image.load()
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

@@ -26,7 +26,9 @@ from mmt.data.transforms import to_pixels
 from mmt.generation import GenerationConfig
 from mmt.metrics.captions import score_captions
 from mmt.models.caption import CaptionConfig, CaptionModel
-from mmt.tasks.common import ImageTexts, ShapesConfig, SourceConfig, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share
+from mmt.tasks.common import (
+    ImageTexts, ShapesConfig, SourceConfig, StreamedImageTexts, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+)
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -91,7 +93,7 @@ class CaptionTask:
         if cfg.captions_per_image < 1:
             raise ValueError(f"captions_per_image={cfg.captions_per_image}: must be at least 1")
         if cfg.source.train:  # your own data: reference captions only (no scene graphs to check truth against)
-            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir)
+            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir, cfg.train)
             self.val_split = None
         else:
             if model.vision.image_size != cfg.data.image_size:
@@ -106,7 +108,9 @@ class CaptionTask:
         flat = [c for caps in train.captions for c in caps]
         self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: flat)
         model.vocab_size = self.tokenizer.vocab_size
-        self.train_pixels, self.val_pixels, self.val_captions = train.pixels, val.pixels, val.captions
+        self.stream = train if isinstance(train, StreamedImageTexts) else None  # shards: images stream while training
+        self.train_pixels = None if self.stream else train.pixels
+        self.val_pixels, self.val_captions = val.pixels, val.captions
         # every training caption, tokenised once, image by image: image i owns rows
         # start[i] .. start[i] + count[i] - 1. The model's positions must cover the longest
         # caption (a cut caption would teach the decoder to stop mid-phrase), so max_len
@@ -126,6 +130,8 @@ class CaptionTask:
         for five targets. Otherwise each image brings g captions in a seeded order, repeating
         its captions when it has fewer than g."""
         B, g = self.cfg.train.batch_size, self.cfg.captions_per_image
+        if self.stream is not None:
+            return self._streamed_batch(step, part, parts)
         images = epoch_order(self.cfg.train.seed, step, B, len(self.count))
         counts = self.count[images]
         if g >= counts.max() and (counts == counts[0]).all():
@@ -140,6 +146,20 @@ class CaptionTask:
         ids = self.train_ids[torch.as_tensor(rows)]
         ids = ids[:, : int((ids != self.cfg.model.pad_id).sum(1).max())]  # drop all-padding columns
         return {"pixels": self.train_pixels[torch.as_tensor(images)], "caption_ids": ids}
+
+    def _streamed_batch(self, step: int, part: int, parts: int) -> dict[str, torch.Tensor]:
+        """train_batch from shards: the share's streamed images, with captions chosen as above."""
+        g = self.cfg.captions_per_image
+        pixels, captions, _ = self.stream.samples(step, part, parts)
+        counts = {len(caps) for caps in captions}
+        if len(counts) == 1 and g >= counts.pop():  # all of each image's captions, in order
+            which = [list(range(len(caps))) for caps in captions]
+        else:
+            rng = np.random.default_rng([self.cfg.train.seed, 1_000_003, step, part])
+            which = [np.resize(rng.permutation(len(caps)), g) for caps in captions]
+        texts = [caps[i] for caps, rows in zip(captions, which) for i in rows]
+        ids, _ = self.tokenizer.batch(texts, self.cfg.model.max_len, wrap="bos_eos")
+        return {"pixels": pixels, "caption_ids": ids}
 
     @staticmethod
     def batch_samples(batch: dict[str, torch.Tensor]) -> int:

@@ -88,6 +88,8 @@ class SourceConfig:
     val_split: str = "val"  # Karpathy: split of `val`
     test_split: str = "test"  # Karpathy: split of `test`
     skip_bad: bool = False  # skip and count bad records and images instead of stopping at the first
+    workers: int = 2  # shards (a `mmt data pack` folder as train): DataLoader processes decoding images, per training process
+    shuffle_buffer: int = 1000  # shards: samples in the shuffle buffer (0: shard order, only the shard order is shuffled)
 
 
 @dataclasses.dataclass
@@ -104,10 +106,21 @@ class ImageTexts:
 
 def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> ImageTexts:
     """Read a captions source, check every record and image, and load the images at the
-    model's size (the same loader `mmt predict` and `mmt index` use)."""
+    model's size (the same loader `mmt predict` and `mmt index` use). A shard folder
+    (`mmt data pack`) is read whole, in shard order; its images were checked when packed."""
     from mmt.data.records import CaptionRecord, DataError, check_dataset, load_source
-    from mmt.data.transforms import load_image, to_pixels
+    from mmt.data.shards import INDEX_NAME, is_shard_dir, iter_packed, read_index
+    from mmt.data.transforms import decode_image, load_image, to_pixels
 
+    if is_shard_dir(path):
+        images, captions = [], []
+        for meta, data in iter_packed(path):
+            _check_caption_sample(path, meta)
+            images.append(decode_image(data, size, f"{path}: sample {meta.get('index')}"))
+            captions.append(list(meta["captions"]))
+        if not images:
+            raise DataError(Path(path) / INDEX_NAME, "shards", "no samples")
+        return ImageTexts(to_pixels(np.stack(images)), captions, dict(read_index(path)["skipped"].get("counts", {})))
     source = load_source(path, image_root=cfg.image_root or None, kind=cfg.kind or None, skip_bad=cfg.skip_bad, split=split)
     report = check_dataset(source, load=True, skip_bad=cfg.skip_bad)
     records = [r for r in report.records if isinstance(r, CaptionRecord) and r.captions]
@@ -119,9 +132,67 @@ def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> Ima
     return ImageTexts(to_pixels(images), [list(r.captions) for r in records], dict(report.bad.counts))
 
 
-def own_image_texts(src: SourceConfig, size: int, run_dir: Path) -> tuple[ImageTexts, ImageTexts]:
+def _check_caption_sample(path: str, meta: dict) -> None:
+    from mmt.data.records import DataError
+
+    if meta.get("kind") != "caption" or not meta.get("captions"):
+        raise DataError(path, f"sample {meta.get('index')}", "is not an image with captions; image-text training needs a captions pack")
+
+
+class StreamedImageTexts:
+    """source.train as a shard folder (`mmt data pack`): every caption is read up front (the
+    tokenizer and the longest caption need them; a pass over the tar headers), images stream
+    from the shards while training, each process from its own shards (`ShardStream`)."""
+
+    def __init__(self, src: SourceConfig, size: int, seed: int, batch_size: int, accumulate: int):
+        from mmt.data.shards import iter_packed, read_index
+
+        self.src, self.size, self.seed, self.batch_size, self.accumulate = src, size, seed, batch_size, accumulate
+        self.captions = []
+        for meta, _ in iter_packed(src.train, images=False):
+            _check_caption_sample(src.train, meta)
+            self.captions.append(list(meta["captions"]))
+        self.skipped = dict(read_index(src.train)["skipped"].get("counts", {}))
+        self._stream = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def samples(self, step: int, part: int, parts: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:
+        """Share `part` of `parts` (processes x accumulation micro-steps, as `share` splits a
+        step) of step `step`: images (n, 3, H, W), their captions, and their record indices
+        (unique across processes). Process r reads its own shards; micro-steps take
+        consecutive samples of its stream, so a step's position follows from its number."""
+        from mmt.data.shards import ShardStream
+        from mmt.data.transforms import to_pixels
+
+        if self.batch_size % parts:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} does not split evenly into {parts} shares "
+                "(processes x train.accumulate); choose a batch size divisible by it"
+            )
+        n, rank, world, micro = self.batch_size // parts, part // self.accumulate, parts // self.accumulate, part % self.accumulate
+        if self._stream is None or self._stream.rank != rank:
+            self._stream = ShardStream(self.src.train, self.size, rank, world, self.src.workers, self.src.shuffle_buffer, self.seed)
+        taken = self._stream.take((step * self.accumulate + micro) * n, n)
+        pixels = to_pixels(np.stack([image for image, _ in taken]))
+        return pixels, [list(meta["captions"]) for _, meta in taken], torch.tensor([meta["index"] for _, meta in taken])
+
+
+def own_image_texts(
+    src: SourceConfig, size: int, run_dir: Path, train_cfg=None
+) -> tuple[ImageTexts | StreamedImageTexts, ImageTexts]:
     """source.train and source.val (or a held-out tail of train: the last 10%, at most 1,000
-    images), checked and loaded; what was skipped goes to run_dir/data_report.json."""
+    images), checked and loaded; what was skipped goes to run_dir/data_report.json. A shard
+    folder as source.train streams (`StreamedImageTexts`, with train_cfg's seed, batch size
+    and accumulation) and needs source.val."""
+    from mmt.data.shards import is_shard_dir
+
+    if is_shard_dir(src.train):
+        if not src.val:
+            raise ValueError(f"{src.train}: training from shards streams the data; give validation data as source.val (a file or a shard folder)")
+        train = StreamedImageTexts(src, size, train_cfg.seed, train_cfg.batch_size, train_cfg.accumulate)
+        return _report(run_dir, train, load_image_texts(src.val, src, size, src.val_split))
     train = load_image_texts(src.train, src, size, src.train_split)
     if src.val:
         val = load_image_texts(src.val, src, size, src.val_split)
@@ -131,6 +202,10 @@ def own_image_texts(src: SourceConfig, size: int, run_dir: Path) -> tuple[ImageT
         n = min(1000, max(1, len(train) // 10))
         val = ImageTexts(train.pixels[-n:], train.captions[-n:], {})
         train = ImageTexts(train.pixels[:-n], train.captions[:-n], train.skipped)
+    return _report(run_dir, train, val)
+
+
+def _report(run_dir: Path, train: ImageTexts | StreamedImageTexts, val: ImageTexts) -> tuple[ImageTexts | StreamedImageTexts, ImageTexts]:
     report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
     if train.skipped or val.skipped:
         print(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")

@@ -29,7 +29,9 @@ from mmt.data.transforms import to_pixels
 from mmt.layers.attention import KV
 from mmt.layers.transformer import DecoderCache
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
-from mmt.tasks.common import ImageTexts, ShapesConfig, SourceConfig, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share
+from mmt.tasks.common import (
+    ImageTexts, ShapesConfig, SourceConfig, StreamedImageTexts, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+)
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -238,7 +240,7 @@ class RetrievalTask:
     def prepare(self, run_dir: Path) -> None:
         cfg, model = self.cfg, self.cfg.model
         if cfg.source.train:
-            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir)
+            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir, cfg.train)
             self.groups = None
             corpus = lambda: [c for caps in train.captions for c in caps]  # noqa: E731
         else:
@@ -255,7 +257,9 @@ class RetrievalTask:
             corpus = lambda: shapes.corpus(train_split)  # noqa: E731
         self.tokenizer = init_tokenizer(run_dir, cfg.train.init, corpus)
         model.text.vocab_size = self.tokenizer.vocab_size
-        self.train_pixels, self.val_pixels, self.val_captions = train.pixels, val.pixels, val.captions
+        self.stream = train if isinstance(train, StreamedImageTexts) else None  # shards: images stream while training
+        self.train_pixels = None if self.stream else train.pixels
+        self.val_pixels, self.val_captions = val.pixels, val.captions
         # every training caption once, image by image; image i owns rows start[i] .. start[i] + count[i] - 1
         flat = [c for caps in train.captions for c in caps]
         self.count = np.array([len(caps) for caps in train.captions])
@@ -273,6 +277,8 @@ class RetrievalTask:
         """B images of seeded epoch permutations, one of each image's captions (seeded); share
         `part` of `parts`. Under DDP the contrastive loss still contrasts the whole batch."""
         B = self.cfg.train.batch_size
+        if self.stream is not None:
+            return self._streamed_batch(step, part, parts)
         images = epoch_order(self.cfg.train.seed, step, B, len(self.count))
         rng = np.random.default_rng([self.cfg.train.seed, 2_000_003, step])
         rows = torch.as_tensor(self.start[images] + rng.integers(0, self.count[images]))  # one caption per image
@@ -283,6 +289,18 @@ class RetrievalTask:
         if self.cfg.model.losses.lm:
             caps = self.caption_ids[rows]
             batch["caption_ids"] = caps[:, : int((caps != 0).sum(1).max())]
+        return batch
+
+    def _streamed_batch(self, step: int, part: int, parts: int) -> dict[str, torch.Tensor]:
+        """train_batch from shards: the share's streamed images, one caption each (seeded);
+        record indices identify images across processes."""
+        pixels, captions, records = self.stream.samples(step, part, parts)
+        rng = np.random.default_rng([self.cfg.train.seed, 2_000_003, step, part])
+        texts = [caps[int(rng.integers(len(caps)))] for caps in captions]
+        ids, _ = self.tokenizer.batch(texts, self.cfg.model.text.max_len)
+        batch = {"pixels": pixels, "text_ids": ids, "image_ids": records}
+        if self.cfg.model.losses.lm:
+            batch["caption_ids"], _ = self.tokenizer.batch(texts, self.cfg.model.caption_max_len, wrap="bos_eos")
         return batch
 
     @staticmethod

@@ -1,0 +1,98 @@
+"""Training that streams its images from webdataset shards (`mmt data pack`, then
+source.train=SHARD_DIR): it trains, resumes exactly where it stopped, and asks for
+validation data it cannot hold out."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import mmt.tasks.caption
+from mmt.cli import main
+from mmt.data import shapes
+from mmt.data.shards import pack
+from mmt.train import latest_checkpoint
+
+
+def sets(overrides):
+    return sum((["--set", s] for s in overrides), [])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """24 training images with 1-3 captions each, packed in 5 shards, and 4 validation images."""
+    root = tmp_path_factory.mktemp("streaming")
+    split = shapes.ShapesSplit.generate(28, seed=5, image_size=32)
+    (root / "img").mkdir()
+    lines = []
+    for i, (image, captions) in enumerate(zip(split.images, split.captions)):
+        Image.fromarray(image).save(root / "img" / f"{i}.png")
+        lines.append([json.dumps({"image": f"img/{i}.png", "text": c}) for c in captions[: 1 + i % 3]])
+    (root / "train.jsonl").write_text("\n".join(line for image in lines[:24] for line in image) + "\n")
+    (root / "val.jsonl").write_text("\n".join(line for image in lines[24:] for line in image) + "\n")
+    summary = pack(root / "train.jsonl", root / "shards", shard_size=5)
+    assert summary["num_samples"] == 24 and summary["num_shards"] == 5
+    return root
+
+
+def train_args(task, run, data, steps=6, workers=2):
+    preset = {"caption": "caption-tiny", "retrieval": "retrieval-tiny"}[task]
+    return ["train", task, "--run-dir", str(run), "--preset", preset, "--no-progress"] + sets([
+        f"source.train={data / 'shards'}", f"source.val={data / 'val.jsonl'}", f"source.workers={workers}", "source.shuffle_buffer=6",
+        f"train.steps={steps}", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=6", "train.save_every=2",
+        "train.log_every=1", "train.threads=1",
+    ])
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+def test_retrieval_trains_from_shards(data, capsys):
+    run = data / "retrieval-run"
+    assert main(train_args("retrieval", run, data, steps=3)) == 0
+    assert json.loads((run / "data_report.json").read_text()) == {
+        "train_images": 24, "val_images": 4, "skipped_train": {}, "skipped_val": {}
+    }
+    assert [step for step, _ in losses(run)] == [1, 2, 3]
+    assert "i2t_R@1" in (run / "metrics.jsonl").read_text()
+
+
+class Stop(Exception):
+    pass
+
+
+def test_caption_run_from_shards_resumes_exactly(data, monkeypatch):
+    whole, broken = data / "whole", data / "broken"
+    assert main(train_args("caption", whole, data)) == 0
+
+    real = mmt.tasks.caption.CaptionTask.train_batch
+
+    def stop_at_step_3(self, step, part=0, parts=1):
+        if step == 3:
+            raise Stop  # after checkpoint step-2: steps 2 and 3 are redone on resume
+        return real(self, step, part, parts)
+
+    monkeypatch.setattr(mmt.tasks.caption.CaptionTask, "train_batch", stop_at_step_3)
+    with pytest.raises(Stop):
+        main(train_args("caption", broken, data))
+    assert latest_checkpoint(broken).name.endswith("2")
+    monkeypatch.setattr(mmt.tasks.caption.CaptionTask, "train_batch", real)
+    assert main(["train", "caption", "--resume", str(broken), "--no-progress"]) == 0  # a fresh stream, restarted at step 2
+
+    assert losses(broken) == losses(whole)
+    a = load_file(latest_checkpoint(whole) / "model.safetensors")
+    b = load_file(latest_checkpoint(broken) / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_training_from_shards_needs_validation_data(data, capsys):
+    args = train_args("caption", data / "no-val", data, steps=1)
+    args[args.index(f"source.val={data / 'val.jsonl'}")] = "source.val="
+    assert main(args) == 2
+    assert "give validation data as source.val" in capsys.readouterr().err
