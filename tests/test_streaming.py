@@ -96,3 +96,28 @@ def test_training_from_shards_needs_validation_data(data, capsys):
     args[args.index(f"source.val={data / 'val.jsonl'}")] = "source.val="
     assert main(args) == 2
     assert "give validation data as source.val" in capsys.readouterr().err
+
+
+def test_vqa_trains_from_shards_and_reads_a_shard_folder_as_validation_and_test_data(tmp_path):
+    split = shapes.ShapesSplit.generate(6, seed=3, image_size=32)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (image, qas) in enumerate(zip(split.images, split.qa)):
+        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+        lines += [json.dumps({"image": f"img/{i}.png", "question": qa.question, "answer": [qa.answer] * 3 + ["maybe"]}) for qa in qas]
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    summary = pack(tmp_path / "qa.jsonl", tmp_path / "shards", shard_size=10)
+    assert summary["num_samples"] == len(lines) and summary["kind"] == "vqa"
+    run = tmp_path / "run"
+    args = ["train", "vqa", "--run-dir", str(run), "--no-progress"] + sets([
+        f"source.train={tmp_path / 'shards'}", f"source.val={tmp_path / 'shards'}", "source.workers=2", "model.vision.image_size=32",
+        "model.vision.encoder.depth=1", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=2",
+        "train.save_every=2", "train.log_every=1",
+    ])
+    assert main(args) == 0
+    assert json.loads((run / "data_report.json").read_text()) == {"train_questions": len(lines), "skipped_train": {}}
+    answers = json.loads((run / "answers.json").read_text())["answers"]
+    assert "maybe" not in answers and set(answers) == {qa.answer for qas in split.qa for qa in qas}
+    evals = [json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text().splitlines() if "eval" in line]
+    assert len(evals) == 1 and 0.0 <= evals[0]["overall"] <= 1.0
+    assert main(["eval", str(run), "--set", f"source.test={tmp_path / 'shards'}"]) == 0  # a shard folder as test data, read whole

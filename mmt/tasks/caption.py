@@ -27,7 +27,7 @@ from mmt.generation import GenerationConfig
 from mmt.metrics.captions import score_captions
 from mmt.models.caption import CaptionConfig, CaptionModel
 from mmt.tasks.common import (
-    ImageTexts, ShapesConfig, SourceConfig, StreamedImageTexts, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+    ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
 )
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
@@ -108,7 +108,7 @@ class CaptionTask:
         flat = [c for caps in train.captions for c in caps]
         self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: flat)
         model.vocab_size = self.tokenizer.vocab_size
-        self.stream = train if isinstance(train, StreamedImageTexts) else None  # shards: images stream while training
+        self.stream = train if isinstance(train, StreamedShards) else None  # shards: images stream while training
         self.train_pixels = None if self.stream else train.pixels
         self.val_pixels, self.val_captions = val.pixels, val.captions
         # every training caption, tokenised once, image by image: image i owns rows

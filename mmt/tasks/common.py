@@ -115,7 +115,7 @@ def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> Ima
     if is_shard_dir(path):
         images, captions = [], []
         for meta, data in iter_packed(path):
-            _check_caption_sample(path, meta)
+            check_packed(path, meta, "caption")
             images.append(decode_image(data, size, f"{path}: sample {meta.get('index')}"))
             captions.append(list(meta["captions"]))
         if not images:
@@ -132,66 +132,81 @@ def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> Ima
     return ImageTexts(to_pixels(images), [list(r.captions) for r in records], dict(report.bad.counts))
 
 
-def _check_caption_sample(path: str, meta: dict) -> None:
+def check_packed(path: str, meta: dict, kind: str) -> None:
+    """A packed record (`iter_packed`) is of `kind`: "caption" with captions, or "vqa" with answers."""
     from mmt.data.records import DataError
 
-    if meta.get("kind") != "caption" or not meta.get("captions"):
+    if kind == "caption" and (meta.get("kind") != "caption" or not meta.get("captions")):
         raise DataError(path, f"sample {meta.get('index')}", "is not an image with captions; image-text training needs a captions pack")
+    if kind == "vqa" and (meta.get("kind") != "vqa" or not meta.get("answers")):
+        raise DataError(path, f"sample {meta.get('index')}", "is not a question with answers; VQA training needs a pack of annotated questions")
 
 
-class StreamedImageTexts:
-    """source.train as a shard folder (`mmt data pack`): every caption is read up front (the
-    tokenizer and the longest caption need them; a pass over the tar headers), images stream
-    from the shards while training, each process from its own shards (`ShardStream`)."""
+class StreamedShards:
+    """source.train as a shard folder (`mmt data pack`): every record is read up front
+    (tokenizer, vocabularies and longest texts need them; a pass over the tar headers only),
+    and images stream from the shards while training, each process from its own shards
+    (`ShardStream`)."""
 
-    def __init__(self, src: SourceConfig, size: int, seed: int, batch_size: int, accumulate: int):
+    def __init__(self, src: SourceConfig, size: int, train_cfg, kind: str):
         from mmt.data.shards import iter_packed, read_index
 
-        self.src, self.size, self.seed, self.batch_size, self.accumulate = src, size, seed, batch_size, accumulate
-        self.captions = []
+        self.src, self.size, self.train_cfg = src, size, train_cfg
+        self.records = []
         for meta, _ in iter_packed(src.train, images=False):
-            _check_caption_sample(src.train, meta)
-            self.captions.append(list(meta["captions"]))
+            check_packed(src.train, meta, kind)
+            self.records.append(meta)
         self.skipped = dict(read_index(src.train)["skipped"].get("counts", {}))
         self._stream = None
 
+    @property
+    def captions(self) -> list[list[str]]:
+        return [list(meta["captions"]) for meta in self.records]
+
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.records)
 
-    def samples(self, step: int, part: int, parts: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:
+    def take(self, step: int, part: int, parts: int) -> list[tuple[np.ndarray, dict]]:
         """Share `part` of `parts` (processes x accumulation micro-steps, as `share` splits a
-        step) of step `step`: images (n, 3, H, W), their captions, and their record indices
-        (unique across processes). Process r reads its own shards; micro-steps take
-        consecutive samples of its stream, so a step's position follows from its number."""
+        step) of step `step`: (uint8 image, record) pairs. Process r reads its own shards;
+        micro-steps take consecutive samples of its stream, so a step's position in the
+        stream follows from its number."""
         from mmt.data.shards import ShardStream
-        from mmt.data.transforms import to_pixels
 
-        if self.batch_size % parts:
+        cfg = self.train_cfg
+        if cfg.batch_size % parts:
             raise ValueError(
-                f"train.batch_size={self.batch_size} does not split evenly into {parts} shares "
+                f"train.batch_size={cfg.batch_size} does not split evenly into {parts} shares "
                 "(processes x train.accumulate); choose a batch size divisible by it"
             )
-        n, rank, world, micro = self.batch_size // parts, part // self.accumulate, parts // self.accumulate, part % self.accumulate
+        n, rank, world, micro = cfg.batch_size // parts, part // cfg.accumulate, parts // cfg.accumulate, part % cfg.accumulate
         if self._stream is None or self._stream.rank != rank:
-            self._stream = ShardStream(self.src.train, self.size, rank, world, self.src.workers, self.src.shuffle_buffer, self.seed)
-        taken = self._stream.take((step * self.accumulate + micro) * n, n)
+            self._stream = ShardStream(self.src.train, self.size, rank, world, self.src.workers, self.src.shuffle_buffer, cfg.seed)
+        return self._stream.take((step * cfg.accumulate + micro) * n, n)
+
+    def samples(self, step: int, part: int, parts: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:
+        """`take` for image-text training: images (n, 3, H, W), their captions, and their
+        record indices (unique across processes)."""
+        from mmt.data.transforms import to_pixels
+
+        taken = self.take(step, part, parts)
         pixels = to_pixels(np.stack([image for image, _ in taken]))
         return pixels, [list(meta["captions"]) for _, meta in taken], torch.tensor([meta["index"] for _, meta in taken])
 
 
 def own_image_texts(
     src: SourceConfig, size: int, run_dir: Path, train_cfg=None
-) -> tuple[ImageTexts | StreamedImageTexts, ImageTexts]:
+) -> tuple[ImageTexts | StreamedShards, ImageTexts]:
     """source.train and source.val (or a held-out tail of train: the last 10%, at most 1,000
     images), checked and loaded; what was skipped goes to run_dir/data_report.json. A shard
-    folder as source.train streams (`StreamedImageTexts`, with train_cfg's seed, batch size
+    folder as source.train streams (`StreamedShards`, with train_cfg's seed, batch size
     and accumulation) and needs source.val."""
     from mmt.data.shards import is_shard_dir
 
     if is_shard_dir(src.train):
         if not src.val:
             raise ValueError(f"{src.train}: training from shards streams the data; give validation data as source.val (a file or a shard folder)")
-        train = StreamedImageTexts(src, size, train_cfg.seed, train_cfg.batch_size, train_cfg.accumulate)
+        train = StreamedShards(src, size, train_cfg, "caption")
         return _report(run_dir, train, load_image_texts(src.val, src, size, src.val_split))
     train = load_image_texts(src.train, src, size, src.train_split)
     if src.val:
@@ -205,7 +220,7 @@ def own_image_texts(
     return _report(run_dir, train, val)
 
 
-def _report(run_dir: Path, train: ImageTexts | StreamedImageTexts, val: ImageTexts) -> tuple[ImageTexts | StreamedImageTexts, ImageTexts]:
+def _report(run_dir: Path, train: ImageTexts | StreamedShards, val: ImageTexts) -> tuple[ImageTexts | StreamedShards, ImageTexts]:
     report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
     if train.skipped or val.skipped:
         print(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")

@@ -30,7 +30,7 @@ from mmt.layers.attention import KV
 from mmt.layers.transformer import DecoderCache
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
 from mmt.tasks.common import (
-    ImageTexts, ShapesConfig, SourceConfig, StreamedImageTexts, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+    ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
 )
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
@@ -257,7 +257,7 @@ class RetrievalTask:
             corpus = lambda: shapes.corpus(train_split)  # noqa: E731
         self.tokenizer = init_tokenizer(run_dir, cfg.train.init, corpus)
         model.text.vocab_size = self.tokenizer.vocab_size
-        self.stream = train if isinstance(train, StreamedImageTexts) else None  # shards: images stream while training
+        self.stream = train if isinstance(train, StreamedShards) else None  # shards: images stream while training
         self.train_pixels = None if self.stream else train.pixels
         self.val_pixels, self.val_captions = val.pixels, val.captions
         # every training caption once, image by image; image i owns rows start[i] .. start[i] + count[i] - 1

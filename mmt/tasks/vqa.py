@@ -9,6 +9,7 @@ evaluate, headline, score, save_model.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal
@@ -19,10 +20,11 @@ import torch
 from mmt import checkpoint, registry
 from mmt.data import shapes, sort_of_clevr
 from mmt.data.answers import AnswerVocab
+from mmt.data.shards import is_shard_dir
 from mmt.data.transforms import to_pixels
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.text import Tokenizer
-from mmt.tasks.common import ShapesConfig, SourceConfig, epoch_order, init_tokenizer, shapes_splits, share
+from mmt.tasks.common import ShapesConfig, SourceConfig, StreamedShards, check_packed, epoch_order, init_tokenizer, shapes_splits, share
 from mmt.train import TrainConfig
 
 ANSWERS_NAME = "answers.json"
@@ -69,13 +71,38 @@ class VQASplit:
     questions: list[Question]
 
 
-def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
-    """A VQA v2 or JSON Lines source as a split: images in order of first use, each question
-    with its most frequent human answer, typed by answer type ("yes/no", "number", "other")."""
-    from mmt.data.records import DataError, VQARecord, check_dataset, load_source
-    from mmt.data.transforms import load_image
+def own_question(image_index: int, question: str, answers: list[str], consensus: str | None, answer_type: str) -> Question:
+    """A question of your own data: answered by the official consensus answer, else the most
+    frequent human answer; typed by answer type ("yes/no", "number", "other")."""
     from mmt.data.vqa_v2 import most_frequent
 
+    return Question(image_index, question, consensus or most_frequent(answers), ("overall", answer_type or "other"), tuple(answers))
+
+
+def packed_question(image_index: int, meta: dict) -> Question:
+    """`own_question` of a packed VQA record (a shard sample's JSON)."""
+    return own_question(image_index, meta["question"], meta["answers"], meta.get("multiple_choice_answer"), meta.get("answer_type", ""))
+
+
+def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
+    """A VQA v2 or JSON Lines source, or a shard folder of one (`mmt data pack`), as a split:
+    images in order of first use, questions as `own_question` makes them."""
+    from mmt.data.records import DataError, VQARecord, check_dataset, load_source
+    from mmt.data.shards import is_shard_dir, iter_packed
+    from mmt.data.transforms import decode_image, load_image
+
+    if is_shard_dir(path):  # images were checked when packed; each is decoded once
+        image_of: dict[str, int] = {}
+        images, questions = [], []
+        for meta, data in iter_packed(path):
+            check_packed(path, meta, "vqa")
+            if meta["image_path"] not in image_of:
+                image_of[meta["image_path"]] = len(images)
+                images.append(decode_image(data, size, f"{path}: sample {meta['index']}"))
+            questions.append(packed_question(image_of[meta["image_path"]], meta))
+        if not images:
+            raise DataError(path, "shards", "no samples")
+        return VQASplit(np.stack(images), questions)
     source = load_source(path, image_root=src.image_root or None, kind=src.kind or None, skip_bad=src.skip_bad)
     report = check_dataset(source, load=True, skip_bad=src.skip_bad)
     records = report.records
@@ -89,8 +116,7 @@ def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
         if not r.answers:
             raise DataError(path, r.where or f"question {r.question_id}", "has no answers (a test split without annotations cannot train or score)")
         index = image_of.setdefault(str(r.image_path), len(image_of))
-        answer = r.multiple_choice_answer or most_frequent(r.answers)
-        questions.append(Question(index, r.question, answer, ("overall", r.answer_type or "other"), tuple(r.answers)))
+        questions.append(own_question(index, r.question, r.answers, r.multiple_choice_answer, r.answer_type))
     images = np.stack([load_image(p, size) for p in image_of])
     return VQASplit(images, questions)
 
@@ -198,7 +224,16 @@ class VQATask:
         if model.vision.image_size != size and not cfg.source.train:  # own data is resized to the model
             key = "shapes.image_size" if cfg.dataset == "shapes" else "the Sort-of-CLEVR image size"
             raise ValueError(f"model.vision.image_size={model.vision.image_size} but {key} is {size}: set model.vision.image_size={size}")
-        train = load_split(cfg, "train")
+        self.stream = None
+        if is_shard_dir(cfg.source.train):  # shards: questions read up front, images streamed while training
+            if not cfg.source.val:
+                raise ValueError(f"{cfg.source.train}: training from shards streams the data; give validation data as source.val (a file or a shard folder)")
+            self.stream = StreamedShards(cfg.source, model.vision.image_size, cfg.train, "vqa")
+            train = VQASplit(np.zeros((0, 1, 1, 3), np.uint8), [packed_question(0, meta) for meta in self.stream.records])
+            report = {"train_questions": len(train.questions), "skipped_train": self.stream.skipped}
+            checkpoint.atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
+        else:
+            train = load_split(cfg, "train")
         answers_path = run_dir / ANSWERS_NAME
         # answers are texts too: the generative head writes them
         self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: [q.text for q in train.questions] + [q.answer for q in train.questions])
@@ -216,7 +251,7 @@ class VQATask:
         if model.head == "generate":  # the decoder's positions must cover the longest training answer
             answer_ids, _ = self.tokenizer.batch(sorted({q.answer for q in train.questions}), 10_000, wrap="bos_eos")
             model.answer_max_len = max(model.answer_max_len, answer_ids.shape[1])
-        self.train_set = QuestionSet(train, self.tokenizer, self.vocab, model)
+        self.train_set = None if self.stream else QuestionSet(train, self.tokenizer, self.vocab, model)
         which = "val" if cfg.dataset == "shapes" or cfg.source.train else "test"
         self.eval_set = QuestionSet(load_split(cfg, which), self.tokenizer, self.vocab, model)
 
@@ -224,7 +259,12 @@ class VQATask:
         return VQAModel(self.cfg.model)
 
     def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
-        """Images of seeded epoch permutations, each with all its questions (share `part` of `parts`)."""
+        """Images of seeded epoch permutations, each with all its questions (share `part` of
+        `parts`); from shards, the share's streamed questions, each with its image."""
+        if self.stream is not None:
+            taken = self.stream.take(step, part, parts)
+            split = VQASplit(np.stack([image for image, _ in taken]), [packed_question(i, meta) for i, (_, meta) in enumerate(taken)])
+            return QuestionSet(split, self.tokenizer, self.vocab, self.cfg.model).batch(np.arange(len(taken)))
         images = epoch_order(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.train_set.questions_of_image))
         return self.train_set.batch(share(images, part, parts))
 
