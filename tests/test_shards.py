@@ -4,6 +4,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -229,3 +230,22 @@ def test_iter_packed_reads_records_without_images_and_names_a_missing_shard(tmp_
     (out / "shard-000001.tar").unlink()
     with pytest.raises(DataError, match=r"shard-000001.tar: shard listed in .*index.json is missing"):
         list(iter_packed(out, images=False))
+
+
+def test_stream_augmentation_is_drawn_from_the_stream_position(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(json.dumps({"image": f"img/{i}.png", "text": f"noise {i}"}))
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "shards"
+    pack(tmp_path / "caps.jsonl", out, shard_size=3)
+    plain = ShardStream(out, size=8, workers=0, shuffle=4, seed=1).take(0, 10)
+    augmented = ShardStream(out, size=8, workers=0, shuffle=4, seed=1, augment=True).take(0, 10)
+    resumed = ShardStream(out, size=8, workers=0, shuffle=4, seed=1, augment=True).take(4, 6)
+    assert [m["index"] for _, m in plain] == [m["index"] for _, m in augmented]  # same samples, same order
+    assert all(image.shape == (8, 8, 3) and image.dtype == np.uint8 for image, _ in plain + augmented)
+    assert all(not np.array_equal(a, p) for (a, _), (p, _) in zip(augmented, plain))  # crops and jitter change every image
+    assert all(np.array_equal(a, r) for (a, _), (r, _) in zip(augmented[4:], resumed))  # a restart draws the same

@@ -302,15 +302,16 @@ def iter_packed(out_dir: str | Path, images: bool = True) -> Iterator[tuple[dict
             raise DataError(path, "", f"holds {seen} complete samples, {INDEX_NAME} lists {count}; pack again")
 
 
-def sample_image(sample: dict[str, Any], size: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """A webdataset sample of a packed shard -> ((size, size, 3) uint8 image, record dict)."""
+def sample_image(sample: dict[str, Any], size: int, augment: np.random.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A webdataset sample of a packed shard -> ((size, size, 3) uint8 image, record dict);
+    with `augment`, training augmentation drawn from it (`transforms.image_array`)."""
     meta = json.loads(sample["json"])
     name = f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}.{meta.get('image_member', '?')}"
     data = sample.get(meta.get("image_member", ""))
     if data is None:
         raise DataError(sample.get("__url__", "?"), sample.get("__key__", "?"), "sample has no image member", kind="missing_image")
     try:
-        return decode_image(data, size, name), meta
+        return decode_image(data, size, name, augment), meta
     except ImageError as e:
         raise DataError(sample.get("__url__", "?"), sample.get("__key__", "?"), str(e), kind="bad_image") from None
 
@@ -328,10 +329,10 @@ class _RankStream(torch.utils.data.IterableDataset):
     sample is exactly sample `skip` of the uninterrupted stream.
     """
 
-    def __init__(self, shards: list[tuple[str, int]], rank: int, workers: int, skip: int, shuffle: int, seed: int, size: int):
+    def __init__(self, shards: list[tuple[str, int]], rank: int, workers: int, skip: int, shuffle: int, seed: int, size: int, augment: bool):
         super().__init__()
         self.shards, self.rank, self.workers, self.skip = shards, rank, workers, skip
-        self.shuffle, self.seed, self.size = shuffle, seed, size
+        self.shuffle, self.seed, self.size, self.augment = shuffle, seed, size, augment
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         import random
@@ -356,8 +357,9 @@ class _RankStream(torch.utils.data.IterableDataset):
             seen = 0
             for sample in wds.DataPipeline(*stages):
                 seen += 1
-                if seen > skip:
-                    yield sample_image(sample, self.size)
+                if seen > skip:  # augmentation drawn from the sample's place in the stream: resumes repeat it
+                    augment = np.random.default_rng([self.seed, self.rank, w, epoch, seen]) if self.augment else None
+                    yield sample_image(sample, self.size, augment)
             if seen != length:
                 raise DataError(
                     Path(mine[0][0]).parent / INDEX_NAME, "shards", f"stream worker {w} read {seen} samples from {len(mine)} shard(s) that list {length}; pack again"
@@ -371,13 +373,17 @@ class ShardStream:
 
     Rank `rank` of `world` reads shards rank, rank+world, ... (`shards_for_rank`, as
     `webdataset.split_by_node` splits them), and `workers` DataLoader processes decode them in
-    parallel (0: in this process). `take(position, n)` returns samples position ..
+    parallel (0: in this process). With `augment`, each image gets the light training
+    augmentation (`transforms.image_array`), drawn from its place in the stream. `take(position, n)` returns samples position ..
     position+n-1 of this rank's stream, a pure function of (shards, rank, world, workers,
     shuffle, seed): a resumed run asks for the position its step implies and gets the
     samples the uninterrupted run saw.
     """
 
-    def __init__(self, out_dir: str | Path, size: int, rank: int = 0, world: int = 1, workers: int = 2, shuffle: int = 1000, seed: int = 0):
+    def __init__(
+        self, out_dir: str | Path, size: int, rank: int = 0, world: int = 1, workers: int = 2, shuffle: int = 1000, seed: int = 0,
+        augment: bool = False,
+    ):
         out_dir = Path(out_dir)
         shards = _listed_shards(out_dir)
         self.mine = [s for s in shards_for_rank(shards, rank, world) if s[1] > 0]
@@ -386,6 +392,7 @@ class ShardStream:
                 out_dir / INDEX_NAME, "shards", f"{len(shards)} shard(s) leave process {rank} of {world} without data; pack with a smaller --shard-size"
             )
         self.rank, self.workers, self.shuffle, self.seed, self.size = rank, min(workers, len(self.mine)), shuffle, seed, size
+        self.augment = augment
         self._samples: Iterator[tuple[np.ndarray, dict[str, Any]]] | None = None
         self._next = -1
 
@@ -400,7 +407,7 @@ class ShardStream:
         return samples
 
     def _start(self, skip: int) -> None:
-        dataset = _RankStream(self.mine, self.rank, max(1, self.workers), skip, self.shuffle, self.seed, self.size)
+        dataset = _RankStream(self.mine, self.rank, max(1, self.workers), skip, self.shuffle, self.seed, self.size, self.augment)
         if self.workers == 0:
             self._samples = iter(dataset)
         else:

@@ -33,24 +33,27 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     return _read(path, size, str(path))
 
 
-def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
-    """`load_image` for an image file's bytes (e.g. a shard member); errors name `name`."""
-    return _read(io.BytesIO(data), size, name)
+def decode_image(data: bytes, size: int, name: str, augment: np.random.Generator | None = None) -> np.ndarray:
+    """`load_image` for an image file's bytes (e.g. a shard member); errors name `name`.
+    With `augment`, training augmentation drawn from that generator (see `image_array`)."""
+    return _read(io.BytesIO(data), size, name, augment)
 
 
-def _read(file: Path | io.BytesIO, size: int, name: str) -> np.ndarray:
+def _read(file: Path | io.BytesIO, size: int, name: str, augment: np.random.Generator | None = None) -> np.ndarray:
     try:
         with Image.open(file) as image:
-            return image_array(image, size, name)
+            return image_array(image, size, name, augment)
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: cannot read image ({e})") from None
 
 
-def image_array(image: Image.Image, size: int, name: str) -> np.ndarray:
+def image_array(image: Image.Image, size: int, name: str, augment: np.random.Generator | None = None) -> np.ndarray:
     """An opened image as (size, size, 3) uint8 RGB (see `load_image`); `name` is what the
-    pixel-limit error names."""
+    pixel-limit error names. With `augment` (a numpy Generator), the light training
+    augmentation of `mmt.data.photos` instead of the plain resize: a random resized crop
+    (50-100% of the area, aspect 3/4-4/3) and a colour jitter of 0.1 (no flips, no hue)."""
     if image.width * image.height > MAX_PIXELS:
         raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {MAX_PIXELS:,}-pixel limit")
     image.load()
@@ -59,6 +62,11 @@ def image_array(image: Image.Image, size: int, name: str) -> np.ndarray:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, rgba)
     image = image.convert("RGB")
+    if augment is not None:
+        from mmt.data.photos import color_jitter, random_resized_crop
+
+        pixels = np.asarray(random_resized_crop(image, size, augment), dtype=np.float32) / np.float32(255.0)
+        return np.rint(color_jitter(pixels, augment) * 255.0).astype(np.uint8)
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8)

@@ -90,6 +90,7 @@ class SourceConfig:
     skip_bad: bool = False  # skip and count bad records and images instead of stopping at the first
     workers: int = 2  # shards (a `mmt data pack` folder as train): DataLoader processes decoding images, per training process
     shuffle_buffer: int = 1000  # shards: samples in the shuffle buffer (0: shard order, only the shard order is shuffled)
+    augment: bool = False  # shards: random resized crop (50-100% of the area) + mild colour jitter on training images
 
 
 @dataclasses.dataclass
@@ -181,7 +182,8 @@ class StreamedShards:
             )
         n, rank, world, micro = cfg.batch_size // parts, part // cfg.accumulate, parts // cfg.accumulate, part % cfg.accumulate
         if self._stream is None or self._stream.rank != rank:
-            self._stream = ShardStream(self.src.train, self.size, rank, world, self.src.workers, self.src.shuffle_buffer, cfg.seed)
+            src = self.src
+            self._stream = ShardStream(src.train, self.size, rank, world, src.workers, src.shuffle_buffer, cfg.seed, src.augment)
         return self._stream.take((step * cfg.accumulate + micro) * n, n)
 
     def samples(self, step: int, part: int, parts: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:
