@@ -249,3 +249,13 @@ def test_stream_augmentation_is_drawn_from_the_stream_position(tmp_path):
     assert all(image.shape == (8, 8, 3) and image.dtype == np.uint8 for image, _ in plain + augmented)
     assert all(not np.array_equal(a, p) for (a, _), (p, _) in zip(augmented, plain))  # crops and jitter change every image
     assert all(np.array_equal(a, r) for (a, _), (r, _) in zip(augmented[4:], resumed))  # a restart draws the same
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_names_a_damaged_shard(tmp_path, workers):
+    out = tmp_path / "shards"
+    pack(big_dataset(tmp_path / "data"), out, shard_size=4)
+    damaged = out / "shard-000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[:700])  # cut inside the first sample's image
+    with pytest.raises(DataError, match=r"shard-000003.tar: unreadable shard \(unexpected end of data\)"):
+        ShardStream(out, size=4, workers=workers, shuffle=0).take(0, 23)

@@ -355,16 +355,34 @@ class _RankStream(torch.utils.data.IterableDataset):
             if self.shuffle > 0:
                 stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, rng=rng))
             seen = 0
-            for sample in wds.DataPipeline(*stages):
-                seen += 1
-                if seen > skip:  # augmentation drawn from the sample's place in the stream: resumes repeat it
-                    augment = np.random.default_rng([self.seed, self.rank, w, epoch, seen]) if self.augment else None
-                    yield sample_image(sample, self.size, augment)
+            try:
+                for sample in wds.DataPipeline(*stages):
+                    seen += 1
+                    if seen > skip:  # augmentation drawn from the sample's place in the stream: resumes repeat it
+                        augment = np.random.default_rng([self.seed, self.rank, w, epoch, seen]) if self.augment else None
+                        yield sample_image(sample, self.size, augment)
+            except DataError as e:  # handed to the training process as a value: it raises it there, intact
+                yield _Failure(e)
+                return
+            except (tarfile.TarError, OSError, ValueError) as e:
+                # webdataset appends the shard's URL to the exception's arguments
+                args = getattr(e, "args", ())
+                named = len(args) > 1 and isinstance(args[-1], str) and args[-1].endswith(".tar")
+                path, detail = (args[-1], args[0]) if named else (Path(mine[0][0]).parent, e)
+                yield _Failure(DataError(path, "", f"unreadable shard ({detail}); pack again"))
+                return
             if seen != length:
-                raise DataError(
-                    Path(mine[0][0]).parent / INDEX_NAME, "shards", f"stream worker {w} read {seen} samples from {len(mine)} shard(s) that list {length}; pack again"
-                )
+                where = Path(mine[0][0]).parent / INDEX_NAME
+                yield _Failure(DataError(where, "shards", f"{len(mine)} shard(s) hold {seen} samples, the index lists {length}; pack again"))
+                return
             epoch, skip = epoch + 1, 0
+
+
+class _Failure:
+    """A DataError met in a DataLoader worker (which can only pass values back)."""
+
+    def __init__(self, error: DataError):
+        self.error = error
 
 
 class ShardStream:
@@ -374,10 +392,11 @@ class ShardStream:
     Rank `rank` of `world` reads shards rank, rank+world, ... (`shards_for_rank`, as
     `webdataset.split_by_node` splits them), and `workers` DataLoader processes decode them in
     parallel (0: in this process). With `augment`, each image gets the light training
-    augmentation (`transforms.image_array`), drawn from its place in the stream. `take(position, n)` returns samples position ..
-    position+n-1 of this rank's stream, a pure function of (shards, rank, world, workers,
-    shuffle, seed): a resumed run asks for the position its step implies and gets the
-    samples the uninterrupted run saw.
+    augmentation (`transforms.image_array`), drawn from its place in the stream.
+    `take(position, n)` returns samples position .. position+n-1 of this rank's stream, a
+    pure function of (shards, rank, world, workers, shuffle, seed, augment): a resumed run
+    asks for the position its step implies and gets the samples the uninterrupted run saw.
+    A shard that cannot be read raises DataError naming it, from whichever worker met it.
     """
 
     def __init__(
@@ -386,7 +405,7 @@ class ShardStream:
     ):
         out_dir = Path(out_dir)
         shards = _listed_shards(out_dir)
-        self.mine = [s for s in shards_for_rank(shards, rank, world) if s[1] > 0]
+        self.mine = shards_for_rank(shards, rank, world)
         if not self.mine:
             raise DataError(
                 out_dir / INDEX_NAME, "shards", f"{len(shards)} shard(s) leave process {rank} of {world} without data; pack with a smaller --shard-size"
@@ -401,7 +420,11 @@ class ShardStream:
             self._start(position)
         samples = []
         for _ in range(n):
-            image, meta = next(self._samples)
+            sample = next(self._samples)
+            if isinstance(sample, _Failure):
+                self._samples, self._next = None, -1
+                raise sample.error
+            image, meta = sample
             samples.append((np.asarray(image), meta))
         self._next = position + n
         return samples
