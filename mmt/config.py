@@ -50,7 +50,8 @@ class VisionConfig:
     conv_widths: tuple[int, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
     conv_strides: tuple[int, ...] = (2,)  # conv stem: stride of each 3x3 block (one per width after the first)
     conv_norm: Literal["group", "batch"] = "group"  # conv stem normalisation (group: batch-independent)
-    positions: Literal["learned", "sincos"] = "learned"  # 2-D position embedding of the token grid
+    conv_layout: Literal["resnet", "plain"] = "resnet"  # resnet: 7x7 conv + max-pool first; plain: only 3x3 convs (RN's CNN)
+    positions: Literal["learned", "sincos", "xy"] = "learned"  # 2-D position embedding of the token grid (xy: linear in the coordinates)
     token_norm: bool = False  # LayerNorm on each stem token before positions are added (keeps their scales comparable)
     coord_channels: bool = False  # append x and y coordinate planes to the pixels (CoordConv, Liu et al. 2018)
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))

@@ -26,25 +26,35 @@ def _norm(channels: int, kind: str) -> nn.Module:
 class ConvStem(nn.Module):
     """conv 7x7/2 -> norm -> ReLU -> max-pool 3x3/2 -> [conv 3x3/stride -> norm -> ReLU]* -> 1x1 to dim.
 
+    The "plain" layout (the CNN of Santoro et al. 2017) starts with a 3x3/2 conv block
+    instead of the 7x7 conv and the max-pool.
+
     Args:
-        widths: channels of the 7x7 conv, then of each following 3x3 block.
+        widths: channels of the first conv, then of each following 3x3 block.
         dim: token width.
-        strides: stride of each 3x3 block (len(widths) - 1 of them).
+        strides: stride of each 3x3 block after the first conv (len(widths) - 1 of them).
         norm: "group" or "batch".
+        layout: "resnet" or "plain".
     """
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...], dim: int, strides: tuple[int, ...] = (2,), norm: str = "group"):
+    def __init__(
+        self, in_channels: int, widths: tuple[int, ...], dim: int, strides: tuple[int, ...] = (2,), norm: str = "group",
+        layout: str = "resnet",
+    ):
         super().__init__()
         if not widths:
-            raise ValueError("conv stem needs at least one width (the 7x7 conv)")
+            raise ValueError("conv stem needs at least one width (the first conv)")
         if len(strides) != len(widths) - 1:
-            raise ValueError(f"conv stem: {len(widths) - 1} blocks after the 7x7 conv need as many strides, got {strides}")
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
-            _norm(widths[0], norm),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        ]
+            raise ValueError(f"conv stem: {len(widths) - 1} blocks after the first conv need as many strides, got {strides}")
+        if layout == "plain":
+            layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1, bias=False), _norm(widths[0], norm), nn.ReLU(inplace=True)]
+        else:
+            layers = [
+                nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
+                _norm(widths[0], norm),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            ]
         for c_in, c_out, stride in zip(widths[:-1], widths[1:], strides):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), _norm(c_out, norm), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
@@ -85,7 +95,7 @@ class VisionTower(nn.Module):
         dim = cfg.encoder.dim
         in_channels = self.stem_channels
         if cfg.stem == "conv":
-            self.stem: nn.Module = ConvStem(in_channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm)
+            self.stem: nn.Module = ConvStem(in_channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm, cfg.conv_layout)
         else:
             self.stem = PatchEmbed(in_channels, cfg.patch_size, dim)
         self.token_norm = nn.LayerNorm(dim) if cfg.token_norm else nn.Identity()

@@ -143,3 +143,9 @@ def test_position_embeddings():
     assert torch.equal(sincos[0, 0, : D // 2], sincos[0, 3, : D // 2])
     assert torch.equal(sincos[0, 2, D // 2 :], sincos[2, 2, D // 2 :])
     assert not torch.equal(sincos[0, 0], sincos[1, 0])
+    xy = Positions2D(4, 5, D, "xy")
+    grid = xy(4, 5).view(4, 5, D)
+    # a linear map of (x, y) in [-1, 1]: equal steps along a row or column change it equally
+    assert torch.allclose(grid[0, 1] - grid[0, 0], grid[3, 4] - grid[3, 3], atol=1e-6)
+    assert torch.allclose(grid[1, 2] - grid[0, 2], grid[3, 0] - grid[2, 0], atol=1e-6)
+    assert torch.allclose(grid[0, 0], xy.xy(torch.tensor([-1.0, -1.0])), atol=1e-6)  # top left: x = y = -1

@@ -15,12 +15,20 @@ def test_conv_stem_follows_the_design():
     assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 48, 8, 8)  # 64 -conv-> 32 -pool-> 16 -block-> 8
 
 
+def test_plain_conv_stem_is_the_relation_network_cnn():
+    stem = ConvStem(3, (24, 24, 24, 24), dim=48, strides=(2, 2, 2), norm="batch", layout="plain")
+    convs = [m for m in stem.body if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (2, 2))] * 4
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in stem.body)
+    assert stem(torch.randn(2, 3, 75, 75)).shape == (2, 48, 5, 5)  # 75 -> 38 -> 19 -> 10 -> 5
+
+
 def test_patch_embed_grid():
     assert PatchEmbed(3, 8, 48)(torch.randn(2, 3, 64, 64)).shape == (2, 48, 8, 8)
 
 
 @pytest.mark.parametrize("stem", ["conv", "patch"])
-@pytest.mark.parametrize("positions", ["learned", "sincos"])
+@pytest.mark.parametrize("positions", ["learned", "sincos", "xy"])
 def test_vision_tower_tokens_and_mask(stem, positions):
     tower = VisionTower(VisionConfig(stem=stem, image_size=64, conv_widths=(16, 32), positions=positions, encoder=SMALL))
     tokens, mask = tower(torch.randn(2, 3, 64, 64))

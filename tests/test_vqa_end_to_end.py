@@ -186,3 +186,24 @@ def test_several_human_answers_give_soft_targets_and_vqa_accuracy():
         logits = torch.full((1, 3), -5.0)
         logits[0, predicted] = 5.0
         assert VQATask.batch_accuracy({"answer_logits": logits}, batch) == (pytest.approx(score), 1)
+
+
+def test_curriculum_trains_on_its_question_types_first(tmp_path, capsys):
+    task = VQATask(apply_overrides(VQARunConfig(), TINY + ["curriculum_steps=2"]))
+    task.prepare(tmp_path)
+    assert "curriculum: steps 1-2 train on 60 non-relational questions, then on all" in capsys.readouterr().out
+
+    def families(step):
+        texts = [task.tokenizer.decode(row) for row in task.train_batch(step)["question_ids"]]
+        return {"relational" if any(w in t for w in ("closest", "furthest", "how many")) else "non-relational" for t in texts}
+
+    assert families(0) == families(1) == {"non-relational"}
+    assert families(2) == {"non-relational", "relational"}
+    assert len(task.train_batch(0)["question_ids"]) == 2 * 10 and len(task.train_batch(2)["question_ids"]) == 2 * 20
+
+    shapes_task = VQATask(apply_overrides(VQARunConfig(), ["dataset=shapes", "shapes.num_train=4", "shapes.num_val=2", "shapes.num_test=0",
+                                                          "model.vision.image_size=64", "curriculum_steps=2"]))
+    (tmp_path / "shapes").mkdir()
+    shapes_task.prepare(tmp_path / "shapes")
+    assert "no training question has type non-relational; training on all questions from the start" in capsys.readouterr().out
+    assert shapes_task.curriculum_rows is None

@@ -72,16 +72,23 @@ class Positions1D(nn.Module):
 
 
 class Positions2D(nn.Module):
-    """Position embedding for an image token grid: emb(row) + emb(col), learned or sinusoidal.
+    """Position embedding for an image token grid: emb(row) + emb(col), learned or sinusoidal,
+    or "xy": a learned linear map of the token centre's coordinates (x, y) in [-1, 1].
 
     The sinusoidal form spends half the channels on the row and half on the column
-    (as in MAE); the learned form keeps one table per axis.
+    (as in MAE); the learned form keeps one table per axis. "xy" is the coordinate tagging
+    of Santoro et al. 2017 (each cell's features carry its coordinates), applied as
+    emb(row) + emb(col) with emb linear in the coordinate.
     """
 
     def __init__(self, max_rows: int, max_cols: int, dim: int, kind: str = "learned"):
         super().__init__()
         self.dim = dim
-        if kind == "learned":
+        if kind == "xy":
+            self.xy = nn.Linear(2, dim)
+            self.register_buffer("rows", torch.linspace(-1, 1, max_rows)[:, None] * torch.tensor([[0.0, 1.0]]), persistent=False)
+            self.register_buffer("cols", torch.linspace(-1, 1, max_cols)[:, None] * torch.tensor([[1.0, 0.0]]), persistent=False)
+        elif kind == "learned":
             self.rows = nn.Parameter(torch.randn(max_rows, dim) * 0.02)
             self.cols = nn.Parameter(torch.randn(max_cols, dim) * 0.02)
         else:  # zero-padded halves, so that row + col concatenates [row code, col code]
@@ -95,7 +102,9 @@ class Positions2D(nn.Module):
         """(rows * cols, dim), row-major like a flattened (rows, cols) grid."""
         if rows > self.rows.shape[0] or cols > self.cols.shape[0]:
             raise ValueError(f"token grid {rows}x{cols} exceeds {self.rows.shape[0]}x{self.cols.shape[0]}")
-        grid = self.rows[:rows, None, :] + self.cols[None, :cols, :]  # (rows, cols, dim)
+        grid = self.rows[:rows, None, :] + self.cols[None, :cols, :]  # (rows, cols, dim); xy: (rows, cols, 2) coordinates
+        if hasattr(self, "xy"):
+            grid = self.xy(grid)
         return grid.reshape(rows * cols, self.dim)
 
 

@@ -49,6 +49,10 @@ class VQARunConfig:
     data: SortOfClevrConfig = dataclasses.field(default_factory=SortOfClevrConfig)  # dataset=sort-of-clevr
     shapes: ShapesConfig = dataclasses.field(default_factory=ShapesConfig)  # dataset=shapes
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)  # your own data (source.train=...) instead of `dataset`
+    # curriculum: for the first curriculum_steps steps, train only on questions of these types
+    # (rows of the accuracy table); off when no training question has them
+    curriculum: tuple[str, ...] = ("non-relational",)
+    curriculum_steps: int = 0
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(steps=1700, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
     )
@@ -191,14 +195,19 @@ class QuestionSet:
             # an answer outside the vocabulary can never be predicted: it counts as wrong in
             # evaluation and is ignored by the training loss (cross-entropy's ignore index)
             self.answers = torch.tensor([vocab.index.get(q.answer, UNKNOWN_ANSWER) for q in split.questions])
-        by_image = defaultdict(list)
-        for i, q in enumerate(split.questions):
-            by_image[q.image_index].append(i)
-        self.questions_of_image = [torch.tensor(by_image[i], dtype=torch.long) for i in range(len(split.images))]
+        self.questions_of_image = self.rows_by_image()
 
-    def batch(self, images: np.ndarray) -> dict[str, torch.Tensor]:
-        """All questions about `images` (indices into the split)."""
-        per_image = [self.questions_of_image[i] for i in images]
+    def rows_by_image(self, types: tuple[str, ...] = ()) -> list[torch.Tensor]:
+        """Each image's question rows; with `types`, only questions of one of those types."""
+        by_image = defaultdict(list)
+        for i, q in enumerate(self.split.questions):
+            if not types or set(types) & set(q.types):
+                by_image[q.image_index].append(i)
+        return [torch.tensor(by_image[i], dtype=torch.long) for i in range(len(self.split.images))]
+
+    def batch(self, images: np.ndarray, questions_of_image: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """All questions about `images` (indices into the split), or those `questions_of_image` lists."""
+        per_image = [(questions_of_image or self.questions_of_image)[i] for i in images]
         rows = torch.cat(per_image)
         counts = torch.tensor([len(r) for r in per_image])
         answers = self.answers[rows]
@@ -252,6 +261,15 @@ class VQATask:
             answer_ids, _ = self.tokenizer.batch(sorted({q.answer for q in train.questions}), 10_000, wrap="bos_eos")
             model.answer_max_len = max(model.answer_max_len, answer_ids.shape[1])
         self.train_set = None if self.stream else QuestionSet(train, self.tokenizer, self.vocab, model)
+        self.curriculum_rows = None  # each image's curriculum questions, while the curriculum lasts
+        if cfg.curriculum_steps > 0 and cfg.curriculum and self.train_set is not None:
+            rows = self.train_set.rows_by_image(tuple(cfg.curriculum))
+            count = sum(len(r) for r in rows)
+            if count:
+                self.curriculum_rows = rows
+                print(f"curriculum: steps 1-{cfg.curriculum_steps} train on {count:,} {'/'.join(cfg.curriculum)} questions, then on all")
+            else:
+                print(f"curriculum: no training question has type {'/'.join(cfg.curriculum)}; training on all questions from the start")
         which = "val" if cfg.dataset == "shapes" or cfg.source.train else "test"
         self.eval_set = QuestionSet(load_split(cfg, which), self.tokenizer, self.vocab, model)
 
@@ -259,14 +277,16 @@ class VQATask:
         return VQAModel(self.cfg.model)
 
     def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
-        """Images of seeded epoch permutations, each with all its questions (share `part` of
-        `parts`); from shards, the share's streamed questions, each with its image."""
+        """Images of seeded epoch permutations, each with all its questions (during the
+        curriculum: its curriculum questions), share `part` of `parts`; from shards, the
+        share's streamed questions, each with its image."""
         if self.stream is not None:
             taken = self.stream.take(step, part, parts)
             split = VQASplit(np.stack([image for image, _ in taken]), [packed_question(i, meta) for i, (_, meta) in enumerate(taken)])
             return QuestionSet(split, self.tokenizer, self.vocab, self.cfg.model).batch(np.arange(len(taken)))
         images = epoch_order(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.train_set.questions_of_image))
-        return self.train_set.batch(share(images, part, parts))
+        rows = self.curriculum_rows if self.curriculum_rows is not None and step < self.cfg.curriculum_steps else None
+        return self.train_set.batch(share(images, part, parts), rows)
 
     @staticmethod
     def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
