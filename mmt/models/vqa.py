@@ -244,6 +244,21 @@ def vqa_small() -> VQAConfig:
 
 
 @register_preset
+def vqa_fast() -> VQAConfig:
+    """The Sort-of-CLEVR default: a small conv stem to a 5x5 grid of width-64 tokens, a
+    1-layer question encoder and 2 cross-fusion layers: cheap steps, so that a CPU run can
+    take thousands of them (see the README's VQA notes)."""
+    dim = 64
+    return VQAConfig(
+        vision=_conv_vision(dim, 0, 4, 0.0, (24, 24, 24)),
+        text=TextConfig(max_len=24, encoder=_transformer(dim, 1, 4, 0.0)),
+        fusion="cross",
+        fusion_encoder=_transformer(dim, 2, 4, 0.0),
+        head_hidden=256,
+    )
+
+
+@register_preset
 def vqa_joint_small() -> VQAConfig:
     """Single-stream variant of vqa-small: [CLS] + question + image tokens in one 4-layer encoder."""
     cfg = vqa_small()
