@@ -111,7 +111,9 @@ def test_accumulation_and_activation_checkpointing_match_the_plain_step(tmp_path
     train_lib.train(VQATask(apply_overrides(VQARunConfig(), VQA)), plain, progress=False)
     train_lib.train(VQATask(apply_overrides(VQARunConfig(), [*VQA, *extra])), other, progress=False)
     a, b = _weights(plain), _weights(other)
-    for key in a:
+    # key biases get only rounding noise as gradient (softmax ignores a shift shared by all
+    # of a query's scores), which AdamW scales up to full steps: see the test above
+    for key in [k for k in a if not k.endswith("k_proj.bias")]:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
 
 

@@ -264,7 +264,9 @@ class VQATask:
             model.answer_max_len = max(model.answer_max_len, answer_ids.shape[1])
         self.train_set = None if self.stream else QuestionSet(train, self.tokenizer, self.vocab, model)
         self.curriculum_rows = None  # each image's curriculum questions, while the curriculum lasts
-        if cfg.curriculum_steps > 0 and cfg.curriculum and self.train_set is not None:
+        if cfg.curriculum_steps > 0 and cfg.curriculum and self.stream is not None:
+            print("curriculum: not applied to data streamed from shards; training on all questions from the start")
+        elif cfg.curriculum_steps > 0 and cfg.curriculum:
             rows = self.train_set.rows_by_image(tuple(cfg.curriculum))
             count = sum(len(r) for r in rows)
             if count:
