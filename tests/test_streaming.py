@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
