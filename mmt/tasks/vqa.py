@@ -56,7 +56,7 @@ class VQARunConfig:
     curriculum: tuple[str, ...] = ("non-relational",)
     curriculum_steps: int = 1500
     train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(steps=5500, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
+        default_factory=lambda: TrainConfig(steps=6800, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
     )
 
 
