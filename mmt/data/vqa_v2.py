@@ -139,20 +139,28 @@ def _human_answers(path: Path, where: str, answers: Any) -> list[str]:
     return texts
 
 
+def _new_question_id(path: Path, section: str, index: int, record: Any, first_at: dict[int, str]) -> tuple[int, str]:
+    """Record `index` of `section`'s question_id (present, an id, not in `first_at`, which
+    maps the ids met so far to where they were) and the record's name for messages."""
+    where = f"{section}[{index}]"
+    require(path, where, record, ("question_id",))
+    question_id = id_field(path, where, record["question_id"], "question_id")
+    where = f"{section}[{index}] (question_id {question_id})"
+    if question_id in first_at:
+        raise DataError(path, where, f"duplicate question_id {question_id} (first at {first_at[question_id]})", kind=DUPLICATE_ID, key="question_id")
+    return question_id, where
+
+
 def _read_annotations(path: Path, bad: BadRecords | None) -> tuple[dict[int, tuple[str, dict]], set[int], str | None]:
     """question_id -> (where, checked annotation); the ids of skipped annotations; the file's data_subtype."""
     data = read_json(path, "VQA v2 annotations")
     records = record_list(path, data, "annotations", _ANNOTATION)
     found: dict[int, tuple[str, dict]] = {}
+    first_at: dict[int, str] = {}  # where each good annotation's question_id came first
     skipped: set[int] = set()
     for index, record in enumerate(records):
-        where = f"annotations[{index}]"
         try:
-            require(path, where, record, ("question_id",))
-            question_id = id_field(path, where, record["question_id"], "question_id")
-            where = f"annotations[{index}] (question_id {question_id})"
-            if question_id in found:
-                raise DataError(path, where, f"duplicate question_id {question_id} (first at {found[question_id][0]})", kind=DUPLICATE_ID, key="question_id")
+            question_id, where = _new_question_id(path, "annotations", index, record, first_at)
             require(path, where, record, ("image_id", "answers", "answer_type", "question_type"))
             id_field(path, where, record["image_id"], "image_id")
             for key in ("answer_type", "question_type"):
@@ -163,6 +171,7 @@ def _read_annotations(path: Path, bad: BadRecords | None) -> tuple[dict[int, tup
                 raise DataError(path, where, f"'multiple_choice_answer' must be a string, got {type(consensus).__name__}", key="multiple_choice_answer")
             answers = _human_answers(path, where, record["answers"])
             found[question_id] = (where, {**record, "answers": answers})
+            first_at[question_id] = where
         except DataError as e:
             if isinstance(record, dict) and is_id(record.get("question_id")) and e.kind != DUPLICATE_ID:
                 skipped.add(record["question_id"])
@@ -203,13 +212,8 @@ def load_vqa_v2(
     records: list[VQARecord] = []
     seen: dict[int, str] = {}
     for index, question in enumerate(questions):
-        where = f"questions[{index}]"
         try:
-            require(questions_path, where, question, ("question_id",))
-            question_id = id_field(questions_path, where, question["question_id"], "question_id")
-            where = f"questions[{index}] (question_id {question_id})"
-            if question_id in seen:
-                raise DataError(questions_path, where, f"duplicate question_id {question_id} (first at {seen[question_id]})", kind=DUPLICATE_ID, key="question_id")
+            question_id, where = _new_question_id(questions_path, "questions", index, question, seen)
             seen[question_id] = where
             require(questions_path, where, question, ("image_id", "question"))
             image_id = id_field(questions_path, where, question["image_id"], "image_id")
