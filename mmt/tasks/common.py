@@ -175,12 +175,8 @@ class StreamedShards:
         from mmt.data.shards import ShardStream
 
         cfg = self.train_cfg
-        if cfg.batch_size % parts:
-            raise ValueError(
-                f"train.batch_size={cfg.batch_size} does not split evenly into {parts} shares "
-                "(processes x train.accumulate); choose a batch size divisible by it"
-            )
-        n, rank, world, micro = cfg.batch_size // parts, part // cfg.accumulate, parts // cfg.accumulate, part % cfg.accumulate
+        n = len(share(np.arange(cfg.batch_size), part, parts))  # (which also checks that the batch splits evenly)
+        rank, world, micro = part // cfg.accumulate, parts // cfg.accumulate, part % cfg.accumulate
         if self._stream is None or self._stream.rank != rank:
             src = self.src
             self._stream = ShardStream(src.train, self.size, rank, world, src.workers, src.shuffle_buffer, cfg.seed, src.augment)
