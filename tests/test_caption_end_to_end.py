@@ -8,6 +8,7 @@ from PIL import Image
 
 from mmt.cli import main
 from mmt.data import shapes
+from tests.own_data import caption_lines, shapes_images
 
 TINY_CAPTION = [
     "data.image_size=32",
@@ -169,12 +170,7 @@ def test_eval_of_a_model_directory_uses_the_runs_data_settings(caption_run, tmp_
 
 
 def test_caption_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
-    split = shapes.ShapesSplit.generate(12, seed=4, image_size=32)
-    (tmp_path / "img").mkdir()
-    lines = []
-    for i, (image, captions) in enumerate(zip(split.images, split.captions)):
-        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
-        lines += [json.dumps({"image": f"img/{i}.png", "text": c}) for c in captions[: 1 + i % 3]]  # 1-3 captions each
+    lines = [line for image in caption_lines(shapes_images(tmp_path, 12, seed=4)) for line in image]  # 1-3 captions each
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
     args = ["train", "caption", "--run-dir", str(run), "--preset", "caption-tiny", "--no-progress",

@@ -20,6 +20,7 @@ from mmt.models.retrieval import LossWeights, RetrievalModel, contrastive_loss, 
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.tasks.retrieval import ranks_of, recall_at, rerank
 from mmt.train import init_from
+from tests.own_data import caption_lines, shapes_images
 
 
 def test_contrastive_loss_matches_a_hand_computed_value():
@@ -296,12 +297,7 @@ def test_matching_needs_two_different_images_in_a_batch():
 
 
 def test_retrieval_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
-    split = shapes.ShapesSplit.generate(30, seed=9, image_size=32)
-    (tmp_path / "img").mkdir()
-    lines = []
-    for i, (image, captions) in enumerate(zip(split.images, split.captions)):
-        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
-        lines += [json.dumps({"image": f"img/{i}.png", "text": c}) for c in captions[: 1 + i % 3]]  # 1-3 captions each
+    lines = [line for image in caption_lines(shapes_images(tmp_path, 30, seed=9)) for line in image]  # 1-3 captions each
     lines.append(json.dumps({"image": "img/missing.png", "text": "a red circle"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "test.jsonl").write_text("\n".join(lines[:12]) + "\n")

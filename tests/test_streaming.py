@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 import mmt.tasks.caption
 from mmt.cli import main
-from mmt.data import shapes
 from mmt.data.shards import pack
 from mmt.train import latest_checkpoint
+from tests.own_data import caption_lines, shapes_images
 
 
 def sets(overrides):
@@ -24,12 +23,7 @@ def sets(overrides):
 def data(tmp_path_factory) -> Path:
     """24 training images with 1-3 captions each, packed in 5 shards, and 4 validation images."""
     root = tmp_path_factory.mktemp("streaming")
-    split = shapes.ShapesSplit.generate(28, seed=5, image_size=32)
-    (root / "img").mkdir()
-    lines = []
-    for i, (image, captions) in enumerate(zip(split.images, split.captions)):
-        Image.fromarray(image).save(root / "img" / f"{i}.png")
-        lines.append([json.dumps({"image": f"img/{i}.png", "text": c}) for c in captions[: 1 + i % 3]])
+    lines = caption_lines(shapes_images(root, 28, seed=5))
     (root / "train.jsonl").write_text("\n".join(line for image in lines[:24] for line in image) + "\n")
     (root / "val.jsonl").write_text("\n".join(line for image in lines[24:] for line in image) + "\n")
     summary = pack(root / "train.jsonl", root / "shards", shard_size=5)
@@ -98,11 +92,9 @@ def test_training_from_shards_needs_validation_data(data, capsys):
 
 
 def test_vqa_trains_from_shards_and_reads_a_shard_folder_as_validation_and_test_data(tmp_path):
-    split = shapes.ShapesSplit.generate(6, seed=3, image_size=32)
-    (tmp_path / "img").mkdir()
+    split = shapes_images(tmp_path, 6, seed=3)
     lines = []
-    for i, (image, qas) in enumerate(zip(split.images, split.qa)):
-        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+    for i, qas in enumerate(split.qa):
         lines += [json.dumps({"image": f"img/{i}.png", "question": qa.question, "answer": [qa.answer] * 3 + ["maybe"]}) for qa in qas]
     (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
     summary = pack(tmp_path / "qa.jsonl", tmp_path / "shards", shard_size=10)

@@ -12,6 +12,7 @@ from mmt.cli import main
 from mmt.config import apply_overrides
 from mmt.data import sort_of_clevr
 from mmt.tasks.vqa import VQARunConfig, VQATask
+from tests.own_data import shapes_images
 
 TINY = [
     "data.num_train=6",
@@ -147,13 +148,9 @@ def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
 
 
 def test_vqa_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
-    from mmt.data import shapes
-
-    split = shapes.ShapesSplit.generate(10, seed=2, image_size=32)
-    (tmp_path / "img").mkdir()
+    split = shapes_images(tmp_path, 10, seed=2)
     lines = []
-    for i, (image, qas) in enumerate(zip(split.images, split.qa)):
-        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+    for i, qas in enumerate(split.qa):
         for qa in qas:
             kind = "yes/no" if qa.answer in ("yes", "no") else "other"
             lines.append(json.dumps({"image": f"img/{i}.png", "question": qa.question, "answer": [qa.answer] * 3 + ["maybe"], "answer_type": kind}))
