@@ -149,3 +149,42 @@ def test_position_embeddings():
     assert torch.allclose(grid[0, 1] - grid[0, 0], grid[3, 4] - grid[3, 3], atol=1e-6)
     assert torch.allclose(grid[1, 2] - grid[0, 2], grid[3, 0] - grid[2, 0], atol=1e-6)
     assert torch.allclose(grid[0, 0], xy.xy(torch.tensor([-1.0, -1.0])), atol=1e-6)  # top left: x = y = -1
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_first_rows_equal_the_full_stack_in_values_and_gradients(norm_first, stack, checkpointing):
+    torch.manual_seed(0)
+    if stack == "encoder":
+        model = Encoder(cfg(norm_first, depth=2))
+    else:
+        model = Decoder(cfg(norm_first, depth=2), causal=False)
+    model.activation_checkpointing = checkpointing
+    x, pad = torch.randn(B, T, D), padding([6, 2, 5], T)
+    context, context_pad = torch.randn(B, 4, D), padding([4, 3, 1], 4)
+
+    def run(first):
+        x_ = x.clone().requires_grad_()
+        if stack == "encoder":
+            out, _ = model(x_, key_padding_mask=pad, first=first)
+        else:
+            out, _ = model(x_, context, key_padding_mask=pad, context_padding_mask=context_pad, first=first)
+        out[:, :2].pow(2).sum().backward()
+        grads = [x_.grad] + [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out, grads
+
+    full, full_grads = run(None)
+    head, head_grads = run(2)
+    assert head.shape == (B, 2, D)
+    assert (head - full[:, :2]).abs().max() <= 1e-5
+    for a, b in zip(head_grads, full_grads):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_first_rows_refuse_causal_attention():
+    with pytest.raises(ValueError, match="causal"):
+        Encoder(cfg(True, depth=1))(torch.randn(B, T, D), causal=True, first=1)
+    with pytest.raises(ValueError, match="causal"):
+        Decoder(cfg(True, depth=1))(torch.randn(B, T, D), torch.randn(B, 4, D), first=1)

@@ -93,3 +93,35 @@ def test_repeated_questions_are_encoded_once_with_the_same_result(fusion):
         assert calls == [2]
         alone = torch.cat([model.answer_logits(pixels[i : i + 1], ids[q : q + 1]) for q, i in enumerate(image_index.tolist())])
     assert (batched - alone).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fusion", ["cross", "joint"])
+def test_classifier_computes_only_the_cls_state_with_the_same_loss_and_gradients(fusion):
+    # the classifier reads only [CLS], so the last fusion layer computes nothing else: the
+    # loss and every gradient must equal those of fusing all tokens
+    torch.manual_seed(0)
+    model = small(fusion).train()
+    pixels, image_index = torch.randn(2, 3, 75, 75), torch.tensor([0, 0, 1, 1])
+    ids = torch.randint(7, 40, (4, 8))
+    ids[:, 0], ids[1, 6:] = 2, 0
+    answers = torch.tensor([1, 3, 0, 9])
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm statistics move each pass
+
+    def grads(first):
+        model.load_state_dict(state)
+        model.zero_grad()
+        image_tokens, image_padding = model.vision(pixels)
+        fused, padding = model.fuse(image_tokens, image_padding, ids, image_index, first=first)
+        loss = torch.nn.functional.cross_entropy(model.head(fused[:, 0]), answers)
+        loss.backward()
+        return loss.detach(), fused.shape, padding.shape, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss_all, shape_all, _, grads_all = grads(None)
+    loss_cls, shape_cls, padding_cls, grads_cls = grads(1)
+    assert shape_cls[1] == 1 and padding_cls == (4, 1) and shape_all[1] > 1
+    assert torch.allclose(loss_cls, loss_all, atol=1e-6)
+    assert len(grads_cls) == len(grads_all)
+    for a, b in zip(grads_cls, grads_all):
+        assert (a - b).abs().max() <= 1e-5
+    model.load_state_dict(state)
+    assert torch.allclose(model(pixels, ids, answers, image_index)["answer_loss"], loss_all, atol=1e-6)

@@ -139,20 +139,37 @@ class EncoderLayer(nn.Module):
         self.drop2 = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False
+        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False,
+        first: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x: (B, T, D) -> ((B, T, D), attention weights (B, H, T, T) or None)."""
+        """x: (B, T, D) -> ((B, T, D), attention weights (B, H, T, T) or None).
+
+        first: compute only the first `first` output positions (they still attend to all T);
+            for a last layer whose other positions nobody reads.
+        """
+        h = self.norm1(x) if self.norm_first else x
+        queries, context = _first_rows(h, first, causal)
+        attended, _, weights = self.attn(
+            queries, context, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights
+        )
+        x = x[:, :first] if first is not None else x
         if self.norm_first:
-            attended, _, weights = self.attn(
-                self.norm1(x), key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights
-            )
             x = x + self.drop1(attended)
             x = x + self.drop2(self.ffn(self.norm2(x)))
         else:
-            attended, _, weights = self.attn(x, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights)
             x = self.norm1(x + self.drop1(attended))
             x = self.norm2(x + self.drop2(self.ffn(x)))
         return x, weights
+
+
+def _first_rows(h: Tensor, first: int | None, causal: bool) -> tuple[Tensor, Tensor | None]:
+    """Self-attention inputs when only the first `first` positions are wanted: those
+    positions as queries, the whole sequence as keys/values (None: plain self-attention)."""
+    if first is None:
+        return h, None
+    if causal:
+        raise ValueError("first= computes a prefix of the positions, which causal attention does not support")
+    return h[:, :first], h
 
 
 @dataclass
@@ -220,14 +237,23 @@ class DecoderLayer(nn.Module):
         past_kv: KV | None = None,
         cross_kv: KV | None = None,
         need_weights: bool = False,
+        first: int | None = None,
     ) -> tuple[Tensor, KV, KV, Tensor | None]:
         """x: (B, T, D) text states; context: (B, S, Dc) the other modality's encoder output.
 
+        first: compute only the first `first` output positions (non-causal layers without a
+            past; they still attend to all T).
         Returns (output, self-attention KV incl. past, cross-attention KV, cross-attention
         weights (B, H, T, S) or None).
         """
         h = self.norm1(x) if self.norm_first else x
-        attended, self_kv, _ = self.self_attn(h, key_padding_mask=key_padding_mask, causal=self.causal, past_kv=past_kv)
+        if first is not None and past_kv is not None:
+            raise ValueError("first= cannot be combined with cached keys/values")
+        queries, whole = _first_rows(h, first, self.causal)
+        attended, self_kv, _ = self.self_attn(
+            queries, whole, key_padding_mask=key_padding_mask, causal=self.causal, past_kv=past_kv
+        )
+        x = x[:, :first] if first is not None else x
         x = x + self.drop1(attended) if self.norm_first else self.norm1(x + self.drop1(attended))
 
         h = self.norm2(x) if self.norm_first else x
@@ -256,15 +282,25 @@ class Encoder(nn.Module):
         self.activation_checkpointing = False  # training: recompute each layer's activations in backward
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False
+        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False,
+        first: int | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """x: (B, T, D) -> ((B, T, D), per-layer attention weights if requested, else [])."""
+        """x: (B, T, D) -> ((B, T, D), per-layer attention weights if requested, else []).
+
+        first: return only the first `first` positions, and skip computing the others in
+            the last layer (e.g. first=1 when only a [CLS] state is read).
+        """
         all_weights = []
-        for layer in self.layers:
+        if first is not None and not self.layers:
+            x = x[:, :first]
+        for i, layer in enumerate(self.layers):
+            rows = first if i == len(self.layers) - 1 else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled() and not need_weights:
-                x = checkpoint(lambda h, layer=layer: layer(h, key_padding_mask, causal, False)[0], x, use_reentrant=False)
+                x = checkpoint(
+                    lambda h, layer=layer, rows=rows: layer(h, key_padding_mask, causal, False, rows)[0], x, use_reentrant=False
+                )
                 continue
-            x, weights = layer(x, key_padding_mask, causal, need_weights)
+            x, weights = layer(x, key_padding_mask, causal, need_weights, rows)
             if weights is not None:
                 all_weights.append(weights)
         return self.norm(x), all_weights
@@ -289,6 +325,7 @@ class Decoder(nn.Module):
         key_padding_mask: Tensor | None = None,
         context_padding_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
+        first: int | None = None,
     ) -> tuple[Tensor, DecoderCache | None]:
         """x: (B, T, D) embedded target tokens (positions already added).
 
@@ -298,19 +335,24 @@ class Decoder(nn.Module):
             cache: keys/values from earlier steps (start with `DecoderCache.empty(depth)`);
                 when given, `x` holds only the new positions. A cache whose `cross_kv` is
                 filled makes `context` unnecessary (pass None).
+            first: return only the first `first` positions, and skip computing the others
+                in the last layer (non-causal decoders without past keys/values).
         Returns:
             ((B, T, D) hidden states, the updated cache or None when none was given).
         """
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
+        if first is not None and not self.layers:
+            x = x[:, :first]
         for i, layer in enumerate(self.layers):
+            rows = first if i == len(self.layers) - 1 else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 past = cache.self_kv[i] if cache is not None else None
                 cross = cache.cross_kv[i] if cache is not None else None
 
-                def run(h: Tensor, layer=layer, past=past, cross=cross) -> Tensor:
+                def run(h: Tensor, layer=layer, past=past, cross=cross, rows=rows) -> Tensor:
                     return layer(
                         h, context, key_padding_mask=key_padding_mask, context_padding_mask=context_padding_mask,
-                        past_kv=past, cross_kv=cross,
+                        past_kv=past, cross_kv=cross, first=rows,
                     )[0]
 
                 x = checkpoint(run, x, use_reentrant=False)
@@ -322,6 +364,7 @@ class Decoder(nn.Module):
                 context_padding_mask=context_padding_mask,
                 past_kv=cache.self_kv[i] if cache is not None else None,
                 cross_kv=cache.cross_kv[i] if cache is not None else None,
+                first=rows,
             )
             if new_cache is not None:
                 new_cache.self_kv[i], new_cache.cross_kv[i] = self_kv, cross_kv

@@ -203,15 +203,20 @@ class RetrievalModel(nn.Module):
 
     # ------------------------------------------------------------------ matching
 
-    def fuse(self, text_tokens: Tensor, text_padding: Tensor, image_tokens: Tensor, image_padding: Tensor) -> Tensor:
-        """Text tokens after attending to their image (row i of the text to row i of the image)."""
+    def fuse(
+        self, text_tokens: Tensor, text_padding: Tensor, image_tokens: Tensor, image_padding: Tensor, first: int | None = None
+    ) -> Tensor:
+        """Text tokens after attending to their image (row i of the text to row i of the image);
+        first=1 computes only the [CLS] state in the last layer (what the matching head reads)."""
         padding = image_padding if image_padding.any() else None
-        fused, _ = self.fusion(text_tokens, image_tokens, key_padding_mask=text_padding, context_padding_mask=padding)
+        fused, _ = self.fusion(
+            text_tokens, image_tokens, key_padding_mask=text_padding, context_padding_mask=padding, first=first
+        )
         return fused
 
     def match_logits(self, text_tokens: Tensor, text_padding: Tensor, image_tokens: Tensor, image_padding: Tensor) -> Tensor:
         """(B,) ITM logit of "text i matches image i" (log-odds of match vs no match)."""
-        logits = self.itm_head(self.fuse(text_tokens, text_padding, image_tokens, image_padding)[:, 0]).float()
+        logits = self.itm_head(self.fuse(text_tokens, text_padding, image_tokens, image_padding, first=1)[:, 0]).float()
         return logits[:, 1] - logits[:, 0]
 
     # ------------------------------------------------------------------ losses
@@ -291,7 +296,7 @@ class RetrievalModel(nn.Module):
         text_pad = torch.cat([text_padding, text_padding[neg_text], text_padding])
         images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
         image_pad = torch.cat([image_padding, image_padding, image_padding[neg_image]])
-        logits = self.itm_head(self.fuse(texts, text_pad, images, image_pad)[:, 0]).float()
+        logits = self.itm_head(self.fuse(texts, text_pad, images, image_pad, first=1)[:, 0]).float()
         B = len(image_ids)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
         return F.cross_entropy(logits, labels)

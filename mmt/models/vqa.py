@@ -81,7 +81,8 @@ class VQAModel(nn.Module):
             init_weights(self)
 
     def fuse(
-        self, image_tokens: Tensor, image_padding: Tensor, question_ids: Tensor, image_index: Tensor | None = None
+        self, image_tokens: Tensor, image_padding: Tensor, question_ids: Tensor, image_index: Tensor | None = None,
+        first: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Fused token states (Q, S, D) and their padding mask (Q, S) for Q questions; token 0
         is the [CLS] state the classifier reads. joint: [CLS] + question + image tokens;
@@ -92,6 +93,8 @@ class VQAModel(nn.Module):
             question_ids: (Q, T) token ids, [CLS] first.
             image_index: (Q,) which image each question is about (default: question i is
                 about image i).
+            first: return only the first `first` token states; the last fusion layer then
+                computes no others (the classifier reads only [CLS]: first=1).
         """
         # The text tower does not see the image, so each distinct question is encoded once
         # (datasets repeat questions across images; a batch of VQA often holds few distinct
@@ -121,8 +124,8 @@ class VQAModel(nn.Module):
                 [self.cls.expand(Q, -1, -1), text_tokens + self.modality[0], image_tokens + self.modality[1]], dim=1
             )  # (Q, 1 + T + N, D)
             padding = torch.cat([text_padding.new_zeros(Q, 1), text_padding, image_padding], dim=1)
-            fused, _ = self.fusion(tokens, key_padding_mask=padding)
-            return fused, padding
+            fused, _ = self.fusion(tokens, key_padding_mask=padding, first=first)
+            return fused, padding[:, :first]
         # cross: project each image's keys/values once per layer. When each image's questions
         # are consecutive and equally many, attention takes them grouped (no copies at all);
         # otherwise each question gets its image's keys/values.
@@ -135,15 +138,17 @@ class VQAModel(nn.Module):
         if image_index is not None and not shared:
             padding = image_padding[image_index]
         cache = DecoderCache([None] * len(cross_kv), cross_kv)
-        fused, _ = self.fusion(text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache)
-        return fused, text_padding
+        fused, _ = self.fusion(
+            text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache, first=first
+        )
+        return fused, text_padding[:, :first]
 
     def answer_logits(
         self, pixels: Tensor, question_ids: Tensor, image_index: Tensor | None = None, pixel_mask: Tensor | None = None
     ) -> Tensor:
         """(Q, num_answers) logits of the classifier head. pixels: (I, C, H, W); question_ids: (Q, T)."""
         image_tokens, image_padding = self.vision(pixels, pixel_mask)
-        fused, _ = self.fuse(image_tokens, image_padding, question_ids, image_index)
+        fused, _ = self.fuse(image_tokens, image_padding, question_ids, image_index, first=1)
         return self.head(fused[:, 0])
 
     def answer_token_logits(self, answer_ids: Tensor, fused: Tensor, fused_padding: Tensor, cache: DecoderCache | None = None):
@@ -160,7 +165,8 @@ class VQAModel(nn.Module):
         """Losses for a batch. classify: `answers` are class ids (Q,) or soft scores (Q, num_answers);
         generate: `answers` are answer token ids (Q, A), [BOS] answer [EOS] [PAD]..."""
         image_tokens, image_padding = self.vision(pixels)
-        fused, fused_padding = self.fuse(image_tokens, image_padding, question_ids, image_index)
+        first = 1 if self.config.head == "classify" else None  # the classifier reads only [CLS]
+        fused, fused_padding = self.fuse(image_tokens, image_padding, question_ids, image_index, first)
         if self.config.head == "generate":
             pad = self.config.text.pad_id
             inputs, targets = answers[:, :-1], answers[:, 1:]
