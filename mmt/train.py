@@ -70,6 +70,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute Transformer layer activations in backward: less memory, ~30% more compute
     dist_timeout: int = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
     max_nonfinite: int = 3  # a step whose loss or gradients are not finite is skipped; this many in a row stop training
+    # BatchNorm layers (if any) evaluate with statistics averaged evenly over the last N training
+    # steps before each evaluation instead of torch's exponential average (0: keep torch's)
+    batchnorm_average_steps: int = 10
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -89,6 +92,27 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batchnorm_averaging(step: int, cfg: TrainConfig) -> tuple[bool, bool]:
+    """(average, restart) for step index `step`: whether its forward passes go into an even
+    average of BatchNorm statistics for the next evaluation, and whether that average starts
+    afresh with it.
+
+    torch's running statistics are an exponential average over about the last 10 batches,
+    computed with weights that have since moved on; on Sort-of-CLEVR that alone sent
+    evaluations of a model whose training accuracy was steady from 89% to 79% (count
+    questions 98% -> 38%). Averaging the batch statistics of the last steps before an
+    evaluation, evenly, removes those swings. A pure function of the step, so a resumed
+    run averages the same batches.
+    """
+    n = min(cfg.batchnorm_average_steps, cfg.eval_every)
+    if n <= 0:
+        return False, False
+    done = step + 1
+    next_eval = min(-(-done // cfg.eval_every) * cfg.eval_every, cfg.steps)
+    start = max(next_eval - n, 0)
+    return step >= start, step == start
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -394,9 +418,16 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
     nonfinite: list[int] = []  # consecutive skipped steps
     # the buffers a forward pass changes: BatchNorm statistics (other buffers, e.g. fixed
     # position tables, never change)
-    running_stats = [b for m in core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    norms = [m for m in core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    running_stats = [b for m in norms for b in m.buffers()]
+    momenta = [m.momentum for m in norms]
     for step in range(start_step, cfg.steps):
         model.train()
+        average, restart = batchnorm_averaging(step, cfg)
+        for m, momentum in zip(norms, momenta):
+            if restart:
+                m.reset_running_stats()
+            m.momentum = None if average else momentum  # None: torch's even (cumulative) average
         optimizer.zero_grad(set_to_none=True)
         # running statistics change in the forward pass: kept to undo a skipped step
         buffers = [b.detach().clone() for b in running_stats]
@@ -481,6 +512,8 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
                 save_checkpoint(run_dir, core, optimizer, scheduler, done, {"best": best}, cfg.keep_last, best["step"], rng_states)
             window["start"] = time.perf_counter()  # do not count checkpoint time in samples/s
     bar.close()
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     if procs.main:
         metrics_file.close()
         task.save_model(core, run_dir / "model")

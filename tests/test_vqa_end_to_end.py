@@ -50,7 +50,11 @@ def test_run_directory_layout(run_dir):
     assert set(records[-1]["eval"]) >= {"overall", "non-relational", "relational", "closest", "count"}
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+# the second case crashes inside the steps whose BatchNorm statistics are averaged for the
+# evaluation at step 4 (steps 2-4): the checkpoint of step 2 holds half of that average
+@pytest.mark.parametrize("extra", [[], ["train.eval_every=4", "train.batchnorm_average_steps=3"]])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, extra):
+    tiny_cfg = lambda: apply_overrides(VQARunConfig(), TINY + extra)  # noqa: E731
     straight = tmp_path / "straight"
     train_lib.train(VQATask(tiny_cfg()), straight, progress=False)
 
@@ -204,3 +208,38 @@ def test_curriculum_trains_on_its_question_types_first(tmp_path, capsys):
     shapes_task.prepare(tmp_path / "shapes")
     assert "no training question has type non-relational; training on all questions from the start" in capsys.readouterr().out
     assert shapes_task.curriculum_rows is None
+
+
+def test_batchnorm_statistics_are_the_even_average_of_the_last_steps(tmp_path):
+    # the saved model's BatchNorm statistics: the plain mean of the batch statistics of the
+    # last 3 training steps before the final evaluation
+    cfg = apply_overrides(VQARunConfig(), TINY + ["train.steps=6", "train.eval_every=6", "train.batchnorm_average_steps=3"])
+    task, seen = VQATask(cfg), []
+    build = task.build_model
+
+    def build_with_hook():
+        model = build()
+        norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        norm.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()) if m.training else None)
+        return model
+
+    task.build_model = build_with_hook
+    train_lib.train(task, tmp_path / "run", progress=False)
+    assert len(seen) == 6
+    weights = checkpoint.read_weights(tmp_path / "run" / "model" / "model.safetensors")
+    name = next(k for k in weights if k.endswith("running_mean"))
+    means = torch.stack([x.mean((0, 2, 3)) for x in seen])
+    variances = torch.stack([x.transpose(0, 1).flatten(1).var(1) for x in seen])  # unbiased, as torch keeps it
+    assert torch.allclose(weights[name], means[3:].mean(0), atol=1e-5)
+    assert torch.allclose(weights[name.replace("mean", "var")], variances[3:].mean(0), atol=1e-4)
+    assert not torch.allclose(weights[name], means.mean(0), atol=1e-3)  # not every step's
+    assert weights[name.replace("running_mean", "num_batches_tracked")].item() == 3
+
+
+def test_batchnorm_averaging_schedule():
+    cfg = train_lib.TrainConfig(steps=25, eval_every=10, batchnorm_average_steps=3)
+    plan = [train_lib.batchnorm_averaging(step, cfg) for step in range(25)]
+    assert [s for s, (average, _) in enumerate(plan) if average] == [7, 8, 9, 17, 18, 19, 22, 23, 24]
+    assert [s for s, (_, restart) in enumerate(plan) if restart] == [7, 17, 22]
+    off = train_lib.TrainConfig(steps=25, eval_every=10, batchnorm_average_steps=0)
+    assert not any(any(train_lib.batchnorm_averaging(step, off)) for step in range(25))
