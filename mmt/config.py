@@ -54,6 +54,7 @@ class VisionConfig:
     positions: Literal["learned", "sincos", "xy"] = "learned"  # 2-D position embedding of the token grid (xy: linear in the coordinates)
     token_norm: bool = False  # LayerNorm on each stem token before positions are added (keeps their scales comparable)
     coord_channels: bool = False  # append x and y coordinate planes to the pixels (CoordConv, Liu et al. 2018)
+    relative_bias: bool = False  # encoder attention adds a learned bias per head for each (row, col) offset between tokens
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
 
 

@@ -102,6 +102,10 @@ class VisionTower(nn.Module):
         rows, cols = self.grid_size(cfg.image_size)
         self.positions = Positions2D(rows, cols, dim, cfg.positions)
         self.encoder = Encoder(cfg.encoder)
+        if cfg.relative_bias:
+            # one table shared by the encoder's layers (as T5 shares its relative bias), zero
+            # at the start; named "positions" so that weight decay leaves it alone
+            self.relative_positions = nn.Parameter(torch.zeros(cfg.encoder.heads, 2 * rows - 1, 2 * cols - 1))
 
     @property
     def stem_channels(self) -> int:
@@ -115,6 +119,17 @@ class VisionTower(nn.Module):
         xs = torch.linspace(-1, 1, W, device=pixels.device, dtype=pixels.dtype)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x plane, y plane
         return torch.cat([pixels, grid.expand(B, -1, -1, -1)], dim=1)
+
+    def relative_position_bias(self, rows: int, cols: int) -> Tensor:
+        """(heads, N, N) attention bias between the N = rows * cols tokens: entry (h, i, j) is
+        head h's learned value for the offset (row_i - row_j, col_i - col_j) (Liu et al. 2021)."""
+        table = self.relative_positions
+        max_rows, max_cols = (table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2
+        if rows > max_rows or cols > max_cols:
+            raise ValueError(f"token grid {rows}x{cols} exceeds the relative bias table's {max_rows}x{max_cols}")
+        r = torch.arange(rows, device=table.device).repeat_interleave(cols)  # row of each token, row-major
+        c = torch.arange(cols, device=table.device).repeat(rows)
+        return table[:, r[:, None] - r[None, :] + max_rows - 1, c[:, None] - c[None, :] + max_cols - 1]
 
     @torch.no_grad()
     def grid_size(self, image_size: int) -> tuple[int, int]:
@@ -146,5 +161,6 @@ class VisionTower(nn.Module):
             padding = torch.zeros(B, rows * cols, dtype=torch.bool, device=pixels.device)
         else:
             padding = token_padding_mask(pixel_mask, rows, cols)
-        tokens, _ = self.encoder(tokens, key_padding_mask=padding if pixel_mask is not None else None)
+        bias = self.relative_position_bias(rows, cols).to(tokens.dtype) if self.cfg.relative_bias else None
+        tokens, _ = self.encoder(tokens, key_padding_mask=padding if pixel_mask is not None else None, bias=bias)
         return tokens, padding

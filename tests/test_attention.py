@@ -127,3 +127,24 @@ def test_query_sequences_can_share_a_context(fast):
     for uneven in (5, 3):  # 3 // 2 == 1 must not pass as "one query per context"
         with pytest.raises(ValueError, match="cannot share"):
             attn(torch.randn(uneven, T, D), static_kv=kv)
+
+
+def test_score_bias_is_added_before_the_softmax_on_both_paths():
+    attn = MultiHeadAttention(D, H).eval()
+    x = torch.randn(B, T, D)
+    bias = torch.randn(H, T, T)
+    pad = padding([7, 5, 2], T)
+    attn.fast = False
+    _, _, plain = attn(x, need_weights=True)
+    _, _, biased = attn(x, need_weights=True, bias=bias)
+    # softmax(s + b) is softmax(s) reweighted by exp(b)
+    expected = plain * bias.exp()
+    assert torch.allclose(biased, expected / expected.sum(-1, keepdim=True), atol=1e-5)
+    reference, _, weights = attn(x, key_padding_mask=pad, need_weights=True, bias=bias)
+    assert (weights[1, :, :, 5:] == 0).all()  # padding still masked under a bias
+    attn.fast = True
+    fast, _, _ = attn(x, key_padding_mask=pad, bias=bias)
+    assert (fast - reference).abs().max() <= 1e-5
+    assert (attn(x, bias=torch.zeros(H, T, T))[0] - attn(x)[0]).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="score bias"):
+        attn(torch.randn(4, T, D), torch.randn(2, S, D), bias=torch.zeros(H, T, S))

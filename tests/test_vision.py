@@ -67,3 +67,27 @@ def test_coordinate_planes():
     assert torch.equal(pixels[0, 4, :, 0], torch.linspace(-1, 1, 4))  # y grows downwards
     tower = VisionTower(VisionConfig(coord_channels=True, conv_widths=(16, 32), encoder=SMALL))
     assert tower(torch.randn(1, 3, 64, 64))[0].shape == (1, 64, 32)
+
+
+def test_relative_position_bias_depends_only_on_the_offset():
+    cfg = VisionConfig(stem="patch", image_size=24, patch_size=8, relative_bias=True, encoder=SMALL)
+    tower = VisionTower(cfg)  # a 3x3 grid: offsets -2..2 on each axis
+    assert tower.relative_positions.shape == (4, 5, 5) and (tower.relative_positions == 0).all()
+    with torch.no_grad():
+        tower.relative_positions.copy_(torch.randn(4, 5, 5))
+    bias = tower.relative_position_bias(3, 3)
+    assert bias.shape == (4, 9, 9)
+    for i in range(9):
+        for j in range(9):
+            dr, dc = i // 3 - j // 3, i % 3 - j % 3
+            assert torch.equal(bias[:, i, j], tower.relative_positions[:, dr + 2, dc + 2])
+    # the encoder uses it: the output changes with the table, and the table gets gradients
+    pixels = torch.randn(2, 3, 24, 24)
+    tokens, _ = tower(pixels)
+    tokens.sum().backward()
+    assert tower.relative_positions.grad.abs().sum() > 0
+    with torch.no_grad():
+        tower.relative_positions.zero_()
+        assert (tower(pixels)[0] - tokens).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="exceeds"):
+        tower.relative_position_bias(4, 3)

@@ -57,12 +57,16 @@ def build_attention_mask(
     return allowed
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
-    """softmax(Q K^T / sqrt(d_k)) V computed literally; returns (output, weights).
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float = 0.0, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d_k) + bias) V computed literally; returns (output, weights).
 
-    q: (B, H, T, Dh), k and v: (B, H, S, Dh); weights: (B, H, T, S).
+    q: (B, H, T, Dh), k and v: (B, H, S, Dh); weights: (B, H, T, S); bias broadcasts to them.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if bias is not None:
+        scores = scores + bias
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     weights = scores.softmax(dim=-1)
@@ -114,6 +118,7 @@ class MultiHeadAttention(nn.Module):
         past_kv: KV | None = None,
         static_kv: KV | None = None,
         need_weights: bool = False,
+        bias: Tensor | None = None,
     ) -> tuple[Tensor, KV, Tensor | None]:
         """Attend from `x` (B, T, D) to `context` (B, S, D), or to `x` itself.
 
@@ -125,6 +130,8 @@ class MultiHeadAttention(nn.Module):
                 is then not projected again. Contexts (given or cached) may number B / g for
                 B query sequences: then sequences g*i .. g*i+g-1 all attend to context i.
             need_weights: also return the attention weights (takes the reference path).
+            bias: added to the attention scores before the softmax, broadcastable to
+                (B, H, T, S), e.g. a learned bias per head for each relative position.
         Returns:
             (output (B, T, D), the keys/values used (to cache), weights (B, H, T, S) or None).
         """
@@ -140,8 +147,9 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         contexts = kv.k.shape[0]
         groups = B // contexts if contexts else 1  # (an empty batch has no contexts)
-        if (B % contexts if contexts else B) or (groups > 1 and causal):
-            raise ValueError(f"{B} query sequences cannot share {contexts} contexts{' causally' if causal else ''}")
+        if (B % contexts if contexts else B) or (groups > 1 and (causal or bias is not None)):
+            detail = " causally" if causal else " with a score bias" if bias is not None else ""
+            raise ValueError(f"{B} query sequences cannot share {contexts} contexts{detail}")
         if groups > 1:
             # Several query sequences share each context (e.g. 20 questions about one image):
             # attention is independent per query, so each context's query sequences are laid
@@ -151,14 +159,16 @@ class MultiHeadAttention(nn.Module):
 
         weights = None
         if self.fast and not need_weights:
-            if causal and key_padding_mask is None and T == S:
+            if causal and key_padding_mask is None and T == S and bias is None:
                 out = F.scaled_dot_product_attention(q, kv.k, kv.v, dropout_p=dropout_p, is_causal=True)
             else:
-                allowed = build_attention_mask(key_padding_mask, causal and T > 1, T, S, x.device)
-                out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=allowed, dropout_p=dropout_p)
+                mask = build_attention_mask(key_padding_mask, causal and T > 1, T, S, x.device)
+                if bias is not None:  # one additive mask: the bias, -inf where attention is not allowed
+                    mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+                out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, dropout_p=dropout_p)
         else:
             allowed = build_attention_mask(key_padding_mask, causal, T, S, x.device)
-            out, weights = reference_attention(q, kv.k, kv.v, allowed, dropout_p)
+            out, weights = reference_attention(q, kv.k, kv.v, allowed, dropout_p, bias)
         if groups > 1:
             out = out.view(-1, self.heads, groups, T, self.head_dim).transpose(1, 2)  # (B / g, g, H, T, Dh)
             out = out.reshape(B, self.heads, T, self.head_dim)

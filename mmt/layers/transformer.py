@@ -140,17 +140,20 @@ class EncoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False,
-        first: int | None = None,
+        first: int | None = None, bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """x: (B, T, D) -> ((B, T, D), attention weights (B, H, T, T) or None).
 
         first: compute only the first `first` output positions (they still attend to all T);
             for a last layer whose other positions nobody reads.
+        bias: added to the attention scores, broadcastable to (B, H, T, T).
         """
         h = self.norm1(x) if self.norm_first else x
         queries, context = _first_rows(h, first, causal)
+        if bias is not None and first is not None:
+            bias = bias[..., :first, :]
         attended, _, weights = self.attn(
-            queries, context, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights
+            queries, context, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights, bias=bias
         )
         x = x[:, :first] if first is not None else x
         if self.norm_first:
@@ -283,12 +286,13 @@ class Encoder(nn.Module):
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False, need_weights: bool = False,
-        first: int | None = None,
+        first: int | None = None, bias: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """x: (B, T, D) -> ((B, T, D), per-layer attention weights if requested, else []).
 
         first: return only the first `first` positions, and skip computing the others in
             the last layer (e.g. first=1 when only a [CLS] state is read).
+        bias: added to every layer's attention scores, broadcastable to (B, H, T, T).
         """
         all_weights = []
         if first is not None and not self.layers:
@@ -297,10 +301,10 @@ class Encoder(nn.Module):
             rows = first if i == len(self.layers) - 1 else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled() and not need_weights:
                 x = checkpoint(
-                    lambda h, layer=layer, rows=rows: layer(h, key_padding_mask, causal, False, rows)[0], x, use_reentrant=False
+                    lambda h, layer=layer, rows=rows: layer(h, key_padding_mask, causal, False, rows, bias)[0], x, use_reentrant=False
                 )
                 continue
-            x, weights = layer(x, key_padding_mask, causal, need_weights, rows)
+            x, weights = layer(x, key_padding_mask, causal, need_weights, rows, bias)
             if weights is not None:
                 all_weights.append(weights)
         return self.norm(x), all_weights
