@@ -251,12 +251,16 @@ def vqa_small() -> VQAConfig:
 
 @register_preset
 def vqa_fast() -> VQAConfig:
-    """The Sort-of-CLEVR default: a small conv stem to a 5x5 grid of width-64 tokens, a
-    1-layer question encoder and 2 cross-fusion layers: cheap steps, so that a CPU run can
-    take thousands of them (see the README's VQA notes)."""
+    """The Sort-of-CLEVR default: a small conv stem to a 10x10 grid of width-64 tokens (on
+    75x75 images each object centre falls in its own token), one image-encoder layer with a
+    learned bias per relative offset between tokens, a 1-layer question encoder and 2
+    cross-fusion layers: cheap steps, so that a CPU run can take thousands of them (see the
+    README's VQA notes)."""
     dim = 64
+    vision = _conv_vision(dim, 1, 4, 0.0, (24, 24))
+    vision.relative_bias = True
     return VQAConfig(
-        vision=_conv_vision(dim, 0, 4, 0.0, (24, 24, 24)),
+        vision=vision,
         text=TextConfig(max_len=24, encoder=_transformer(dim, 1, 4, 0.0)),
         fusion="cross",
         fusion_encoder=_transformer(dim, 2, 4, 0.0),
