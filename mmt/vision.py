@@ -103,6 +103,8 @@ class VisionTower(nn.Module):
         self.positions = Positions2D(rows, cols, dim, cfg.positions)
         self.encoder = Encoder(cfg.encoder)
         if cfg.relative_bias:
+            if cfg.encoder.depth == 0:
+                raise ValueError("vision.relative_bias=true needs vision.encoder.depth >= 1: the bias is added in the encoder's attention")
             # one table shared by the encoder's layers (as T5 shares its relative bias), zero
             # at the start; named "positions" so that weight decay leaves it alone
             self.relative_positions = nn.Parameter(torch.zeros(cfg.encoder.heads, 2 * rows - 1, 2 * cols - 1))

@@ -91,3 +91,6 @@ def test_relative_position_bias_depends_only_on_the_offset():
         assert (tower(pixels)[0] - tokens).abs().max() > 1e-4
     with pytest.raises(ValueError, match="exceeds"):
         tower.relative_position_bias(4, 3)
+    no_encoder = TransformerConfig(dim=32, depth=0, heads=4, ffn_dim=64, dropout=0.0)
+    with pytest.raises(ValueError, match="encoder.depth"):
+        VisionTower(VisionConfig(stem="patch", image_size=24, patch_size=8, relative_bias=True, encoder=no_encoder))
