@@ -243,3 +243,8 @@ def test_batchnorm_averaging_schedule():
     assert [s for s, (_, restart) in enumerate(plan) if restart] == [7, 17, 22]
     off = train_lib.TrainConfig(steps=25, eval_every=10, batchnorm_average_steps=0)
     assert not any(any(train_lib.batchnorm_averaging(step, off)) for step in range(25))
+
+
+def test_curriculum_longer_than_the_run_says_the_whole_run_uses_it(tmp_path, capsys):
+    VQATask(apply_overrides(VQARunConfig(), TINY)).prepare(tmp_path)  # default curriculum_steps=1500 > 4 steps
+    assert "curriculum: all 4 steps train on 60 non-relational questions (curriculum_steps=1500)" in capsys.readouterr().out

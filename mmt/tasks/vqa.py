@@ -271,7 +271,11 @@ class VQATask:
             count = sum(len(r) for r in rows)
             if count:
                 self.curriculum_rows = rows
-                print(f"curriculum: steps 1-{cfg.curriculum_steps} train on {count:,} {'/'.join(cfg.curriculum)} questions, then on all")
+                kinds = f"{count:,} {'/'.join(cfg.curriculum)} questions"
+                if cfg.curriculum_steps >= cfg.train.steps:  # a run shorter than the curriculum never leaves it
+                    print(f"curriculum: all {cfg.train.steps} steps train on {kinds} (curriculum_steps={cfg.curriculum_steps})")
+                else:
+                    print(f"curriculum: steps 1-{cfg.curriculum_steps} train on {kinds}, then on all")
             else:
                 print(f"curriculum: no training question has type {'/'.join(cfg.curriculum)}; training on all questions from the start")
         which = "val" if cfg.dataset == "shapes" or cfg.source.train else "test"
