@@ -28,8 +28,8 @@ TINY = [
 ]
 
 
-def tiny_cfg():
-    return apply_overrides(VQARunConfig(), TINY)
+def tiny_cfg(extra=()):
+    return apply_overrides(VQARunConfig(), TINY + list(extra))
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,11 @@ def test_run_directory_layout(run_dir):
 # evaluation at step 4 (steps 2-4): the checkpoint of step 2 holds half of that average
 @pytest.mark.parametrize("extra", [[], ["train.eval_every=4", "train.batchnorm_average_steps=3"]])
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, extra):
-    tiny_cfg = lambda: apply_overrides(VQARunConfig(), TINY + extra)  # noqa: E731
     straight = tmp_path / "straight"
-    train_lib.train(VQATask(tiny_cfg()), straight, progress=False)
+    train_lib.train(VQATask(tiny_cfg(extra)), straight, progress=False)
 
     crashed = tmp_path / "crashed"
-    task = VQATask(tiny_cfg())
+    task = VQATask(tiny_cfg(extra))
     real_batch = task.train_batch
 
     def crash_at_step_3(step, part=0, parts=1):
@@ -71,7 +70,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, extra):
     with pytest.raises(KeyboardInterrupt):
         train_lib.train(task, crashed, progress=False)
     assert train_lib.latest_checkpoint(crashed).name == "step-0000002"
-    train_lib.train(VQATask(tiny_cfg()), crashed, resume=True, progress=False)
+    train_lib.train(VQATask(tiny_cfg(extra)), crashed, resume=True, progress=False)
 
     a = checkpoint.read_weights(straight / "model" / "model.safetensors")
     b = checkpoint.read_weights(crashed / "model" / "model.safetensors")
@@ -190,7 +189,7 @@ def test_several_human_answers_give_soft_targets_and_vqa_accuracy():
 
 
 def test_curriculum_trains_on_its_question_types_first(tmp_path, capsys):
-    task = VQATask(apply_overrides(VQARunConfig(), TINY + ["curriculum_steps=2"]))
+    task = VQATask(tiny_cfg(["curriculum_steps=2"]))
     task.prepare(tmp_path)
     assert "curriculum: steps 1-2 train on 60 non-relational questions, then on all" in capsys.readouterr().out
 
@@ -213,7 +212,7 @@ def test_curriculum_trains_on_its_question_types_first(tmp_path, capsys):
 def test_batchnorm_statistics_are_the_even_average_of_the_last_steps(tmp_path):
     # the saved model's BatchNorm statistics: the plain mean of the batch statistics of the
     # last 3 training steps before the final evaluation
-    cfg = apply_overrides(VQARunConfig(), TINY + ["train.steps=6", "train.eval_every=6", "train.batchnorm_average_steps=3"])
+    cfg = tiny_cfg(["train.steps=6", "train.eval_every=6", "train.batchnorm_average_steps=3"])
     task, seen = VQATask(cfg), []
     build = task.build_model
 
@@ -246,5 +245,5 @@ def test_batchnorm_averaging_schedule():
 
 
 def test_curriculum_longer_than_the_run_says_the_whole_run_uses_it(tmp_path, capsys):
-    VQATask(apply_overrides(VQARunConfig(), TINY)).prepare(tmp_path)  # default curriculum_steps=1500 > 4 steps
+    VQATask(tiny_cfg()).prepare(tmp_path)  # default curriculum_steps=1500 > 4 steps
     assert "curriculum: all 4 steps train on 60 non-relational questions (curriculum_steps=1500)" in capsys.readouterr().out

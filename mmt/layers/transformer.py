@@ -150,12 +150,12 @@ class EncoderLayer(nn.Module):
         """
         h = self.norm1(x) if self.norm_first else x
         queries, context = _first_rows(h, first, causal)
-        if bias is not None and first is not None:
-            bias = bias[..., :first, :]
+        if bias is not None:
+            bias = bias[..., :first, :]  # the rows of the queries kept (all when first is None)
         attended, _, weights = self.attn(
             queries, context, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights, bias=bias
         )
-        x = x[:, :first] if first is not None else x
+        x = x[:, :first]  # (all of x when first is None)
         if self.norm_first:
             x = x + self.drop1(attended)
             x = x + self.drop2(self.ffn(self.norm2(x)))
@@ -256,7 +256,7 @@ class DecoderLayer(nn.Module):
         attended, self_kv, _ = self.self_attn(
             queries, whole, key_padding_mask=key_padding_mask, causal=self.causal, past_kv=past_kv
         )
-        x = x[:, :first] if first is not None else x
+        x = x[:, :first]  # (all of x when first is None)
         x = x + self.drop1(attended) if self.norm_first else self.norm1(x + self.drop1(attended))
 
         h = self.norm2(x) if self.norm_first else x
@@ -295,8 +295,6 @@ class Encoder(nn.Module):
         bias: added to every layer's attention scores, broadcastable to (B, H, T, T).
         """
         all_weights = []
-        if first is not None and not self.layers:
-            x = x[:, :first]
         for i, layer in enumerate(self.layers):
             rows = first if i == len(self.layers) - 1 else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled() and not need_weights:
@@ -307,7 +305,7 @@ class Encoder(nn.Module):
             x, weights = layer(x, key_padding_mask, causal, need_weights, rows, bias)
             if weights is not None:
                 all_weights.append(weights)
-        return self.norm(x), all_weights
+        return self.norm(x[:, :first]), all_weights  # (the last layer already kept only those; no layers: here)
 
 
 class Decoder(nn.Module):
@@ -345,8 +343,6 @@ class Decoder(nn.Module):
             ((B, T, D) hidden states, the updated cache or None when none was given).
         """
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
-        if first is not None and not self.layers:
-            x = x[:, :first]
         for i, layer in enumerate(self.layers):
             rows = first if i == len(self.layers) - 1 else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -372,4 +368,4 @@ class Decoder(nn.Module):
             )
             if new_cache is not None:
                 new_cache.self_kv[i], new_cache.cross_kv[i] = self_kv, cross_kv
-        return self.norm(x), new_cache
+        return self.norm(x[:, :first]), new_cache  # (the last layer already kept only those; no layers: here)
