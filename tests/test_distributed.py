@@ -69,13 +69,18 @@ def test_two_gloo_processes_reach_the_weights_of_one_process(tmp_path):
     # Key biases get a zero gradient in exact arithmetic (softmax ignores a constant added to
     # every score); what they get is rounding noise, which AdamW scales up to full-size
     # steps, so they differ by noise whatever the layout. Every other tensor must agree.
-    # Elsewhere AdamW's division by sqrt(v) lets summation-order rounding move entries with
-    # tiny gradients by up to ~1e-5; a real difference in the loss (say, contrasting each
-    # process's half alone) moves weights by the size of a step, ~1e-3 here (checked below).
+    # Elsewhere AdamW's division by sqrt(v) lets summation-order rounding move an entry whose
+    # gradient is near zero by a fraction of a step (one fc1 entry of 16,384 by 1.2e-4 seen);
+    # a real difference in the loss moves most entries of every tensor by the size of a step:
+    # contrasting each process's half alone moved over 92% of each tensor's entries by more
+    # than 3e-5, by up to ~4e-3 (measured). So: at most 0.1% of a tensor's entries may differ
+    # by more than 3e-5, and none by more than 5e-4.
     noise_only = [k for k in a if k.endswith("k_proj.bias")]
     start = _initial_weights()
     for key in a.keys() - set(noise_only):
-        torch.testing.assert_close(b[key], a[key], atol=3e-5, rtol=0, msg=key)
+        difference = (b[key] - a[key]).abs()
+        assert (difference > 3e-5).float().mean() <= 1e-3, (key, difference.max())
+        torch.testing.assert_close(b[key], a[key], atol=5e-4, rtol=0, msg=key)
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
     assert moved > 5e-4
     # rank 0 alone wrote the log, with the losses of the whole batch

@@ -201,15 +201,22 @@ def test_reference_captions_are_true_and_list_every_object(thousand):
         for position, caption in enumerate(captions):
             check = check_caption(caption, scene)
             assert check.stated > 0 and check.true == check.stated, (caption, check, scene)
-            assert caption == caption.lower() and not caption.endswith(".") and len(caption.split()) <= 30
-            if position < 3:
-                assert check.mentioned == set(range(len(scene.objects))), caption
+            assert caption == caption.lower() and not caption.endswith(".") and len(caption.split()) <= 36
+            assert check.mentioned == set(range(len(scene.objects))), caption  # every caption names every object
+            if position < 3:  # a plain listing: no relation, superlative or counts
+                assert " is " not in caption and (":" not in caption or caption.startswith("there are ")), caption
             for fact in caption_facts(caption):  # "the" only where one object fits
                 if fact.kind == "object" and fact.text.startswith("the "):
                     assert len(fitting(scene, fact.text)) == 1, caption
-    listing = [c for cs in thousand.captions[:300] for c in cs[:3]]
-    scores = fact_scores(listing, [s for s in thousand.scenes[:300] for _ in range(3)])
+    every = [c for cs in thousand.captions[:300] for c in cs]
+    scores = fact_scores(every, [s for s in thousand.scenes[:300] for _ in range(5)])
     assert scores == {"fact_precision": 1.0, "fact_recall": 1.0, "captions_without_facts": 0}
+    framings = Counter(
+        "relation" if " is " in c and not c.startswith("the ") else "superlative" if c.startswith("the ") else "counts"
+        for cs in thousand.captions[:300]
+        for c in cs[3:]
+    )
+    assert set(framings) == {"relation", "counts", "superlative"} and min(framings.values()) > 100, framings
 
 
 def test_false_captions_are_caught_and_true_ones_accepted():
@@ -299,3 +306,9 @@ def test_scenes_described_finds_every_scene_a_caption_is_true_of():
     assert scenes_described("the red circle is left of the blue square", scenes) == [0, 1]
     assert scenes_described("two small objects", scenes) == [1]
     assert scenes_described("a green triangle", scenes) == []
+    # complete: the caption must also mention every object of the scene
+    assert scenes_described("a large red circle", scenes) == [0, 2]
+    assert scenes_described("a large red circle", scenes, complete=True) == []
+    assert scenes_described("a small blue square is right of a large red circle", scenes, complete=True) == [0]
+    two = "two small objects: a small red circle and a small blue square"
+    assert scenes_described(two, scenes, complete=True) == [1]

@@ -18,14 +18,16 @@ Superlatives: "the largest object" is the object larger (large vs small) than ev
 so it exists only when exactly one object is large; likewise "smallest". "The leftmost
 (rightmost) object" is the object left of (right of) every other object; it may not exist.
 
-Captions: 5 per image, lower case, no final period. Captions 0..2 mention every object as
-"a <size> <colour> <shape>", each in its own random order, with three different templates from
-"{objects}", "there are {n} objects: {objects}", "the picture shows {objects}" and, for at most 4
-objects, "{a} is {relation} {b}, with {rest}". Captions 3 and 4 are two different ones of: a
-relation between two objects described partly ("the red circle is above a cross"; "the" when the
-description fits one object of the scene, "a" otherwise), counts by shape ("two circles, one
-square and one cross") or by size ("three large objects and one small object"), and a
-superlative ("the largest object is a red circle") when one exists.
+Captions: 5 per image, lower case, no final period, each naming every object in full as
+"a <size> <colour> <shape>" (so a caption identifies its scene up to scenes of the same objects,
+and the framed ones usually beyond that), the objects in their own random order each time.
+Captions 0..2 are the listings "{objects}", "there are {n} objects: {objects}" and "the picture
+shows {objects}", in random order. Captions 3 and 4 are two different framings of: a relation
+between two objects, then the rest ("a small red circle is above a large blue cross, with
+{rest}"), counts by shape or by size, then every object ("two circles and one square:
+{objects}"), and a superlative when one exists, then the rest ("the largest object is a red
+circle, with {rest}"). Captions draw from their own random stream, so the scenes and questions
+do not depend on the caption grammar.
 
 Questions: about 10 per image, two of each qtype, no repeats: attribute ("what colour is the large
 circle?"), count ("how many circles are there?" -> number words "zero".."six"), exist ("is there
@@ -309,44 +311,38 @@ class Known:
 
 
 def captions(known: Known, draws: Draws) -> list[str]:
-    """5 true captions: 3 that list every object in full, then 2 about relations, counts or superlatives."""
+    """5 true captions, each naming every object in full: 3 plain listings, then 2 listings
+    framed by a relation, counts or a superlative."""
     scene, relations, objects = known.scene, known.relations, known.scene.objects
     clear = set(known.clearly_true)
 
     def full(o: Obj) -> str:
         return phrase(o.size, o.colour, o.shape, "a")
 
-    def everything() -> str:
-        return listing([full(o) for o in draws.shuffled(objects)])
+    def everything(leaving_out: tuple[Obj, ...] = ()) -> str:
+        return listing([full(o) for o in draws.shuffled(objects) if o not in leaving_out])
 
-    def related() -> str:
-        i, relation, j = draws.choice(known.clearly_true or relations)
-        rest = [full(o) for o in draws.shuffled(objects) if o not in (objects[i], objects[j])]
-        return f"{full(objects[i])} is {relation} {full(objects[j])}" + (f", with {listing(rest)}" if rest else "")
+    def with_rest(head: str, *named: Obj) -> str:
+        return head + (f", with {everything(named)}" if len(named) < len(objects) else "")
 
-    templates = [
+    listings = [
         everything,
         lambda: f"there are {NUMBERS[len(objects)]} objects: {everything()}",
         lambda: f"the picture shows {everything()}",
     ]
-    if len(objects) <= 4:  # longer scenes would make this one too long to learn
-        templates.append(related)
-    chosen = [template() for template in draws.shuffled(templates)[:3]]
 
-    def partial_relation() -> str:
+    def related() -> str:
         i, relation, j = draws.choice(known.clearly_true or relations)
-        parts = []
-        for k in (i, j):
-            desc = described(objects[k], draws.choice([a for a in ATTR_SUBSETS if a != ("size",)]))
-            parts.append(phrase(*desc, "the" if known.fits_one(desc) else "a"))
-        return f"{parts[0]} is {relation} {parts[1]}"
+        return with_rest(f"{full(objects[i])} is {relation} {full(objects[j])}", objects[i], objects[j])
 
     def counts() -> str:
         if draws.coin():  # by shape: "two circles, one square and one cross"
             groups = draws.shuffled(Counter(o.shape for o in objects).items())
-            return listing([f"{NUMBERS[n]} {plural(shape) if n > 1 else shape}" for shape, n in groups])
-        groups = draws.shuffled(Counter(o.size for o in objects).items())  # "three large objects and one small object"
-        return listing([f"{NUMBERS[n]} {size} {plural(None) if n > 1 else 'object'}" for size, n in groups])
+            said = listing([f"{NUMBERS[n]} {plural(shape) if n > 1 else shape}" for shape, n in groups])
+        else:  # by size: "three large objects and one small object"
+            groups = draws.shuffled(Counter(o.size for o in objects).items())
+            said = listing([f"{NUMBERS[n]} {size} {plural(None) if n > 1 else 'object'}" for size, n in groups])
+        return f"{said}: {everything()}"
 
     superlatives = [  # leftmost / rightmost only when clearly left / right of every other object
         (name, i)
@@ -357,10 +353,13 @@ def captions(known: Known, draws: Draws) -> list[str]:
 
     def superlative() -> str:
         name, i = draws.choice(superlatives)
-        return f"the {name} object is {phrase(None, objects[i].colour, objects[i].shape, 'a')}"
+        o = objects[i]
+        if name in ("largest", "smallest"):  # the size is implied
+            return with_rest(f"the {name} object is {phrase(None, o.colour, o.shape, 'a')}", o)
+        return with_rest(f"the {name} object is {full(o)}", o)
 
-    others = [partial_relation, counts] + ([superlative] if superlatives else [])
-    return chosen + [template() for template in draws.shuffled(others)[:2]]
+    framed = [related, counts] + ([superlative] if superlatives else [])
+    return [template() for template in draws.shuffled(listings)] + [template() for template in draws.shuffled(framed)[:2]]
 
 
 def ask_attribute(known: Known, draws: Draws) -> QA | None:
@@ -481,6 +480,7 @@ class ShapesSplit:
     def generate(cls, num_images: int, seed: int, image_size: int = IMAGE_SIZE, stream: int = 0) -> "ShapesSplit":
         """`num_images` scenes from the random stream (seed, stream); splits use different streams."""
         draws = Draws(np.random.default_rng([seed, stream]))
+        caption_draws = Draws(np.random.default_rng([seed, stream, 1]))
         images = np.empty((num_images, image_size, image_size, 3), np.uint8)
         scenes, all_captions, all_qa = [], [], []
         for k in range(num_images):
@@ -488,7 +488,7 @@ class ShapesSplit:
             known = Known.of(scene)
             images[k] = render(scene)
             scenes.append(scene)
-            all_captions.append(captions(known, draws))
+            all_captions.append(captions(known, caption_draws))
             all_qa.append(questions(known, draws))
         return cls(images, scenes, all_captions, all_qa)
 

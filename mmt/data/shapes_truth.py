@@ -224,8 +224,16 @@ def caption_objects(caption: str) -> Counter:
     return named
 
 
-def scenes_described(caption: str, scenes: list[Scene]) -> list[int]:
+def scenes_described(caption: str, scenes: list[Scene], complete: bool = False) -> list[int]:
     """Indices of the scenes of which every fact the caption states is true (all of them
-    when it states none): how ambiguous the caption is within a gallery."""
+    when it states none): how ambiguous the caption is within a gallery. With `complete`, only
+    the scenes whose every object the caption also mentions (for captions that name them all)."""
     facts = caption_facts(caption)
-    return [k for k, scene in enumerate(scenes) if all(_check(fact, scene)[0] for fact in facts)]
+    described = []
+    for k, scene in enumerate(scenes):
+        checks = [_check(fact, scene) for fact in facts]
+        if all(ok for ok, _ in checks) and (
+            not complete or len(set().union(*(objects for _, objects in checks))) == len(scene.objects)
+        ):
+            described.append(k)
+    return described

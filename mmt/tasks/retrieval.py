@@ -36,9 +36,9 @@ from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
 KS = (1, 5, 10)
-# the shapes world's captions 1-3 describe every object; 4-5 state a relation, counts or a
-# superlative, which many other scenes may share
-SHAPES_CAPTION_GROUPS = {"full": [0, 1, 2], "partial": [3, 4]}
+# the shapes world's captions 1-3 list every object; 4-5 list them framed by a relation, counts
+# or a superlative
+SHAPES_CAPTION_GROUPS = {"listing": [0, 1, 2], "framed": [3, 4]}
 
 
 @dataclasses.dataclass
@@ -163,7 +163,7 @@ def retrieval_scores(
 ) -> dict[str, float]:
     """Recall@1/5/10, image->text and text->image, contrastive and (when the model has a
     matching head) with the top rerank_k re-ranked by it. `caption_groups` names sets of
-    caption positions (e.g. {"full": [0, 1, 2]}) for which text->image R@1 is also reported
+    caption positions (e.g. {"listing": [0, 1, 2]}) for which text->image R@1 is also reported
     on its own."""
     texts = [c for caps in captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])  # image of each text
