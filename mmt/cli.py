@@ -180,6 +180,7 @@ def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for_inference(run_dir)
     cfg = _saved_run_config(run_dir, RetrievalRunConfig(model=model.config), args)
+    model.config.rerank_adds_contrastive = cfg.model.rerank_adds_contrastive  # --set model.rerank_adds_contrastive=false
     pixels, captions, shapes_test = _test_image_texts(cfg, model.config.vision.image_size)
     groups = SHAPES_CAPTION_GROUPS if shapes_test is not None else None
     started = time.perf_counter()

@@ -7,7 +7,6 @@ import math
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -16,8 +15,9 @@ from PIL import Image
 from mmt import checkpoint, registry
 from mmt.cli import main
 from mmt.data import shapes
+from mmt.data.transforms import to_pixels
 from mmt.models.retrieval import LossWeights, RetrievalModel, contrastive_loss, sample_hard_negatives
-from mmt.models.vqa import VQAConfig, VQAModel
+from mmt.models.vqa import VQAModel
 from mmt.tasks.retrieval import ranks_of, recall_at, rerank
 from mmt.train import init_from
 from tests.own_data import caption_lines, shapes_images
@@ -247,6 +247,41 @@ def test_pretrain_logs_each_loss_and_evaluates_recall(pretrain_run, capsys):
     result = json.loads((pretrain_run / "eval.json").read_text())
     assert all(0.0 <= v <= 1.0 for v in result.values())
     assert result["t2i_R@10"] >= result["t2i_R@5"] >= result["t2i_R@1"]
+
+
+def test_rerank_adds_the_contrastive_logit_to_the_matching_log_odds(pretrain_run, monkeypatch):
+    import mmt.tasks.retrieval as retrieval
+
+    model, tokenizer = retrieval.load_for_inference(pretrain_run)
+    split = shapes.ShapesSplit.generate(12, seed=5, image_size=32)
+    pixels = to_pixels(split.images)
+    captions = [c[:2] for c in split.captions]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    k = 5
+    with torch.no_grad():
+        texts = [c for caps in captions for c in caps]
+        t2i = retrieval.encode_texts(model, tokenizer, texts)[0] @ retrieval.encode_images(model, pixels)[0].T
+    last = t2i.topk(k, dim=1).indices[:, -1]  # each caption's k-th contrastive candidate
+
+    def scores_with(itm, adds_contrastive):
+        monkeypatch.setattr(retrieval, "match_scores", lambda model, texts, pads, images, pairs: itm(pairs))
+        model.config.rerank_adds_contrastive = adds_contrastive
+        return retrieval.retrieval_scores(model, tokenizer, pixels, captions, rerank_k=k)
+
+    # log-odds rising along each query's k candidates (pairs come query by query, best first)
+    def ramp(size):
+        return lambda pairs: size * (torch.arange(len(pairs)) % k).float()
+
+    # ITM alone follows the ramp: the k-th contrastive candidate goes first
+    alone = scores_with(ramp(1.0), False)
+    assert alone["t2i_R@1_rerank"] == pytest.approx((owner == last).float().mean().item())
+    # added to the contrastive logit, a tiny ramp changes nothing and a steep one wins
+    assert scores_with(ramp(1e-6), True)["t2i_R@1_rerank"] == pytest.approx(alone["t2i_R@1"])
+    assert scores_with(ramp(1e4), True)["t2i_R@1_rerank"] == pytest.approx(alone["t2i_R@1_rerank"])
+    # log-odds that single out the right pair by far put it first either way
+    for adds_contrastive in (True, False):
+        oracle = scores_with(lambda pairs: 1e4 * (owner[pairs[:, 0]] == pairs[:, 1]).float(), adds_contrastive)
+        assert oracle["t2i_R@1_rerank"] == oracle["t2i_R@5"] and oracle["i2t_R@1_rerank"] == oracle["i2t_R@5"]
 
 
 def test_switched_off_terms_have_no_module_and_no_loss():

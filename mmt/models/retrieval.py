@@ -62,6 +62,9 @@ class RetrievalConfig:
     losses: LossWeights = dataclasses.field(default_factory=LossWeights)
     mask_prob: float = 0.15  # MLM: share of caption tokens masked (80% [MASK], 10% random, 10% kept)
     rerank_k: int = 16  # evaluation: ITM re-scores this many contrastive candidates
+    # re-ranking score: ITM log-odds plus the contrastive logit (scale x cosine), both log-odds
+    # of a match; False: ITM log-odds alone
+    rerank_adds_contrastive: bool = True
     mask_id: int = 4  # [MASK]
     special_ids: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)  # never masked and never drawn as random replacements
 

@@ -9,7 +9,8 @@ Evaluation embeds every image and caption of a split and reports Recall@1/5/10 b
 image -> text (an image is right at K when any of its 5 captions is among the top K) and
 text -> image (a caption is right at K when its own image is among the top K), first by
 contrastive similarity alone, then with the top `rerank_k` candidates re-ordered by the
-matching head.
+matching head: by its log-odds plus the contrastive logit (`rerank_adds_contrastive`, the
+default), or by its log-odds alone.
 
 The trainer (`mmt.train`) calls: prepare, build_model, train_batch, batch_accuracy,
 evaluate, headline, score, save_model.
@@ -184,6 +185,8 @@ def retrieval_scores(
             else:
                 pairs = torch.stack([candidates.flatten(), rows.flatten()], 1)
             scores = match_scores(model, text_tokens, text_padding, image_tokens, pairs).view(-1, k)
+            if model.config.rerank_adds_contrastive:
+                scores = scores + sim.gather(1, candidates) * model.scale().item()
             reranked = ranks_of(rerank(sim, candidates, scores), pos)
             result |= {f"{name}_{r}_rerank": v for r, v in recall_at(reranked).items()}
             if name == "t2i":
