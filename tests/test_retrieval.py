@@ -284,6 +284,21 @@ def test_rerank_adds_the_contrastive_logit_to_the_matching_log_odds(pretrain_run
         assert oracle["t2i_R@1_rerank"] == oracle["t2i_R@5"] and oracle["i2t_R@1_rerank"] == oracle["i2t_R@5"]
 
 
+def test_eval_set_switches_the_rerank_score(pretrain_run, tmp_path, monkeypatch):
+    import mmt.tasks.retrieval as retrieval
+
+    seen, original = [], retrieval.retrieval_scores
+
+    def spy(model, *args, **kwargs):
+        seen.append(model.config.rerank_adds_contrastive)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "retrieval_scores", spy)
+    assert main(["eval", str(pretrain_run), "--out", str(tmp_path / "a.json")]) == 0
+    assert main(["eval", str(pretrain_run), "--out", str(tmp_path / "b.json"), "--set", "model.rerank_adds_contrastive=false"]) == 0
+    assert seen == [True, False]
+
+
 def test_switched_off_terms_have_no_module_and_no_loss():
     cfg = registry.preset("retrieval-tiny")
     cfg.losses = LossWeights(itc=1.0, itm=0.0, mlm=0.0, lm=0.0)

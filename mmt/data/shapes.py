@@ -300,9 +300,6 @@ class Known:
                     unique[i].append(desc)
         return cls(scene, relations, set(relations), clearly_true, clearly_false, unique)
 
-    def fits_one(self, desc: tuple[str | None, str | None, str | None]) -> bool:
-        return sum(matches(o, *desc) for o in self.scene.objects) == 1
-
     def referring(self, i: int, draws: Draws, without: str | None = None) -> str | None:
         """A random description that fits object i alone ("the red circle"), never naming `without`."""
         k = ATTRS.index(without) if without else None
