@@ -7,7 +7,7 @@ that ranks first exactly the scenes a caption is true of and whose every object 
 text -> image R@1 = 1 / (number of such scenes) on each caption; the mean is a ceiling on
 R@1 for a model that reads captions as statements of fact.
 
-    python examples/retrieval_ceiling.py [NUM_TEST]     # about 15 minutes for 1,000 scenes on 2 cores
+    python examples/retrieval_ceiling.py [NUM_TEST]     # about a minute for 1,000 scenes
 """
 
 import sys

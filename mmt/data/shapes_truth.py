@@ -231,9 +231,13 @@ def scenes_described(caption: str, scenes: list[Scene], complete: bool = False) 
     facts = caption_facts(caption)
     described = []
     for k, scene in enumerate(scenes):
-        checks = [_check(fact, scene) for fact in facts]
-        if all(ok for ok, _ in checks) and (
-            not complete or len(set().union(*(objects for _, objects in checks))) == len(scene.objects)
-        ):
-            described.append(k)
+        mentioned: set[int] = set()
+        for fact in facts:  # most scenes fail an early fact: stop there
+            ok, objects = _check(fact, scene)
+            if not ok:
+                break
+            mentioned |= objects
+        else:
+            if not complete or len(mentioned) == len(scene.objects):
+                described.append(k)
     return described
