@@ -4,7 +4,8 @@ Both are an image Transformer encoder over 8x8 patches plus a Transformer decode
 masked self-attention and cross-attention to the image tokens, configured alike (width,
 heads, FFN size, encoder and decoder depth, image and patch size, vocabulary, maximum
 positions; GELU everywhere, dropout off), randomly initialised, in eval mode under
-`torch.inference_mode()`, fp32, one process, the same random images.
+`torch.inference_mode()`, one process, the same random images, the same dtype (fp32 by
+default, `--dtype bf16`: both models' weights in bf16) and device (`--device cuda`).
 
 Same work on both sides:
 - exactly `--new-tokens` tokens after the start token: mmt's [EOS] is set to -1 (never
@@ -17,11 +18,16 @@ Same work on both sides:
   blocking, no sampling: its generation config is printed), `decoder_start_token_id` =
   `bos_token_id` = 5 ([BOS]), `pad_token_id` = 0. mmt also masks [PAD] and [BOS] out of
   the next-token distribution (two logits).
+On a GPU mmt replays each decoder step as a recorded CUDA graph (its default there); the
+table also gives mmt with that turned off (`cuda_graph=False`, "eager"). Each timed call
+ends with the device synchronised.
 tokens/s = batch x new tokens / seconds per `generate` call (beam search counts the
-returned sequence, not every beam). Repetitions of the two models alternate and the
-median is reported; GFLOP per call are counted with torch's FlopCounterMode.
+returned sequence, not every beam). Repetitions of the models alternate and the median is
+reported; GFLOP per call are counted with torch's FlopCounterMode (mmt's in its eager
+mode: a replayed graph runs no operator the counter could see).
 
     python benchmarks/decode_vs_transformers.py [--vocab 100 30000] [--batches 1 32] [--reps 7] [--threads 1]
+    python benchmarks/decode_vs_transformers.py --device cuda [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -93,17 +99,32 @@ def param_groups(name: str, model: torch.nn.Module) -> dict[str, int]:
 
 
 def make_call(name: str, model: torch.nn.Module, pixels: torch.Tensor, new_tokens: int, beams: int):
-    """A no-argument function that captions `pixels` and returns ids (B, 1 + new_tokens), [BOS] first."""
-    if name == "mmt":
-        return lambda: model.generate(pixels, max_new_tokens=new_tokens, num_beams=beams).ids[:, 0]
-    return lambda: model.generate(pixel_values=pixels, max_new_tokens=new_tokens, num_beams=beams, do_sample=False)
+    """A no-argument function that captions `pixels` and returns ids (B, 1 + new_tokens), [BOS] first,
+    once the device has finished."""
+    sync = torch.cuda.synchronize if pixels.is_cuda else (lambda: None)
+    if name.startswith("mmt"):
+        graph = name == "mmt"  # "mmt eager": no CUDA graph
+
+        def call():
+            ids = model.generate(pixels, max_new_tokens=new_tokens, num_beams=beams, cuda_graph=graph).ids[:, 0]
+            sync()
+            return ids
+
+        return call
+
+    def call():
+        ids = model.generate(pixel_values=pixels, max_new_tokens=new_tokens, num_beams=beams, do_sample=False)
+        sync()
+        return ids
+
+    return call
 
 
 def check_lengths(name: str, ids: torch.Tensor, batch: int, new_tokens: int) -> None:
     """Both sides must do the same work: every sequence exactly `new_tokens` long after [BOS]."""
     if ids.shape != (batch, 1 + new_tokens) or (ids[:, 0] != BOS).any():
         raise RuntimeError(f"{name} generated ids of shape {tuple(ids.shape)}, expected ({batch}, {1 + new_tokens}) from [BOS]")
-    if name == "mmt" and (ids == PAD).any():  # mmt pads a sequence after its [EOS]
+    if name.startswith("mmt") and (ids == PAD).any():  # mmt pads a sequence after its [EOS]
         raise RuntimeError("mmt padded a sequence: it stopped before the length limit")
 
 
@@ -144,6 +165,8 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=64, help="image side; patches of --patch give (image/patch)^2 tokens")
     parser.add_argument("--patch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=32, help="decoder positions (both models)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both models' weights and activations")
     parser.add_argument("--reps", type=int, default=7, help="timed calls per model and case (after one warm-up)")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -165,20 +188,29 @@ def main() -> None:
           f"{args.image}x{args.image} images in {args.patch}x{args.patch} patches "
           f"(mmt {patches} tokens, transformers {patches} + [CLS]); decoder {args.decoder_layers} layers, "
           f"{args.max_len} positions; {N} new tokens, beam width {args.beams}")
-    no_bf16 = "" if bf16_supported(torch.device("cpu")) else " (no AVX512-BF16/AMX units: bf16 not tried)"
-    print(f"fp32 on {cpu_name()}{no_bf16}, {torch.get_num_threads()} torch thread(s); "
-          f"median of {args.reps} alternating calls each")
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cuda = device.type == "cuda"
+    if cuda:
+        where = f"{torch.cuda.get_device_name(device)} (mmt replays CUDA graphs; 'eager' columns: without)"
+    else:
+        no_bf16 = "" if bf16_supported(device) else " (no AVX512-BF16/AMX units: bf16 is emulated)"
+        where = f"{cpu_name()}{no_bf16}, {torch.get_num_threads()} torch thread(s)"
+    print(f"{args.dtype} on {where}; torch {torch.__version__}; median of {args.reps} alternating calls each")
 
     header = (f"{'mode':8s}{'batch':>6s}{'mmt tok/s':>11s}{'hf tok/s':>10s}{'mmt/hf':>8s}{'goal':>6s}"
               f"{'mmt ms':>9s}{'hf ms':>9s}{'mmt GFLOP':>11s}{'hf GFLOP':>10s}")
+    if cuda:
+        header += f"{'eager tok/s':>13s}{'eager/hf':>10s}"
     with torch.inference_mode():
         for vocab in args.vocab:
-            models = dict(zip(("mmt", "hf"), build_models(args, vocab)))
+            models = dict(zip(("mmt", "hf"), (m.to(device, dtype) for m in build_models(args, vocab))))
+            if cuda:
+                models["mmt eager"] = models["mmt"]
             print(f"\nvocabulary {vocab}")
             if vocab == args.vocab[0]:
                 hf_settings = models["hf"].generation_config.to_diff_dict()
                 print(f"  transformers generation config (non-defaults; eos_token_id None): {hf_settings}")
-            groups = {name: param_groups(name, model) for name, model in models.items()}
+            groups = {name: param_groups(name, models[name]) for name in ("mmt", "hf")}
             for group in groups["mmt"]:
                 print(f"  {group:20s} mmt {groups['mmt'][group]:>10,d}   transformers {groups['hf'][group]:>10,d}")
             print(f"  {'total':20s} mmt {sum(groups['mmt'].values()):>10,d}   transformers {sum(groups['hf'].values()):>10,d}")
@@ -186,19 +218,30 @@ def main() -> None:
                   f"ViT learns a [CLS] and {patches + 1} positions, mmt a row and a column table: "
                   f"{2 * int(patches ** 0.5)} x {args.hidden})")
             print(header)
+            notes = []
             for beams in (1, args.beams):
                 for B in args.batches:
-                    pixels = torch.randn(B, 3, args.image, args.image)
+                    pixels = torch.randn(B, 3, args.image, args.image).to(device, dtype)
                     calls = {name: make_call(name, model, pixels, N, beams) for name, model in models.items()}
-                    for name, call in calls.items():  # warm-up and the length check
-                        check_lengths(name, call(), B, N)
-                    flops = {name: flops_of(call) for name, call in calls.items()}
+                    outputs = {}
+                    for name, call in calls.items():  # warm-up (graphs are recorded here) and the length check
+                        outputs[name] = call()
+                        check_lengths(name, outputs[name], B, N)
+                    if cuda:  # the graph runs the slot cache (masked attention over all slots): same
+                        # tokens unless a rounding difference flips a near-tie of the random model
+                        same = (outputs["mmt"] == outputs["mmt eager"]).float().mean().item()
+                        notes.append(f"{'greedy' if beams == 1 else f'beam{beams}'} batch {B}: "
+                                     f"{same:.1%} of tokens equal with and without the CUDA graph")
+                    flops = {name: flops_of(calls[name if name == "hf" or not cuda else "mmt eager"]) for name in ("mmt", "hf")}
                     seconds = median_seconds(calls, args.reps)
                     rate = {name: B * N / seconds[name] for name in calls}
                     goal = "" if beams == 1 and B > 1 else f"{GOALS['greedy' if beams == 1 else 'beam']:.0f}x"
                     print(f"{'greedy' if beams == 1 else f'beam{beams}':8s}{B:>6d}{rate['mmt']:>11.0f}{rate['hf']:>10.0f}"
                           f"{rate['mmt'] / rate['hf']:>7.2f}x{goal:>6s}{seconds['mmt'] * 1000:>9.1f}{seconds['hf'] * 1000:>9.1f}"
-                          f"{flops['mmt'] / 1e9:>11.2f}{flops['hf'] / 1e9:>10.2f}")
+                          f"{flops['mmt'] / 1e9:>11.2f}{flops['hf'] / 1e9:>10.2f}"
+                          + (f"{rate['mmt eager']:>13.0f}{rate['mmt eager'] / rate['hf']:>9.2f}x" if cuda else ""))
+            for note in notes:
+                print(f"  {note}")
     print("\ngoal: mmt >= 3x transformers tokens/s for greedy at batch 1, >= 5x for beam search")
 
 

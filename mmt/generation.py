@@ -17,6 +17,13 @@ is done when its pool is full and no running beam can beat the worst pooled hypo
 any length it could still reach (a true bound, so stopping early never changes the result;
 transformers' default checks only the current length). Sampling draws from one generator
 for the whole batch: a seed reproduces a batch, not one row independent of its neighbours.
+
+On a GPU a small decoder's step is mostly kernel launches: a few hundred small kernels,
+each costing microseconds of Python and driver time, around little arithmetic. `SlotStep`
+keeps every tensor a step touches at a fixed address and shape (a preallocated cache of
+slots, the newest ids, the position as a tensor), records the step once as a CUDA graph and
+replays it for each token (`GenerationConfig.cuda_graph`, on by default). The step is the
+same code as the eager one (the decoder layers with a `SlotKV` cache), only launched once.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from mmt.layers.transformer import DecoderCache
+from mmt.layers.attention import KV, SlotKV
+from mmt.layers.transformer import Decoder, DecoderCache
+from mmt.text import TokenEmbedding
 
 StepFn = Callable[[Tensor, "DecoderCache | None"], "tuple[Tensor, DecoderCache | None]"]
 
@@ -47,6 +56,7 @@ class GenerationConfig:
     num_return: int = 1  # sequences returned per input (<= num_beams for beam search)
     seed: int | None = None  # sampling seed (None: torch's global generator)
     use_cache: bool = True  # False recomputes the whole prefix each step (for tests)
+    cuda_graph: bool = True  # on a GPU, replay the decoder step as a recorded CUDA graph (same results)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +71,11 @@ class GenerationConfig:
             raise ValueError("greedy decoding returns one sequence; use beams or sampling for num_return > 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+
+
+    def rows(self, batch_size: int) -> int:
+        """Sequences decoded side by side for `batch_size` inputs (beams or returned samples per input)."""
+        return batch_size * (self.num_beams if self.num_beams > 1 else self.num_return)
 
 
 @dataclasses.dataclass
@@ -104,25 +119,151 @@ def _never(pad_id: int, bos_id: int, device) -> slice | Tensor:
     return slice(low, high + 1) if high - low == 1 else torch.tensor([low, high], device=device)
 
 
+class SlotStep:
+    """A decoder step over preallocated buffers, replayed as a CUDA graph on a GPU.
+
+    Everything the step reads or writes has a fixed address and shape: the newest ids
+    (rows, 1), the position (1,), per layer a self-attention cache of `capacity` slots
+    (`SlotKV`) and the context's keys/values. So on a GPU the step is recorded once as a
+    CUDA graph and each token replays it (one launch instead of hundreds); with graph=False
+    the same step runs eagerly. The decoder, embedding and head are the model's own modules:
+    the recorded step computes exactly what they compute.
+
+    A SlotStep is both the step function and the cache that `generate` hands back to it:
+    `length` counts the positions fed so far and `select` reorders beams in place. Start each
+    decoding with `reset(context, context_padding)`.
+    """
+
+    def __init__(self, embed: TokenEmbedding, decoder: Decoder, head: nn.Module, rows: int, capacity: int, graph: bool):
+        self.embed, self.decoder, self.head = embed, decoder, head
+        self.rows, self.capacity, self.graph = rows, capacity, graph
+        self.length = 0
+        self._cross: list[KV] | None = None
+        self._recorded: torch.cuda.CUDAGraph | None = None
+
+    def reset(self, context: Tensor, context_padding: Tensor | None) -> "SlotStep":
+        """Begin decoding `rows` sequences over `context` (C, S, Dc), rows / C per context."""
+        cross = [layer.cross_attn.project_kv(context) for layer in self.decoder.layers]
+        if self._cross is None:  # first use: allocate every buffer
+            attn = self.decoder.layers[0].self_attn
+            shape, like = (self.rows, attn.heads, self.capacity, attn.head_dim), cross[0].k
+            self._cross = [KV(kv.k.clone(), kv.v.clone()) for kv in cross]
+            self._padding = None if context_padding is None else context_padding.clone()
+            self._self_kv = [KV(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.decoder.layers]
+            self._ids = torch.zeros(self.rows, 1, dtype=torch.long, device=context.device)
+            self._position = torch.zeros(1, dtype=torch.long, device=context.device)
+            self._slots = torch.arange(self.capacity, device=context.device)
+        else:  # same shapes (the caller's key): refill in place, where a recorded graph reads them
+            for mine, new in zip(self._cross, cross):
+                mine.k.copy_(new.k)
+                mine.v.copy_(new.v)
+            if context_padding is not None:
+                self._padding.copy_(context_padding)
+        self.length = 0  # slots beyond the position are never attended, so old values may stay
+        return self
+
+    def _forward(self) -> Tensor:
+        """Logits (rows, V) of the token after `_ids` at `_position`, writing its keys/values."""
+        allowed = self._slots[None, :] <= self._position[:, None]  # (1, capacity): slots up to the position
+        cache = DecoderCache([SlotKV(kv.k, kv.v, self._position, allowed) for kv in self._self_kv], self._cross)
+        x = self.embed.embed_at(self._ids, self._position)
+        hidden, _ = self.decoder(x, None, context_padding_mask=self._padding, cache=cache)
+        return self.head(hidden[:, -1])
+
+    def _record(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces); it
+            self._forward()  # writes this position's keys/values, which the replay rewrites identically
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._forward()
+        self._recorded = graph
+
+    def __call__(self, ids: Tensor, cache: "SlotStep") -> tuple[Tensor, "SlotStep"]:
+        if cache is not self:
+            raise ValueError("a SlotStep is its own cache: pass it to generate as cache=")
+        if self._cross is None:
+            raise ValueError("SlotStep.reset(context, padding) must come before the first step")
+        if tuple(ids.shape) != (self.rows, 1):
+            raise ValueError(f"a SlotStep takes one new token for each of {self.rows} rows, got ids of shape {tuple(ids.shape)}")
+        if self.length >= self.capacity:
+            raise ValueError(f"all {self.capacity} positions of the decoder are used")
+        self._ids.copy_(ids)
+        self._position.fill_(self.length)
+        if self.graph and self._recorded is None:
+            self._record()
+        if self._recorded is not None:
+            self._recorded.replay()
+            logits = self._logits.clone()  # the graph overwrites its output at the next replay
+        else:
+            logits = self._forward()
+        self.length += 1
+        return logits, self
+
+    def select(self, index: Tensor, cross: bool = True) -> "SlotStep":
+        """Reorder rows (beam search) in place; the context keys/values are per context and
+        shared by its rows, so `cross` must be False."""
+        if cross:
+            raise ValueError("a SlotStep's context keys/values are shared by each context's rows and are never reordered")
+        for kv in self._self_kv:
+            for buffer in kv:
+                filled = buffer[:, :, : self.length]
+                filled.copy_(filled.index_select(0, index))
+        return self
+
+
+def slot_step(
+    owner: nn.Module, embed: TokenEmbedding, decoder: Decoder, head: nn.Module, context: Tensor,
+    context_padding: Tensor | None, rows: int, graph: bool = True, keep: int = 4,
+) -> SlotStep:
+    """`owner`'s SlotStep for this shape of decoding, reset to `context`; kept on `owner` (the
+    `keep` most recent shapes) so that a graph is recorded once, not per call. The weights'
+    addresses are part of the key: moving the model makes new steps. Graphs are recorded only
+    for a context on a GPU; elsewhere the step runs eagerly."""
+    graph = graph and context.is_cuda
+    key = (
+        rows, tuple(context.shape), context.dtype, str(context.device), context_padding is not None, graph,
+        next(decoder.parameters()).data_ptr(), head.weight.data_ptr(),
+    )
+    steps = owner.__dict__.setdefault("_slot_steps", {})
+    step = steps.pop(key, None) or SlotStep(embed, decoder, head, rows, embed.positions.max_len, graph)
+    steps[key] = step  # most recent last
+    while len(steps) > keep:
+        steps.pop(next(iter(steps)))
+    return step.reset(context, context_padding)
+
+
+def graphs_apply(cfg: GenerationConfig, device: torch.device, decoder: nn.Module) -> bool:
+    """Whether decoding replays a CUDA graph: a cached decoding on a GPU, in eval mode, without
+    autocast (its weight-cast cache does not mix with recording)."""
+    return (
+        cfg.cuda_graph and cfg.use_cache and device.type == "cuda" and not decoder.training
+        and not torch.is_autocast_enabled(device.type)
+    )
+
+
 @torch.no_grad()
 def generate(
     step: StepFn, batch_size: int, num_layers: int, cfg: GenerationConfig, *, bos_id: int, eos_id: int, pad_id: int,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", cache=None,
 ) -> Generated:
-    """Decode `batch_size` inputs with `step` (see the module docstring)."""
+    """Decode `batch_size` inputs with `step` (see the module docstring). `cache`: the cache
+    the first step receives (default an empty `DecoderCache`; a `SlotStep` passes itself)."""
     cfg.validate()
     if batch_size == 0:  # nothing to decode (e.g. an evaluation batch without questions)
         R = cfg.num_return
         return Generated(torch.full((0, R, 1), bos_id, dtype=torch.long, device=device), torch.zeros(0, R, device=device))
     if cfg.num_beams > 1:
-        return _beam_search(step, batch_size, num_layers, cfg, bos_id, eos_id, pad_id, torch.device(device))
+        return _beam_search(step, batch_size, num_layers, cfg, bos_id, eos_id, pad_id, torch.device(device), cache)
     R = cfg.num_return
     N = batch_size * R
     never = _never(pad_id, bos_id, device)
     ids = torch.full((N, 1), bos_id, dtype=torch.long, device=device)
     scores = torch.zeros(N, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    cache = DecoderCache.empty(num_layers)
+    cache = cache if cache is not None else DecoderCache.empty(num_layers)
     generator = None
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -159,7 +300,8 @@ def _add_to_pool(
 
 
 def _beam_search(
-    step: StepFn, B: int, num_layers: int, cfg: GenerationConfig, bos_id: int, eos_id: int, pad_id: int, device: torch.device
+    step: StepFn, B: int, num_layers: int, cfg: GenerationConfig, bos_id: int, eos_id: int, pad_id: int, device: torch.device,
+    cache=None,
 ) -> Generated:
     K, L, alpha = cfg.num_beams, cfg.max_new_tokens + 1, cfg.length_penalty
     never = _never(pad_id, bos_id, device)
@@ -170,7 +312,7 @@ def _beam_search(
     pool_ids = torch.full((B, K, L), pad_id, dtype=torch.long, device=device)
     pool_scores = torch.full((B, K), float("-inf"), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = DecoderCache.empty(num_layers)
+    cache = cache if cache is not None else DecoderCache.empty(num_layers)
     offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of each image
     rank = torch.arange(2 * K, device=device)[None, :]
     for t in range(1, L):  # t: tokens generated after this step

@@ -140,6 +140,16 @@ class TokenEmbedding(nn.Module):
         embedded = self.tokens(ids)
         return embedded + self.positions(ids.shape[1], start).to(embedded.dtype)
 
+    def embed_at(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """ids (B, T) at the positions held by the tensor `positions` (T,) -> (B, T, D).
+
+        Unlike `forward`'s integer `start`, a tensor position can change between calls
+        without changing the computation (a recorded CUDA graph reads it from memory).
+        The caller keeps positions below max_len.
+        """
+        embedded = self.tokens(ids)
+        return embedded + self.positions.table.index_select(0, positions).to(embedded.dtype)
+
 
 class TextTower(nn.Module):
     """Token embedding -> Transformer encoder over the text."""

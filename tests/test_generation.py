@@ -1,5 +1,6 @@
 """Decoding: cached == uncached, beam width 1 == greedy, exact beam search on a toy
-distribution, per-sequence stop at [EOS], reproducible sampling, top-k / top-p filters."""
+distribution, per-sequence stop at [EOS], reproducible sampling, top-k / top-p filters;
+the slot step (fixed-shape cache, replayed as a CUDA graph on GPUs) == the growing cache."""
 
 import itertools
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from mmt import registry
-from mmt.generation import GenerationConfig, _beam_search, filter_logits, generate
+from mmt.generation import GenerationConfig, SlotStep, _beam_search, filter_logits, generate, slot_step
 
 PAD, BOS, EOS = 0, 5, 6
 
@@ -217,3 +218,117 @@ def test_an_empty_batch_decodes_to_nothing(captioner):
     for options in ({}, {"num_beams": 2}):
         out = model.generate(pixels[:0], max_new_tokens=5, **options)
         assert out.ids.shape[0] == 0 and out.scores.shape[0] == 0
+
+
+# ----------------------------------------------------------------------------- the slot step (CUDA graphs)
+
+
+def slot_generate(model, pixels, graph=False, **options):
+    """Decode through `slot_step`, as CaptionModel.generate does on a GPU (graph=False: run eagerly)."""
+    config = GenerationConfig(max_new_tokens=10, **options)
+    tokens, padding = model.encode_images(pixels)  # an all-False padding mask: the masked path is taken
+    step = slot_step(model, model.embed, model.decoder, model.lm_head, tokens, padding, config.rows(len(pixels)), graph)
+    return generate(
+        step, len(pixels), len(model.decoder.layers), config, bos_id=BOS, eos_id=EOS, pad_id=PAD, device=pixels.device, cache=step
+    )
+
+
+SLOT_OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}, {"do_sample": True, "seed": 4, "num_return": 2}]
+
+
+@pytest.mark.parametrize("options", SLOT_OPTIONS)
+def test_slot_step_decodes_exactly_as_the_growing_cache(captioner, options):
+    model, pixels = captioner
+    with torch.no_grad():
+        expected = model.generate(pixels, max_new_tokens=10, **options)
+        got = slot_generate(model, pixels, **options)
+    assert expected.ids.shape[-1] == 11  # ten tokens decoded
+    assert torch.equal(got.ids, expected.ids)
+    assert torch.allclose(got.scores, expected.scores, atol=1e-5)
+
+
+def test_models_take_the_slot_step_where_graphs_apply(captioner, monkeypatch):
+    import mmt.models.caption
+
+    model, pixels = captioner
+    with torch.no_grad():
+        expected = model.generate(pixels, max_new_tokens=10, num_beams=2)
+        model.__dict__.pop("_slot_steps", None)
+        monkeypatch.setattr(mmt.models.caption, "graphs_apply", lambda *args: True)  # as on a GPU (run eagerly here)
+        got = model.generate(pixels, max_new_tokens=10, num_beams=2)
+    assert [step.rows for step in model._slot_steps.values()] == [8]
+    assert torch.equal(got.ids, expected.ids)
+
+
+def test_slot_steps_are_kept_per_shape_and_refilled_for_new_images(captioner):
+    model, pixels = captioner
+    with torch.no_grad():
+        first = slot_generate(model, pixels[:2], num_beams=3)
+        kept = dict(model._slot_steps)
+        again = slot_generate(model, pixels[2:], num_beams=3)  # same shape: the same step, refilled
+        assert dict(model._slot_steps).keys() == kept.keys()
+        assert torch.equal(again.ids, model.generate(pixels[2:], max_new_tokens=10, num_beams=3).ids)
+        assert not torch.allclose(again.scores, first.scores)  # other images, other scores
+        for n in (1, 2, 3, 4, 1):  # other shapes add steps; only the 4 most recent stay
+            slot_generate(model, pixels[:n])
+    assert len(model._slot_steps) == 4
+
+
+def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch):
+    import mmt.models.vqa
+
+    torch.manual_seed(1)
+    cfg = registry.preset("vqa-small")
+    cfg.head, cfg.text.vocab_size = "generate", 20
+    model = registry.build(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    questions = torch.randint(7, 20, (6, 7))
+    questions[::2, 4:] = PAD  # half the questions are shorter: their fused states are padded
+    image_index = torch.tensor([0, 0, 0, 1, 1, 1])
+    with torch.no_grad():
+        expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
+        monkeypatch.setattr(mmt.models.vqa, "graphs_apply", lambda *args: True)  # as on a GPU (run eagerly here)
+        got = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
+    (step,) = model._slot_steps.values()
+    assert step.rows == 12 and step._padding.any()  # 6 questions x 2 beams; padded questions
+    assert torch.equal(got.ids, expected.ids)
+    assert torch.allclose(got.scores, expected.scores, atol=1e-5)
+
+
+def test_slot_step_refuses_misuse(captioner):
+    model, pixels = captioner
+    tokens, padding = model.encode_images(pixels)
+    step = SlotStep(model.embed, model.decoder, model.lm_head, rows=4, capacity=3, graph=False)
+    ids = torch.full((4, 1), BOS)
+    with pytest.raises(ValueError, match="reset"):
+        step(ids, step)
+    step.reset(tokens, padding)
+    with pytest.raises(ValueError, match="own cache"):
+        step(ids, None)
+    with pytest.raises(ValueError, match="4 rows"):
+        step(torch.full((2, 1), BOS), step)
+    with pytest.raises(ValueError, match="never reordered"):
+        step.select(torch.arange(4))
+    with torch.no_grad():
+        for _ in range(3):
+            step(ids, step)
+        with pytest.raises(ValueError, match="all 3 positions"):
+            step(ids, step)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("options", SLOT_OPTIONS)
+def test_cuda_graph_replay_decodes_exactly_as_eager_decoding(captioner, options):
+    model, pixels = captioner
+    model, pixels = model.cuda(), pixels.cuda()
+    try:
+        eager = model.generate(pixels, max_new_tokens=10, cuda_graph=False, **options)
+        graphed = model.generate(pixels, max_new_tokens=10, **options)
+        twice = model.generate(pixels, max_new_tokens=10, **options)  # replays the graph recorded above
+    finally:
+        model.cpu()
+    assert any(s._recorded is not None for s in model._slot_steps.values())
+    assert torch.equal(graphed.ids, eager.ids) and torch.equal(twice.ids, eager.ids)
+    assert torch.allclose(graphed.scores, eager.scores, atol=1e-4)

@@ -26,6 +26,19 @@ class KV(NamedTuple):
     v: Tensor
 
 
+class SlotKV(NamedTuple):
+    """A preallocated self-attention cache: k and v (B, H, S, Dh) hold S slots, of which the
+    new tokens' keys/values are written in place at `positions` (T,); `allowed` (T, S) bool
+    says which slots each new token may see (those up to its own position). Nothing about
+    it depends on how many tokens came before, so a step using it has fixed shapes (what a
+    CUDA graph needs)."""
+
+    k: Tensor
+    v: Tensor
+    positions: Tensor
+    allowed: Tensor
+
+
 def causal_allowed(q_len: int, k_len: int, device: torch.device) -> Tensor:
     """(q_len, k_len) bool, True where query i may see key j.
 
@@ -125,7 +138,8 @@ class MultiHeadAttention(nn.Module):
         Args:
             key_padding_mask: (B, S_total) bool, True where a key is padding.
             causal: mask keys that come after each query (self-attention only).
-            past_kv: self-attention keys/values of earlier steps; new ones are appended.
+            past_kv: self-attention keys/values of earlier steps; new ones are appended (a
+                `SlotKV`: written into its slots, and only the allowed slots are attended).
             static_kv: precomputed context keys/values (cross-attention cache); `context`
                 is then not projected again. Contexts (given or cached) may number B / g for
                 B query sequences: then sequences g*i .. g*i+g-1 all attend to context i.
@@ -137,11 +151,18 @@ class MultiHeadAttention(nn.Module):
         """
         B, T, D = x.shape
         q = self._split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        slots_allowed = None  # (T, S) or (B, 1, T, S) with a slot cache
         if static_kv is not None:
             kv = static_kv
         else:
             kv = self.project_kv(x if context is None else context)
-            if past_kv is not None:
+            if isinstance(past_kv, SlotKV):
+                past_kv.k.index_copy_(2, past_kv.positions, kv.k)
+                past_kv.v.index_copy_(2, past_kv.positions, kv.v)
+                kv = KV(past_kv.k, past_kv.v)
+                slots_allowed = past_kv.allowed if key_padding_mask is None else past_kv.allowed & ~key_padding_mask.bool()[:, None, None, :]
+                key_padding_mask, causal = None, False  # both are in slots_allowed
+            elif past_kv is not None:
                 kv = KV(torch.cat([past_kv.k, kv.k], dim=2), torch.cat([past_kv.v, kv.v], dim=2))
         S = kv.k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
@@ -158,7 +179,14 @@ class MultiHeadAttention(nn.Module):
             q = q.reshape(-1, self.heads, groups * T, self.head_dim)  # (B / g, H, g * T, Dh)
 
         weights = None
-        if self.fast and not need_weights:
+        if slots_allowed is not None:
+            if bias is not None:
+                raise ValueError("a score bias cannot be combined with a slot cache")
+            if self.fast and not need_weights:
+                out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=slots_allowed, dropout_p=dropout_p)
+            else:
+                out, weights = reference_attention(q, kv.k, kv.v, slots_allowed, dropout_p)
+        elif self.fast and not need_weights:
             if causal and key_padding_mask is None and T == S and bias is None:
                 out = F.scaled_dot_product_attention(q, kv.k, kv.v, dropout_p=dropout_p, is_causal=True)
             else:

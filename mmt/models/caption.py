@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TransformerConfig, VisionConfig
-from mmt.generation import Generated, GenerationConfig, StepFn, generate
+from mmt.generation import Generated, GenerationConfig, StepFn, generate, graphs_apply, slot_step
 from mmt.layers.transformer import Decoder, DecoderCache
 from mmt.registry import register_model, register_preset
 from mmt.text import TokenEmbedding
@@ -115,9 +115,13 @@ class CaptionModel(nn.Module):
         image_tokens, image_padding = self.encode_images(pixels)
         if image_padding is not None and not image_padding.any():
             image_padding = None  # nothing to mask: cross-attention takes its unmasked path every step
+        slots = None  # on a GPU: the step replayed as a CUDA graph, its own cache
+        if pixels.shape[0] and graphs_apply(config, pixels.device, self.decoder):
+            rows = config.rows(pixels.shape[0])
+            slots = slot_step(self, self.embed, self.decoder, self.lm_head, image_tokens, image_padding, rows)
         return generate(
-            self.decode_step(image_tokens, image_padding), pixels.shape[0], len(self.decoder.layers), config,
-            bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device,
+            slots or self.decode_step(image_tokens, image_padding), pixels.shape[0], len(self.decoder.layers), config,
+            bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device, cache=slots,
         )
 
 
