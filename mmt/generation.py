@@ -32,7 +32,6 @@ import dataclasses
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.layers.attention import KV, SlotKV
@@ -102,15 +101,20 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def _log_probs(logits: Tensor, never: slice | Tensor) -> Tensor:
+    """Next-token log-probabilities (N, V) in float32; tokens in `never` ([PAD], [BOS]) are
+    never generated. Overwrites `logits` where they are float32 already."""
+    logits = logits.float()
+    logits[:, never] = float("-inf")
+    return logits.log_softmax(-1)
+
+
 def _step(
     step: StepFn, ids: Tensor, cache: DecoderCache | None, use_cache: bool, never: slice | Tensor
 ) -> tuple[Tensor, DecoderCache | None]:
-    """Next-token log-probabilities (N, V) in float32, feeding only the newest token when
-    cached; tokens in `never` ([PAD], [BOS]) are never generated."""
+    """Next-token log-probabilities (N, V), feeding only the newest token when cached."""
     logits, cache = step(ids[:, -1:] if use_cache and cache.length else ids, cache if use_cache else None)
-    logits = logits.float()
-    logits[:, never] = float("-inf")
-    return logits.log_softmax(-1), cache
+    return _log_probs(logits, never), cache
 
 
 def _never(pad_id: int, bos_id: int, device) -> slice | Tensor:
@@ -170,16 +174,18 @@ class SlotStep:
         hidden, _ = self.decoder(x, None, context_padding_mask=self._padding, cache=cache)
         return self.head(hidden[:, -1])
 
-    def _record(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces); it
-            self._forward()  # writes this position's keys/values, which the replay rewrites identically
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._logits = self._forward()
-        self._recorded = graph
+    def run_at(self, ids: Tensor, position: Tensor) -> Tensor:
+        """Logits (rows, V) after `ids` (rows, 1) at `position` (1,), in tensor operations only,
+        for a caller that records a larger step around it (beam search). `length` is not kept."""
+        self._ids.copy_(ids)
+        self._position.copy_(position)
+        return self._forward()
+
+    def reorder(self, index: Tensor) -> None:
+        """`select` over every slot: a fixed shape, for a caller that records it."""
+        for kv in self._self_kv:
+            for buffer in kv:
+                buffer.copy_(buffer.index_select(0, index))
 
     def __call__(self, ids: Tensor, cache: "SlotStep") -> tuple[Tensor, "SlotStep"]:
         if cache is not self:
@@ -193,7 +199,9 @@ class SlotStep:
         self._ids.copy_(ids)
         self._position.fill_(self.length)
         if self.graph and self._recorded is None:
-            self._record()
+            # the warm-up writes this position's keys/values, which the replay rewrites identically
+            _on_side_stream(self._forward)
+            self._recorded, self._logits = _record(self._forward)
         if self._recorded is not None:
             self._recorded.replay()
             logits = self._logits.clone()  # the graph overwrites its output at the next replay
@@ -212,6 +220,26 @@ class SlotStep:
                 filled = buffer[:, :, : self.length]
                 filled.copy_(filled.index_select(0, index))
         return self
+
+
+def _on_side_stream(fn: Callable[[], object]) -> object:
+    """Run `fn` on a side stream and wait for it: the warm-up before recording a CUDA graph
+    (libraries set up per-stream state, such as workspaces, on first use)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _record(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Record `fn` as a CUDA graph (nothing runs yet): the graph and `fn`'s output, which each
+    replay overwrites."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def slot_step(
@@ -284,19 +312,17 @@ def generate(
     return Generated(ids.view(batch_size, R, -1), scores.view(batch_size, R))
 
 
-def _add_to_pool(
-    pool_ids: Tensor, pool_scores: Tensor, ids: Tensor, source: Tensor, token: Tensor, top_scores: Tensor,
-    finish: Tensor, t: int, alpha: float, pad_id: int,
-) -> tuple[Tensor, Tensor]:
-    """Merge the hypotheses that just emitted [EOS] (`finish`, (B, 2K)) into each image's pool
-    of the K best finished ones, scored logp / t ** alpha."""
-    B, K, L = pool_ids.shape
-    finished_ids = torch.cat([ids.view(B, K, -1).gather(1, source[..., None].expand(-1, -1, t)), token[..., None]], dim=2)
-    finished_ids = F.pad(finished_ids, (0, L - t - 1), value=pad_id)  # (B, 2K, L)
-    finished_scores = torch.where(finish, top_scores / t**alpha, torch.full_like(top_scores, float("-inf")))
-    pool_scores, keep = torch.cat([pool_scores, finished_scores], dim=1).topk(K, dim=-1)
-    pool_ids = torch.cat([pool_ids, finished_ids], dim=1).gather(1, keep[..., None].expand(-1, -1, L))
-    return pool_ids, pool_scores
+@dataclasses.dataclass
+class _Beams:
+    """Everything beam search updates, in place and at fixed shapes (so that on a GPU one step
+    of it can be recorded as a CUDA graph and replayed)."""
+
+    ids: Tensor  # (B * K, L) running hypotheses: [BOS], tokens so far, [PAD] beyond
+    scores: Tensor  # (B, K) their summed log-probabilities
+    pool_ids: Tensor  # (B, K, L) finished hypotheses, best first
+    pool_scores: Tensor  # (B, K) their length-penalised scores (-inf: empty place)
+    done: Tensor  # (B,) images whose result can no longer change
+    t: Tensor  # () tokens generated after the coming step (1 at the start)
 
 
 def _beam_search(
@@ -305,48 +331,86 @@ def _beam_search(
 ) -> Generated:
     K, L, alpha = cfg.num_beams, cfg.max_new_tokens + 1, cfg.length_penalty
     never = _never(pad_id, bos_id, device)
-    ids = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)
-    # every beam starts as the same [BOS]; only the first may expand, so step 1 yields K distinct tokens
-    beam_scores = torch.full((B, K), float("-inf"), device=device)
-    beam_scores[:, 0] = 0.0
-    pool_ids = torch.full((B, K, L), pad_id, dtype=torch.long, device=device)
-    pool_scores = torch.full((B, K), float("-inf"), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = cache if cache is not None else DecoderCache.empty(num_layers)
+    slots = cache if isinstance(cache, SlotStep) and cfg.use_cache else None
+    ids = torch.full((B * K, L), pad_id, dtype=torch.long, device=device)
+    ids[:, 0] = bos_id
+    # every beam starts as the same [BOS]; only the first may expand, so step 1 yields K distinct tokens
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    s = _Beams(
+        ids, scores, torch.full((B, K, L), pad_id, dtype=torch.long, device=device), torch.full((B, K), float("-inf"), device=device),
+        torch.zeros(B, dtype=torch.bool, device=device), torch.ones((), dtype=torch.long, device=device),
+    )
     offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of each image
     rank = torch.arange(2 * K, device=device)[None, :]
-    for t in range(1, L):  # t: tokens generated after this step
-        logp, cache = _step(step, ids, cache, cfg.use_cache, never)
+    worst_length = float((L - 1) ** alpha)  # for alpha > 0, the length every running beam may still reach
+
+    def advance(t: int) -> None:
+        """One token for every beam. `t` (a Python int) is read only by the eager paths; the
+        slot path uses `s.t`, so that a recording of it stays right at every later step."""
+        nonlocal cache
+        if slots is not None:
+            logits = slots.run_at(s.ids.index_select(1, s.t - 1), (s.t - 1).view(1))
+        else:
+            logits, cache = step(s.ids[:, t - 1 : t] if cfg.use_cache else s.ids[:, :t], cache if cfg.use_cache else None)
+        logp = _log_probs(logits, never)
         V = logp.shape[-1]
-        candidates = (beam_scores[..., None] + logp.view(B, K, V)).view(B, K * V)
+        candidates = (s.scores[..., None] + logp.view(B, K, V)).view(B, K * V)
         top_scores, top_index = candidates.topk(2 * K, dim=-1)  # (B, 2K), best first
         source, token = top_index // V, top_index % V  # which beam, which token
         is_eos = token == eos_id
-        # hypotheses ending here join the pool (only those ranked within the beam, as usual)
-        finish = is_eos & (rank < K) & ~done[:, None] & (top_scores > float("-inf"))
-        if finish.any():
-            pool_ids, pool_scores = _add_to_pool(pool_ids, pool_scores, ids, source, token, top_scores, finish, t, alpha, pad_id)
+        length = s.t.float()
+        # hypotheses ending here join the pool (only those ranked within the beam, as usual); its
+        # K best stay. Merging every step, even when none ended, avoids asking the device.
+        finish = is_eos & (rank < K) & ~s.done[:, None] & (top_scores > float("-inf"))
+        finished_ids = s.ids.view(B, K, L).gather(1, source[..., None].expand(-1, -1, L))  # (B, 2K, L)
+        finished_ids.index_copy_(2, s.t.view(1), token[..., None])
+        finished_scores = torch.where(finish, top_scores / length**alpha, torch.full_like(top_scores, float("-inf")))
+        pool_scores, keep = torch.cat([s.pool_scores, finished_scores], dim=1).topk(K, dim=-1)
+        s.pool_ids.copy_(torch.cat([s.pool_ids, finished_ids], dim=1).gather(1, keep[..., None].expand(-1, -1, L)))
+        s.pool_scores.copy_(pool_scores)
         # the K best continuations that did not end become the running beams
         order = torch.where(is_eos, rank + 2 * K, rank).argsort(dim=-1)[:, :K]  # non-[EOS] first, by score
-        beam_scores = top_scores.gather(1, order)
+        s.scores.copy_(top_scores.gather(1, order))
         rows = (offsets + source.gather(1, order)).view(-1)
-        ids = torch.cat([ids.index_select(0, rows), token.gather(1, order).view(-1, 1)], dim=1)
-        cache = cache.select(rows, cross=False) if cfg.use_cache else None
+        running = s.ids.index_select(0, rows)
+        running.index_copy_(1, s.t.view(1), token.gather(1, order).view(-1, 1))
+        s.ids.copy_(running)
+        if slots is not None:
+            slots.reorder(rows)
+        elif cfg.use_cache:
+            cache = cache.select(rows, cross=False)
         # an image is done once its pool is full and its best running beam cannot beat the pool's
         # worst: its log p only falls, so its best possible score is log p / (longest length) ** alpha
         # for alpha > 0 (a longer hypothesis is divided by more), log p / t ** alpha otherwise
-        best_possible = beam_scores[:, 0] / ((L - 1) ** alpha if alpha > 0 else t**alpha)
-        done |= (pool_scores[:, -1] > float("-inf")) & (best_possible <= pool_scores[:, -1])
-        if done.all():
+        best_possible = s.scores[:, 0] / (worst_length if alpha > 0 else length**alpha)
+        s.done |= (s.pool_scores[:, -1] > float("-inf")) & (best_possible <= s.pool_scores[:, -1])
+        s.t += 1
+
+    graphed = slots is not None and slots.graph
+    recorded = None
+    for t in range(1, L):  # t: tokens generated after this step
+        if recorded is not None:
+            recorded.replay()
+        elif graphed and t == 1:  # the first step is the warm-up before recording
+            _on_side_stream(lambda: advance(t))
+        elif graphed:  # record the whole step (model, search, cache reordering) once; replay it after
+            recorded, _ = _record(lambda: advance(t))
+            recorded.replay()
+        else:
+            advance(t)
+        # whether every image is done is a question to the device: on a GPU ask every 4th step
+        # (later steps of done images change nothing that is returned)
+        if (not graphed or t % 4 == 0) and s.done.all():
             break
     else:
         # the length limit: running beams of unfinished images compete with the pool as they are
-        t = ids.shape[1] - 1
-        running = torch.where(done[:, None], torch.full_like(beam_scores, float("-inf")), beam_scores / t**alpha)
-        pool_scores, keep = torch.cat([pool_scores, running], dim=1).topk(K, dim=-1)
-        running_ids = F.pad(ids.view(B, K, -1), (0, L - ids.shape[1]), value=pad_id)
-        pool_ids = torch.cat([pool_ids, running_ids], dim=1).gather(1, keep[..., None].expand(-1, -1, L))
+        running = torch.where(s.done[:, None], torch.full_like(s.scores, float("-inf")), s.scores / (L - 1) ** alpha)
+        pool_scores, keep = torch.cat([s.pool_scores, running], dim=1).topk(K, dim=-1)
+        s.pool_ids.copy_(torch.cat([s.pool_ids, s.ids.view(B, K, L)], dim=1).gather(1, keep[..., None].expand(-1, -1, L)))
+        s.pool_scores.copy_(pool_scores)
     R = cfg.num_return
-    ids = pool_ids[:, :R]
+    ids = s.pool_ids[:, :R]
     longest = int((ids != pad_id).sum(-1).max())
-    return Generated(ids[..., :longest], pool_scores[:, :R])
+    return Generated(ids[..., :longest], s.pool_scores[:, :R])

@@ -320,15 +320,22 @@ def test_slot_step_refuses_misuse(captioner):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("options", SLOT_OPTIONS)
-def test_cuda_graph_replay_decodes_exactly_as_eager_decoding(captioner, options):
+def test_cuda_graph_replay_decodes_exactly_as_eager_decoding(captioner, options, monkeypatch):
+    import mmt.generation
+
+    recordings = []
+    record = mmt.generation._record
+    monkeypatch.setattr(mmt.generation, "_record", lambda fn: recordings.append(fn) or record(fn))
     model, pixels = captioner
     model, pixels = model.cuda(), pixels.cuda()
     try:
         eager = model.generate(pixels, max_new_tokens=10, cuda_graph=False, **options)
+        assert not recordings
         graphed = model.generate(pixels, max_new_tokens=10, **options)
-        twice = model.generate(pixels, max_new_tokens=10, **options)  # replays the graph recorded above
+        assert len(recordings) == 1
+        twice = model.generate(pixels, max_new_tokens=10, **options)  # greedy and sampling replay the same graph
     finally:
         model.cpu()
-    assert any(s._recorded is not None for s in model._slot_steps.values())
+    assert len(recordings) == (2 if "num_beams" in options else 1)  # beam search records its step per call
     assert torch.equal(graphed.ids, eager.ids) and torch.equal(twice.ids, eager.ids)
     assert torch.allclose(graphed.scores, eager.scores, atol=1e-4)
