@@ -105,7 +105,10 @@ def _log_probs(logits: Tensor, never: slice | Tensor) -> Tensor:
     """Next-token log-probabilities (N, V) in float32; tokens in `never` ([PAD], [BOS]) are
     never generated. Overwrites `logits` where they are float32 already."""
     logits = logits.float()
-    logits[:, never] = float("-inf")
+    if isinstance(never, Tensor):
+        logits.index_fill_(1, never, float("-inf"))  # (indexed assignment would copy the value from the host)
+    else:
+        logits[:, never] = float("-inf")
     return logits.log_softmax(-1)
 
 
@@ -144,6 +147,13 @@ class SlotStep:
         self.length = 0
         self._cross: list[KV] | None = None
         self._recorded: torch.cuda.CUDAGraph | None = None
+        self.beam_graphs: dict = {}  # beam search's own recorded steps over these buffers, by search shape
+
+    def keep_beam_graph(self, key: tuple, entry: tuple, keep: int = 4) -> None:
+        """Keep a beam search's recorded step (the `keep` most recent search shapes)."""
+        self.beam_graphs[key] = entry
+        while len(self.beam_graphs) > keep:
+            self.beam_graphs.pop(next(iter(self.beam_graphs)))
 
     def reset(self, context: Tensor, context_padding: Tensor | None) -> "SlotStep":
         """Begin decoding `rows` sequences over `context` (C, S, Dc), rows / C per context."""
@@ -333,17 +343,29 @@ def _beam_search(
     never = _never(pad_id, bos_id, device)
     cache = cache if cache is not None else DecoderCache.empty(num_layers)
     slots = cache if isinstance(cache, SlotStep) and cfg.use_cache else None
-    ids = torch.full((B * K, L), pad_id, dtype=torch.long, device=device)
-    ids[:, 0] = bos_id
+    graphed = slots is not None and slots.graph
+    key = (B, K, L, alpha, bos_id, eos_id, pad_id)
+    # a search of this shape recorded before replays its graph over the same state tensors
+    s, recorded, constants = slots.beam_graphs[key] if graphed and key in slots.beam_graphs else (None, None, None)
+    if s is None:
+        s = _Beams(
+            torch.empty(B * K, L, dtype=torch.long, device=device), torch.empty(B, K, device=device),
+            torch.empty(B, K, L, dtype=torch.long, device=device), torch.empty(B, K, device=device),
+            torch.empty(B, dtype=torch.bool, device=device), torch.empty((), dtype=torch.long, device=device),
+        )
+        offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of each image
+        rank = torch.arange(2 * K, device=device)[None, :]
+    else:
+        offsets, rank, never = constants
+    s.ids.fill_(pad_id)
+    s.ids[:, 0] = bos_id
     # every beam starts as the same [BOS]; only the first may expand, so step 1 yields K distinct tokens
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    s = _Beams(
-        ids, scores, torch.full((B, K, L), pad_id, dtype=torch.long, device=device), torch.full((B, K), float("-inf"), device=device),
-        torch.zeros(B, dtype=torch.bool, device=device), torch.ones((), dtype=torch.long, device=device),
-    )
-    offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of each image
-    rank = torch.arange(2 * K, device=device)[None, :]
+    s.scores.fill_(float("-inf"))
+    s.scores[:, 0] = 0.0
+    s.pool_ids.fill_(pad_id)
+    s.pool_scores.fill_(float("-inf"))
+    s.done.zero_()
+    s.t.fill_(1)
     worst_length = float((L - 1) ** alpha)  # for alpha > 0, the length every running beam may still reach
 
     def advance(t: int) -> None:
@@ -388,8 +410,6 @@ def _beam_search(
         s.done |= (s.pool_scores[:, -1] > float("-inf")) & (best_possible <= s.pool_scores[:, -1])
         s.t += 1
 
-    graphed = slots is not None and slots.graph
-    recorded = None
     for t in range(1, L):  # t: tokens generated after this step
         if recorded is not None:
             recorded.replay()
@@ -397,6 +417,7 @@ def _beam_search(
             _on_side_stream(lambda: advance(t))
         elif graphed:  # record the whole step (model, search, cache reordering) once; replay it after
             recorded, _ = _record(lambda: advance(t))
+            slots.keep_beam_graph(key, (s, recorded, (offsets, rank, never)))  # (the graph reads those tensors)
             recorded.replay()
         else:
             advance(t)
