@@ -4,10 +4,10 @@ Both are single-stream Transformers over [CLS] + question tokens + image patch t
 configured alike (hidden size, layers, heads, FFN size, image and text token counts,
 batch size), trained on the same random batch with soft VQA targets (binary
 cross-entropy) and AdamW, in one process. Each runs in its fastest precision (fp32, and
-bf16 autocast where the CPU has bf16 units). Also prints achieved FLOP/s as a fraction
-of this machine's measured fp32 and bf16 matmul peak.
+bf16 autocast where the CPU has bf16 units or on a GPU). Also prints achieved FLOP/s as a
+fraction of this machine's measured fp32 and bf16 matmul peak.
 
-    python benchmarks/vqa_vs_vilt.py [--batch 32] [--steps 5] [--threads N]
+    python benchmarks/vqa_vs_vilt.py [--batch 32] [--steps 5] [--threads N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -23,23 +23,33 @@ from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.train import bf16_supported
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def time_training(step, steps: int) -> float:
-    """Seconds per step after two warm-up steps (median of `steps`)."""
+def time_training(step, steps: int, device: torch.device) -> float:
+    """Seconds per step after two warm-up steps (median of `steps`), the device synchronised."""
     for _ in range(2):
         step()
     times = []
     for _ in range(steps):
+        synchronize(device)
         start = time.perf_counter()
         step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -60,7 +70,9 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=96, help="image side; patches of 8 give (image/8)^2 tokens")
     parser.add_argument("--text", type=int, default=16, help="question tokens incl. [CLS] and [SEP]")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import ViltConfig, ViltForQuestionAnswering
@@ -82,18 +94,18 @@ def main() -> None:
         image_size=args.image, patch_size=P, max_position_embeddings=T, num_labels=A,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    models = {"mmt": VQAModel(mmt_cfg), "vilt": ViltForQuestionAnswering(vilt_cfg)}
+    models = {"mmt": VQAModel(mmt_cfg).to(device), "vilt": ViltForQuestionAnswering(vilt_cfg).to(device)}
 
-    pixels = torch.randn(B, 3, args.image, args.image)
-    ids = torch.randint(7, V, (B, T))
-    targets = torch.zeros(B, A)
+    pixels = torch.randn(B, 3, args.image, args.image, device=device)
+    ids = torch.randint(7, V, (B, T), device=device)
+    targets = torch.zeros(B, A, device=device)
     targets[torch.arange(B), torch.randint(0, A, (B,))] = 1.0
 
     def make_step(name, model, bf16):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if name == "mmt":
                     loss = model(pixels, ids, targets)["answer_loss"]
                 else:
@@ -104,18 +116,23 @@ def main() -> None:
 
         return step
 
-    precisions = [False, True] if bf16_supported(torch.device("cpu")) else [False]
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    precisions = [False, True] if bf16_supported(device) else [False]
+    # (bf16 products without bf16 units are emulated and take minutes: measured only where used)
+    peak32, peak16 = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device) if len(precisions) == 2 else None
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"{where}; torch {torch.__version__}")
     print(f"tokens per sample: mmt {1 + T + patches}, vilt {T + 1 + patches}; batch {B}; hidden {D}, {L} layers, {H} heads, FFN {F}")
-    print(f"measured matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s"
-          + ("" if len(precisions) == 2 else "  (no bf16 units on this CPU: bf16 autocast not tried)"))
+    print(f"measured matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s"
+          + (f", bf16 {peak16 / 1e9:.1f} GFLOP/s" if peak16 else "  (no bf16 units on this CPU: bf16 not tried)"))
+    if device.type == "cuda":
+        print("(fp32 matrix products in full fp32: torch's default, TF32 off)")
     best = {}
     for name, model in models.items():
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
         for bf16 in precisions:
             step = make_step(name, model, bf16)
-            seconds = time_training(step, args.steps)
+            seconds = time_training(step, args.steps, device)
             flops = flops_of(step)
             rate = flops / seconds
             label = "bf16" if bf16 else "fp32"

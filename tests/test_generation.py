@@ -332,10 +332,10 @@ def test_cuda_graph_replay_decodes_exactly_as_eager_decoding(captioner, options,
         eager = model.generate(pixels, max_new_tokens=10, cuda_graph=False, **options)
         assert not recordings
         graphed = model.generate(pixels, max_new_tokens=10, **options)
-        assert len(recordings) == 1
-        twice = model.generate(pixels, max_new_tokens=10, **options)  # replays the graph recorded above
+        assert len(recordings) == 2  # the image encoder and the decoding step
+        twice = model.generate(pixels, max_new_tokens=10, **options)  # replays the graphs recorded above
     finally:
         model.cpu()
-    assert len(recordings) == 1
+    assert len(recordings) == 2
     assert torch.equal(graphed.ids, eager.ids) and torch.equal(twice.ids, eager.ids)
     assert torch.allclose(graphed.scores, eager.scores, atol=1e-4)

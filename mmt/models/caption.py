@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TransformerConfig, VisionConfig
-from mmt.generation import Generated, GenerationConfig, StepFn, generate, graphs_apply, slot_step
+from mmt.generation import Generated, GenerationConfig, StepFn, generate, graphs_apply, replayed, slot_step
 from mmt.layers.transformer import Decoder, DecoderCache
 from mmt.registry import register_model, register_preset
 from mmt.text import TokenEmbedding
@@ -112,11 +112,15 @@ class CaptionModel(nn.Module):
         cfg = self.config
         config = dataclasses.replace(config or GenerationConfig(max_new_tokens=cfg.max_len - 1), **options)
         config.max_new_tokens = min(config.max_new_tokens, cfg.max_len - 1)  # positions end at max_len
-        image_tokens, image_padding = self.encode_images(pixels)
+        graphs = pixels.shape[0] > 0 and graphs_apply(config, pixels.device, self)
+        if graphs:  # the image encoder too is replayed (its outputs are copied into the slot step below)
+            image_tokens, image_padding = replayed(self, self.encode_images, pixels)
+        else:
+            image_tokens, image_padding = self.encode_images(pixels)
         if image_padding is not None and not image_padding.any():
             image_padding = None  # nothing to mask: cross-attention takes its unmasked path every step
         slots = None  # on a GPU: the step replayed as a CUDA graph, its own cache
-        if pixels.shape[0] and graphs_apply(config, pixels.device, self.decoder):
+        if graphs:
             rows = config.rows(pixels.shape[0])
             slots = slot_step(self, self.embed, self.decoder, self.lm_head, image_tokens, image_padding, rows)
         return generate(
