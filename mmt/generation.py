@@ -29,6 +29,7 @@ same code as the eager one (the decoder layers with a `SlotKV` cache), only laun
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import torch
@@ -252,6 +253,13 @@ def _record(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
     return graph, out
 
 
+def _addresses(module: nn.Module) -> tuple[int, ...]:
+    """Where every weight and buffer of `module` lives. A recorded graph reads them at these
+    addresses, so it stays valid exactly while they hold (moving or re-typing the model
+    changes them; loading weights in place does not, and the graph then reads the new ones)."""
+    return tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
 def replayed(owner: nn.Module, fn: Callable[..., object], *inputs: Tensor, keep: int = 4) -> object:
     """`fn(*inputs)` replayed from a CUDA graph recorded once per input shape and kept on
     `owner` (the `keep` most recent shapes); the inputs are copied into the graph's own.
@@ -261,7 +269,7 @@ def replayed(owner: nn.Module, fn: Callable[..., object], *inputs: Tensor, keep:
     """
     if not inputs[0].is_cuda:
         return fn(*inputs)
-    key = (fn.__name__, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs), next(owner.parameters()).data_ptr())
+    key = (fn.__name__, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs), _addresses(owner))
     graphs = owner.__dict__.setdefault("_replayed", {})
     entry = graphs.pop(key, None)
     if entry is None:
@@ -283,14 +291,10 @@ def slot_step(
     context_padding: Tensor | None, rows: int, graph: bool = True, keep: int = 4,
 ) -> SlotStep:
     """`owner`'s SlotStep for this shape of decoding, reset to `context`; kept on `owner` (the
-    `keep` most recent shapes) so that a graph is recorded once, not per call. The weights'
-    addresses are part of the key: moving the model makes new steps. Graphs are recorded only
-    for a context on a GPU; elsewhere the step runs eagerly."""
+    `keep` most recent shapes) so that a graph is recorded once, not per call. Graphs are
+    recorded only for a context on a GPU; elsewhere the step runs eagerly."""
     graph = graph and context.is_cuda
-    key = (
-        rows, tuple(context.shape), context.dtype, str(context.device), context_padding is not None, graph,
-        next(decoder.parameters()).data_ptr(), head.weight.data_ptr(),
-    )
+    key = (rows, tuple(context.shape), context.dtype, str(context.device), context_padding is not None, graph, _addresses(owner))
     steps = owner.__dict__.setdefault("_slot_steps", {})
     step = steps.pop(key, None) or SlotStep(embed, decoder, head, rows, embed.positions.max_len, graph)
     steps[key] = step  # most recent last
