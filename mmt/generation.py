@@ -56,7 +56,8 @@ class GenerationConfig:
     num_return: int = 1  # sequences returned per input (<= num_beams for beam search)
     seed: int | None = None  # sampling seed (None: torch's global generator)
     use_cache: bool = True  # False recomputes the whole prefix each step (for tests)
-    cuda_graph: bool = True  # on a GPU, replay the decoder step as a recorded CUDA graph (same results)
+    cuda_graph: bool = True  # on a GPU, replay recorded CUDA graphs (the same computation, but attention
+    # over masked slots takes other kernels: a rounding-level near-tie could pick another token)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -157,18 +158,28 @@ class SlotStep:
             self.beam_graphs.pop(next(iter(self.beam_graphs)))
 
     def reset(self, context: Tensor, context_padding: Tensor | None) -> "SlotStep":
-        """Begin decoding `rows` sequences over `context` (C, S, Dc), rows / C per context."""
+        """Begin decoding `rows` sequences over `context` (C, S, Dc), rows / C per context.
+        Every reset must give a context of the first one's shape, padded or not alike."""
         cross = [layer.cross_attn.project_kv(context) for layer in self.decoder.layers]
-        if self._cross is None:  # first use: allocate every buffer
-            attn = self.decoder.layers[0].self_attn
-            shape, like = (self.rows, attn.heads, self.capacity, attn.head_dim), cross[0].k
-            self._cross = [KV(kv.k.clone(), kv.v.clone()) for kv in cross]
-            self._padding = None if context_padding is None else context_padding.clone()
-            self._self_kv = [KV(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.decoder.layers]
-            self._ids = torch.zeros(self.rows, 1, dtype=torch.long, device=context.device)
-            self._position = torch.zeros(1, dtype=torch.long, device=context.device)
-            self._slots = torch.arange(self.capacity, device=context.device)
+        if self._cross is None:  # first use: allocate every buffer (as ordinary tensors, which
+            with torch.inference_mode(False):  # later calls in or out of inference mode may refill)
+                attn = self.decoder.layers[0].self_attn
+                shape, like = (self.rows, attn.heads, self.capacity, attn.head_dim), cross[0].k
+                self._context_shape = (tuple(context.shape), context_padding is not None)
+                self._cross = [KV(kv.k.clone(), kv.v.clone()) for kv in cross]
+                self._padding = None if context_padding is None else context_padding.clone()
+                self._self_kv = [KV(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.decoder.layers]
+                self._ids = torch.zeros(self.rows, 1, dtype=torch.long, device=context.device)
+                self._position = torch.zeros(1, dtype=torch.long, device=context.device)
+                self._slots = torch.arange(self.capacity, device=context.device)
         else:  # same shapes (the caller's key): refill in place, where a recorded graph reads them
+            given = (tuple(context.shape), context_padding is not None)
+            if given != self._context_shape:
+                raise ValueError(
+                    f"this SlotStep decodes over contexts of shape {self._context_shape[0]} "
+                    f"({'with' if self._context_shape[1] else 'without'} padding), got {given[0]} "
+                    f"({'with' if given[1] else 'without'} padding)"
+                )
             for mine, new in zip(self._cross, cross):
                 mine.k.copy_(new.k)
                 mine.v.copy_(new.v)
@@ -210,9 +221,12 @@ class SlotStep:
         self._ids.copy_(ids)
         self._position.fill_(self.length)
         if self.graph and self._recorded is None:
-            # the warm-up writes this position's keys/values, which the replay rewrites identically
-            _on_side_stream(self._forward)
-            self._recorded, self._logits = _record(self._forward)
+            # the warm-up writes this position's keys/values, which the replay rewrites identically;
+            # its logits give the shape of the buffer each replay writes into
+            warm = _on_side_stream(self._forward)
+            with torch.inference_mode(False):
+                self._logits = warm.clone()
+            self._recorded = _record(lambda: self._logits.copy_(self._forward()))
         if self._recorded is not None:
             self._recorded.replay()
             logits = self._logits.clone()  # the graph overwrites its output at the next replay
@@ -244,13 +258,39 @@ def _on_side_stream(fn: Callable[[], object]) -> object:
     return out
 
 
-def _record(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Record `fn` as a CUDA graph (nothing runs yet): the graph and `fn`'s output, which each
-    replay overwrites."""
+def _record(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """Record `fn` as a CUDA graph (nothing runs yet); each `replay()` runs it again on the
+    same memory, so `fn` leaves its results in tensors the caller holds."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+        fn()
+    return graph
+
+
+def _can_record(t: Tensor) -> bool:
+    """Whether work on `t` can be recorded as a CUDA graph (tests stand in an eager one)."""
+    return t.is_cuda
+
+
+def forget_graphs(owner: nn.Module) -> None:
+    """Drop the graphs and fixed buffers kept on `owner` for decoding (their GPU memory)."""
+    for name in ("_slot_steps", "_replayed"):
+        owner.__dict__.pop(name, None)
+
+
+class DecodesWithGraphs(nn.Module):
+    """Base of the models that keep recorded decoding graphs (`slot_step`, `replayed`): they
+    are dropped when the model returns to training (they would only hold GPU memory) and
+    when it moves or changes dtype (they would read the old weights)."""
+
+    def train(self, mode: bool = True):
+        if mode:
+            forget_graphs(self)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        forget_graphs(self)
+        return super()._apply(fn, *args, **kwargs)
 
 
 def _addresses(module: nn.Module) -> tuple[int, ...]:
@@ -265,25 +305,39 @@ def replayed(owner: nn.Module, fn: Callable[..., object], *inputs: Tensor, keep:
     `owner` (the `keep` most recent shapes); the inputs are copied into the graph's own.
 
     The outputs live in the graph's memory: the next call of the same shape overwrites
-    them, so the caller uses them (or copies them) before that. Off a GPU, `fn` just runs.
+    them, so the caller uses them (or copies them) before that. `fn` returns a tensor or a
+    tuple of tensors and Nones. Off a GPU, `fn` just runs.
     """
-    if not inputs[0].is_cuda:
+    if not _can_record(inputs[0]):
         return fn(*inputs)
     key = (fn.__name__, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs), _addresses(owner))
     graphs = owner.__dict__.setdefault("_replayed", {})
     entry = graphs.pop(key, None)
     if entry is None:
-        fixed = [x.clone() for x in inputs]
-        _on_side_stream(lambda: fn(*fixed))
-        entry = (*_record(lambda: fn(*fixed)), fixed)
+        with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
+            fixed = [x.clone() for x in inputs]
+        warm = _on_side_stream(lambda: fn(*fixed))
+        with torch.inference_mode(False):
+            out = tuple(None if o is None else o.clone() for o in _as_tuple(warm))
+
+        def run() -> None:
+            for mine, new in zip(out, _as_tuple(fn(*fixed))):
+                if mine is not None:
+                    mine.copy_(new)
+
+        entry = (_record(run), fixed, out if isinstance(warm, tuple) else out[0])
     graphs[key] = entry  # most recent last
     while len(graphs) > keep:
         graphs.pop(next(iter(graphs)))
-    graph, out, fixed = entry
+    graph, fixed, out = entry
     for mine, x in zip(fixed, inputs):
         mine.copy_(x)
     graph.replay()
     return out
+
+
+def _as_tuple(out: object) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def slot_step(
@@ -293,7 +347,7 @@ def slot_step(
     """`owner`'s SlotStep for this shape of decoding, reset to `context`; kept on `owner` (the
     `keep` most recent shapes) so that a graph is recorded once, not per call. Graphs are
     recorded only for a context on a GPU; elsewhere the step runs eagerly."""
-    graph = graph and context.is_cuda
+    graph = graph and _can_record(context)
     key = (rows, tuple(context.shape), context.dtype, str(context.device), context_padding is not None, graph, _addresses(owner))
     steps = owner.__dict__.setdefault("_slot_steps", {})
     step = steps.pop(key, None) or SlotStep(embed, decoder, head, rows, embed.positions.max_len, graph)
@@ -378,11 +432,12 @@ def _beam_search(
     # a search of this shape recorded before replays its graph over the same state tensors
     s, recorded, constants = slots.beam_graphs[key] if graphed and key in slots.beam_graphs else (None, None, None)
     if s is None:
-        s = _Beams(
-            torch.empty(B * K, L, dtype=torch.long, device=device), torch.empty(B, K, device=device),
-            torch.empty(B, K, L, dtype=torch.long, device=device), torch.empty(B, K, device=device),
-            torch.empty(B, dtype=torch.bool, device=device), torch.empty((), dtype=torch.long, device=device),
-        )
+        with torch.inference_mode(False):  # kept state is refilled by later calls, in or out of inference mode
+            s = _Beams(
+                torch.empty(B * K, L, dtype=torch.long, device=device), torch.empty(B, K, device=device),
+                torch.empty(B, K, L, dtype=torch.long, device=device), torch.empty(B, K, device=device),
+                torch.empty(B, dtype=torch.bool, device=device), torch.empty((), dtype=torch.long, device=device),
+            )
         offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1) first row of each image
         rank = torch.arange(2 * K, device=device)[None, :]
     else:
@@ -446,7 +501,7 @@ def _beam_search(
         elif graphed and t == 1:  # the first step is the warm-up before recording
             _on_side_stream(lambda: advance(t))
         elif graphed:  # record the whole step (model, search, cache reordering) once; replay it after
-            recorded, _ = _record(lambda: advance(t))
+            recorded = _record(lambda: advance(t))
             slots.keep_beam_graph(key, (s, recorded, (offsets, rank, never)))  # (the graph reads those tensors)
             recorded.replay()
         else:
@@ -464,4 +519,5 @@ def _beam_search(
     R = cfg.num_return
     ids = s.pool_ids[:, :R]
     longest = int((ids != pad_id).sum(-1).max())
-    return Generated(ids[..., :longest], s.pool_scores[:, :R])
+    # copies: a recorded search keeps its state and refills it at the next call
+    return Generated(ids[..., :longest].clone(), s.pool_scores[:, :R].clone())

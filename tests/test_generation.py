@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmt import registry
-from mmt.generation import GenerationConfig, SlotStep, _beam_search, filter_logits, generate, slot_step
+from mmt.generation import GenerationConfig, SlotStep, _beam_search, filter_logits, forget_graphs, generate, slot_step
 
 PAD, BOS, EOS = 0, 5, 6
 
@@ -274,9 +274,61 @@ def test_slot_steps_are_kept_per_shape_and_refilled_for_new_images(captioner):
     assert len(model._slot_steps) == 4
 
 
-def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch):
+class EagerGraph:
+    """Stands in for a recorded CUDA graph on the CPU: each replay runs the recorded function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+def eager_graphs(monkeypatch) -> list:
+    """Take the recording paths (warm-up, record once, replay, keep and refill) on the CPU,
+    each replay running eagerly; returns the list of recorded functions."""
+    import mmt.generation
+    import mmt.models.caption
     import mmt.models.vqa
 
+    recordings = []
+    monkeypatch.setattr(mmt.generation, "_can_record", lambda t: True)
+    monkeypatch.setattr(mmt.generation, "_on_side_stream", lambda fn: fn())
+    monkeypatch.setattr(mmt.generation, "_record", lambda fn: recordings.append(fn) or EagerGraph(fn))
+    for module in (mmt.models.caption, mmt.models.vqa):
+        monkeypatch.setattr(module, "graphs_apply", lambda *args: True)
+    return recordings
+
+
+# eos_bias > 0 raises [EOS]'s logit until some sequences stop early (chosen per decoding mode)
+RECORDED_CASES = [(options, 0.0) for options in SLOT_OPTIONS] + list(zip(SLOT_OPTIONS, [3.0, 5.0, 6.5, 4.0]))
+
+
+@pytest.mark.parametrize("options, eos_bias", RECORDED_CASES)
+def test_recorded_decoding_gives_eager_tokens_call_after_call(captioner, monkeypatch, options, eos_bias):
+    model, pixels = captioner
+    first, second = pixels[:2], pixels[2:]
+    with torch.no_grad():
+        model.lm_head.bias[EOS] += eos_bias  # > 0: some captions end early
+        try:
+            expected = [model.generate(x, max_new_tokens=10, **options) for x in (first, second)]
+            recordings = eager_graphs(monkeypatch)
+            forget_graphs(model)
+            got = [model.generate(first, max_new_tokens=10, **options), model.generate(second, max_new_tokens=10, **options)]
+            with torch.inference_mode():  # kept buffers are refilled inside inference mode and out of it
+                got.append(model.generate(first, max_new_tokens=10, **options))
+            got.append(model.generate(second, max_new_tokens=10, **options))
+        finally:
+            model.lm_head.bias[EOS] -= eos_bias
+    assert len(recordings) == 2  # the image encoder and the step, once for all four calls
+    for result, want in zip(got, expected * 2):  # earlier results are not overwritten by later calls
+        assert torch.equal(result.ids, want.ids)
+        assert torch.allclose(result.scores, want.scores, atol=1e-5)
+    ended = [bool((want.ids == EOS).any()) for want in expected]  # some sequence stopped at [EOS]
+    assert any(ended) == (eos_bias > 0)
+
+
+def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch):
     torch.manual_seed(1)
     cfg = registry.preset("vqa-small")
     cfg.head, cfg.text.vocab_size = "generate", 20
@@ -289,10 +341,11 @@ def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch):
     image_index = torch.tensor([0, 0, 0, 1, 1, 1])
     with torch.no_grad():
         expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
-        monkeypatch.setattr(mmt.models.vqa, "graphs_apply", lambda *args: True)  # as on a GPU (run eagerly here)
+        recordings = eager_graphs(monkeypatch)  # as on a GPU, each replay running eagerly here
         got = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
     (step,) = model._slot_steps.values()
     assert step.rows == 12 and step._padding.any()  # 6 questions x 2 beams; padded questions
+    assert len(recordings) == 1 and step.beam_graphs  # beam search's whole step
     assert torch.equal(got.ids, expected.ids)
     assert torch.allclose(got.scores, expected.scores, atol=1e-5)
 
@@ -305,6 +358,9 @@ def test_slot_step_refuses_misuse(captioner):
     with pytest.raises(ValueError, match="reset"):
         step(ids, step)
     step.reset(tokens, padding)
+    for context, mask in ((tokens[:2], padding[:2]), (tokens, None)):  # another shape, or unpadded
+        with pytest.raises(ValueError, match="decodes over contexts of shape"):
+            step.reset(context, mask)
     with pytest.raises(ValueError, match="own cache"):
         step(ids, None)
     with pytest.raises(ValueError, match="4 rows"):
@@ -316,6 +372,23 @@ def test_slot_step_refuses_misuse(captioner):
             step(ids, step)
         with pytest.raises(ValueError, match="all 3 positions"):
             step(ids, step)
+
+
+def test_kept_graphs_are_dropped_when_the_model_trains_or_moves(captioner, monkeypatch):
+    model, pixels = captioner
+    eager_graphs(monkeypatch)
+    kept = lambda: {"_slot_steps", "_replayed"} & model.__dict__.keys()
+    with torch.no_grad():
+        model.generate(pixels[:1], max_new_tokens=3)
+        assert kept() == {"_slot_steps", "_replayed"}
+        model.eval()
+        assert kept()  # evaluating again keeps them
+        model.train()
+        assert not kept()
+        model.eval()
+        model.generate(pixels[:1], max_new_tokens=3)
+        model.float()  # moving or re-typing the weights
+        assert not kept()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -335,9 +408,12 @@ def test_cuda_graph_replay_decodes_exactly_as_eager_decoding(captioner, options,
         assert not recordings
         graphed = model.generate(pixels, max_new_tokens=10, **options)
         assert len(recordings) == 2  # the image encoder and the decoding step
-        twice = model.generate(pixels, max_new_tokens=10, **options)  # replays the graphs recorded above
+        other = model.generate(pixels.flip(0), max_new_tokens=10, **options)  # replays them, refilled
+        twice = model.generate(pixels, max_new_tokens=10, **options)
+        other_eager = model.generate(pixels.flip(0), max_new_tokens=10, cuda_graph=False, **options)
     finally:
         model.cpu()
     assert len(recordings) == 2
-    assert torch.equal(graphed.ids, eager.ids) and torch.equal(twice.ids, eager.ids)
+    assert torch.equal(graphed.ids, eager.ids) and torch.equal(twice.ids, eager.ids)  # graphed: not overwritten
+    assert torch.equal(other.ids, other_eager.ids)
     assert torch.allclose(graphed.scores, eager.scores, atol=1e-4)

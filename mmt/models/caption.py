@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TransformerConfig, VisionConfig
-from mmt.generation import Generated, GenerationConfig, StepFn, generate, graphs_apply, replayed, slot_step
+from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, StepFn, generate, graphs_apply, replayed, slot_step
 from mmt.layers.transformer import Decoder, DecoderCache
 from mmt.registry import register_model, register_preset
 from mmt.text import TokenEmbedding
@@ -37,7 +37,7 @@ class CaptionConfig:
 
 
 @register_model
-class CaptionModel(nn.Module):
+class CaptionModel(DecodesWithGraphs):
     model_type = "caption"
     config_class = CaptionConfig
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TextConfig, TransformerConfig, VisionConfig
-from mmt.generation import Generated, GenerationConfig, generate, graphs_apply, slot_step
+from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, generate, graphs_apply, slot_step
 from mmt.layers.attention import KV
 from mmt.layers.transformer import Decoder, DecoderCache, Encoder, init_weights
 from mmt.registry import register_model, register_preset
@@ -49,7 +49,7 @@ class VQAConfig:
 
 
 @register_model
-class VQAModel(nn.Module):
+class VQAModel(DecodesWithGraphs):
     model_type = "vqa"
     config_class = VQAConfig
 
