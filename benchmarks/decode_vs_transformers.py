@@ -102,18 +102,13 @@ def make_call(name: str, model: torch.nn.Module, pixels: torch.Tensor, new_token
     """A no-argument function that captions `pixels` and returns ids (B, 1 + new_tokens), [BOS] first,
     once the device has finished."""
     sync = torch.cuda.synchronize if pixels.is_cuda else (lambda: None)
-    if name.startswith("mmt"):
-        graph = name == "mmt"  # "mmt eager": no CUDA graph
-
-        def call():
-            ids = model.generate(pixels, max_new_tokens=new_tokens, num_beams=beams, cuda_graph=graph).ids[:, 0]
-            sync()
-            return ids
-
-        return call
+    if name.startswith("mmt"):  # "mmt eager": without CUDA graphs
+        run = lambda: model.generate(pixels, max_new_tokens=new_tokens, num_beams=beams, cuda_graph=name == "mmt").ids[:, 0]
+    else:
+        run = lambda: model.generate(pixel_values=pixels, max_new_tokens=new_tokens, num_beams=beams, do_sample=False)
 
     def call():
-        ids = model.generate(pixel_values=pixels, max_new_tokens=new_tokens, num_beams=beams, do_sample=False)
+        ids = run()
         sync()
         return ids
 

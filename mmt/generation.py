@@ -103,29 +103,25 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def _log_probs(logits: Tensor, never: slice | Tensor) -> Tensor:
+def _log_probs(logits: Tensor, never: Tensor) -> Tensor:
     """Next-token log-probabilities (N, V) in float32; tokens in `never` ([PAD], [BOS]) are
     never generated. Overwrites `logits` where they are float32 already."""
     logits = logits.float()
-    if isinstance(never, Tensor):
-        logits.index_fill_(1, never, float("-inf"))  # (indexed assignment would copy the value from the host)
-    else:
-        logits[:, never] = float("-inf")
+    logits.index_fill_(1, never, float("-inf"))  # (indexed assignment would copy the value from the host)
     return logits.log_softmax(-1)
 
 
 def _step(
-    step: StepFn, ids: Tensor, cache: DecoderCache | None, use_cache: bool, never: slice | Tensor
+    step: StepFn, ids: Tensor, cache: DecoderCache | None, use_cache: bool, never: Tensor
 ) -> tuple[Tensor, DecoderCache | None]:
     """Next-token log-probabilities (N, V), feeding only the newest token when cached."""
     logits, cache = step(ids[:, -1:] if use_cache and cache.length else ids, cache if use_cache else None)
     return _log_probs(logits, never), cache
 
 
-def _never(pad_id: int, bos_id: int, device) -> slice | Tensor:
-    """Index of the tokens never generated; a slice when they are adjacent (cheaper each step)."""
-    low, high = sorted((pad_id, bos_id))
-    return slice(low, high + 1) if high - low == 1 else torch.tensor([low, high], device=device)
+def _never(pad_id: int, bos_id: int, device) -> Tensor:
+    """Ids of the tokens never generated."""
+    return torch.tensor([pad_id, bos_id], device=device)
 
 
 class SlotStep:
@@ -151,11 +147,9 @@ class SlotStep:
         self._recorded: torch.cuda.CUDAGraph | None = None
         self.beam_graphs: dict = {}  # beam search's own recorded steps over these buffers, by search shape
 
-    def keep_beam_graph(self, key: tuple, entry: tuple, keep: int = 4) -> None:
-        """Keep a beam search's recorded step (the `keep` most recent search shapes)."""
-        self.beam_graphs[key] = entry
-        while len(self.beam_graphs) > keep:
-            self.beam_graphs.pop(next(iter(self.beam_graphs)))
+    def keep_beam_graph(self, key: tuple, entry: tuple) -> None:
+        """Keep a beam search's recorded step (the 4 most recent search shapes)."""
+        _keep_recent(self.beam_graphs, key, entry, 4)
 
     def reset(self, context: Tensor, context_padding: Tensor | None) -> "SlotStep":
         """Begin decoding `rows` sequences over `context` (C, S, Dc), rows / C per context.
@@ -203,11 +197,13 @@ class SlotStep:
         self._position.copy_(position)
         return self._forward()
 
-    def reorder(self, index: Tensor) -> None:
-        """`select` over every slot: a fixed shape, for a caller that records it."""
+    def reorder(self, index: Tensor, slots: int | None = None) -> None:
+        """Reorder rows in place over the first `slots` slots (all: a fixed shape, for a
+        caller that records it)."""
         for kv in self._self_kv:
             for buffer in kv:
-                buffer.copy_(buffer.index_select(0, index))
+                kept = buffer[:, :, :slots]
+                kept.copy_(kept.index_select(0, index))
 
     def __call__(self, ids: Tensor, cache: "SlotStep") -> tuple[Tensor, "SlotStep"]:
         if cache is not self:
@@ -240,10 +236,7 @@ class SlotStep:
         shared by its rows, so `cross` must be False."""
         if cross:
             raise ValueError("a SlotStep's context keys/values are shared by each context's rows and are never reordered")
-        for kv in self._self_kv:
-            for buffer in kv:
-                filled = buffer[:, :, : self.length]
-                filled.copy_(filled.index_select(0, index))
+        self.reorder(index, self.length)  # the filled slots only
         return self
 
 
@@ -293,6 +286,14 @@ class DecodesWithGraphs(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
+def _keep_recent(store: dict, key: object, value: object, keep: int) -> None:
+    """store[key] = value as the most recent entry, dropping the oldest beyond `keep`."""
+    store.pop(key, None)
+    store[key] = value
+    while len(store) > keep:
+        store.pop(next(iter(store)))
+
+
 def _addresses(module: nn.Module) -> tuple[int, ...]:
     """Where every weight and buffer of `module` lives. A recorded graph reads them at these
     addresses, so it stays valid exactly while they hold (moving or re-typing the model
@@ -312,7 +313,7 @@ def replayed(owner: nn.Module, fn: Callable[..., object], *inputs: Tensor, keep:
         return fn(*inputs)
     key = (fn.__name__, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs), _addresses(owner))
     graphs = owner.__dict__.setdefault("_replayed", {})
-    entry = graphs.pop(key, None)
+    entry = graphs.get(key)
     if entry is None:
         with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode
             fixed = [x.clone() for x in inputs]
@@ -326,9 +327,7 @@ def replayed(owner: nn.Module, fn: Callable[..., object], *inputs: Tensor, keep:
                     mine.copy_(new)
 
         entry = (_record(run), fixed, out if isinstance(warm, tuple) else out[0])
-    graphs[key] = entry  # most recent last
-    while len(graphs) > keep:
-        graphs.pop(next(iter(graphs)))
+    _keep_recent(graphs, key, entry, keep)
     graph, fixed, out = entry
     for mine, x in zip(fixed, inputs):
         mine.copy_(x)
@@ -350,10 +349,8 @@ def slot_step(
     graph = graph and _can_record(context)
     key = (rows, tuple(context.shape), context.dtype, str(context.device), context_padding is not None, graph, _addresses(owner))
     steps = owner.__dict__.setdefault("_slot_steps", {})
-    step = steps.pop(key, None) or SlotStep(embed, decoder, head, rows, embed.positions.max_len, graph)
-    steps[key] = step  # most recent last
-    while len(steps) > keep:
-        steps.pop(next(iter(steps)))
+    step = steps.get(key) or SlotStep(embed, decoder, head, rows, embed.positions.max_len, graph)
+    _keep_recent(steps, key, step, keep)
     return step.reset(context, context_padding)
 
 
