@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -261,3 +262,22 @@ def test_score_files_names_both_files_for_a_missing_image(tmp_path):
     ref_path = write(tmp_path / "refs.json", {"annotations": [{"image_id": 1, "caption": "a"}]})
     with pytest.raises(ValueError, match=r"image id\(s\) in .*results\.json have no references in .*refs\.json: \[3\]"):
         score_files(res_path, ref_path, meteor=False, tokenize="simple")
+
+
+def test_only_scoring_captions_needs_pycocoevalcap():
+    # a machine without pycocoevalcap can still train, evaluate VQA and predict; scoring
+    # captions there says what is missing
+    code = """
+import sys
+sys.modules["pycocoevalcap"] = None  # any import of it now fails
+import mmt.cli, mmt.metrics.vqa
+from mmt.metrics.captions import score_captions
+mmt.cli._tasks()
+try:
+    score_captions({1: "a red circle"}, {1: ["a red circle"]}, meteor=False, tokenize="simple")
+except ImportError as e:
+    print("scoring:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("scoring:") and "pycocoevalcap" in out.stdout

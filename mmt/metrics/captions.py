@@ -38,14 +38,15 @@ import subprocess
 import threading
 from collections.abc import Hashable, Iterator
 from pathlib import Path
-
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import METEOR_JAR, Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer import ptbtokenizer
+from typing import TYPE_CHECKING
 
 from mmt.checkpoint import atomic_write_text
+
+if TYPE_CHECKING:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+# pycocoevalcap is imported where captions are scored, not here: training, prediction and
+# VQA scoring import this module (for its file readers) and need none of it.
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 TOKENIZERS = ("ptb", "simple")
@@ -116,6 +117,8 @@ def ptb_tokenize(captions: list[str]) -> list[str]:
     read-only install, and lets Java print to the terminal. This version pipes the captions through
     stdin, captures Java's output and checks that it gets one line back per caption.
     """
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
     jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     # A line break inside a caption ("\r", "\u2028", ...) would shift every caption after it.
     lines = [" ".join(caption.split()) for caption in captions]
@@ -131,7 +134,7 @@ def ptb_tokenize(captions: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _meteor_scorer() -> Iterator[Meteor]:
+def _meteor_scorer() -> Iterator["Meteor"]:
     """pycocoevalcap's Meteor, with its java process stopped on exit, also when scoring fails.
 
     Meteor stops its process only in __del__, which first takes the lock that compute_score holds
@@ -139,6 +142,8 @@ def _meteor_scorer() -> Iterator[Meteor]:
     block forever when the object is collected. So stop the process here and give __del__ a fresh
     lock; its own kill and wait then do nothing.
     """
+    from pycocoevalcap.meteor.meteor import Meteor
+
     scorer = Meteor()
     try:
         yield scorer
@@ -154,6 +159,8 @@ def _meteor_scorer() -> Iterator[Meteor]:
 
 
 def _meteor(references: dict[Hashable, list[str]], results: dict[Hashable, list[str]]) -> float:
+    from pycocoevalcap.meteor.meteor import METEOR_JAR
+
     with _meteor_scorer() as scorer:
         try:
             score, _ = scorer.compute_score(references, results)
@@ -203,6 +210,10 @@ def score_captions(
     tokenized = iter(ptb_tokenize(captions) if tokenize == "ptb" else [simple_tokenize(c) for c in captions])
     res = {i: [next(tokenized)] for i in image_ids}
     gts = {i: [next(tokenized) for _ in references[i]] for i in image_ids}
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints progress and n-gram counts
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
