@@ -75,7 +75,7 @@ def main() -> None:
 
     model, tokenizer, vocab = load_for_inference(run_dir)
     split = VQASplit(test.images, [Question(q.image_index, q.text, q.answer, question_types(q)) for q in test.questions])
-    right = VQATask.predictions_correct(None, model, QuestionSet(split, tokenizer, vocab, model.config))
+    right = VQATask.predictions_correct(model, QuestionSet(split, tokenizer, vocab, model.config))
 
     measured = [pixel_centres(image, objects) for image, objects in zip(test.images, test.scenes)]
     print(f"{'question':<10} {'margin':<12} {'questions':>9} {'model':>8} {'pixel ceiling':>14}")

@@ -305,8 +305,9 @@ class VQATask:
             return batch["answers"].gather(1, predicted[:, None]).sum().item(), len(predicted)
         return (predicted == batch["answers"]).sum().item(), len(predicted)
 
+    @staticmethod
     @torch.no_grad()
-    def predictions_correct(self, model: VQAModel, questions: QuestionSet, images_per_batch: int = 50) -> np.ndarray:
+    def predictions_correct(model: VQAModel, questions: QuestionSet, images_per_batch: int = 50) -> np.ndarray:
         """How right the model answers each question of the split: 1 or 0 (generative: exact
         text), or with soft targets the predicted answer's score min(1, k/3)."""
         model.eval()
