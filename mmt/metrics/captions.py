@@ -171,6 +171,16 @@ def _meteor(references: dict[Hashable, list[str]], results: dict[Hashable, list[
     return float(score)
 
 
+def _require_pycocoevalcap() -> None:
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "scoring captions needs the pycocoevalcap package (an mmt dependency), which is not installed "
+            "in this environment: pip install pycocoevalcap"
+        ) from e
+
+
 def score_captions(
     results: dict[Hashable, str],
     references: dict[Hashable, list[str]],
@@ -194,6 +204,7 @@ def score_captions(
     _check_results(results)
     _check_references(references)
     _check_same_images(results, references)
+    _require_pycocoevalcap()
     java = shutil.which("java") is not None
     tokenize = tokenize or ("ptb" if java else "simple")
     if tokenize not in TOKENIZERS:
