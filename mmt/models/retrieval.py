@@ -69,31 +69,49 @@ class RetrievalConfig:
     special_ids: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)  # never masked and never drawn as random replacements
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own
+    rows (every rank's loss uses every row). Equal row counts on every rank."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()  # all_reduce works in place
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate `x` from every rank (rank order), keeping the autograd graph; `x` itself
     when not running distributed. The backward sums each rank's gradient into its slice."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd all-gather
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x) if _distributed() else x
 
 
 def gather_plain(x: Tensor) -> Tensor:
     """Concatenate `x` from every rank without gradient (ids, labels)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    return _all_gather(x) if _distributed() else x
 
 
 def rank_offset(n_local: int) -> int:
