@@ -145,7 +145,8 @@ class MultiHeadAttention(nn.Module):
                 B query sequences: then sequences g*i .. g*i+g-1 all attend to context i.
             need_weights: also return the attention weights (takes the reference path).
             bias: added to the attention scores before the softmax, broadcastable to
-                (B, H, T, S), e.g. a learned bias per head for each relative position.
+                (B, H, T, S), e.g. a learned bias per head for each relative position. With
+                shared contexts, only a bias given per query, (B, H or 1, T, S), is allowed.
         Returns:
             (output (B, T, D), the keys/values used (to cache), weights (B, H, T, S) or None).
         """
@@ -168,8 +169,9 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         contexts = kv.k.shape[0]
         groups = B // contexts if contexts else 1  # (an empty batch has no contexts)
-        if (B % contexts if contexts else B) or (groups > 1 and (causal or bias is not None)):
-            detail = " causally" if causal else " with a score bias" if bias is not None else ""
+        per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[0] == B and bias.shape[2] == T
+        if (B % contexts if contexts else B) or (groups > 1 and (causal or (bias is not None and not per_query_bias))):
+            detail = " causally" if causal else " with a score bias not given per query (B, H, T, S)" if bias is not None else ""
             raise ValueError(f"{B} query sequences cannot share {contexts} contexts{detail}")
         if groups > 1:
             # Several query sequences share each context (e.g. 20 questions about one image):
@@ -177,6 +179,9 @@ class MultiHeadAttention(nn.Module):
             # end to end and attend once, instead of copying the keys/values per sequence.
             q = q.view(-1, groups, self.heads, T, self.head_dim).transpose(1, 2)  # (B / g, H, g, T, Dh)
             q = q.reshape(-1, self.heads, groups * T, self.head_dim)  # (B / g, H, g * T, Dh)
+            if bias is not None:  # laid out like the queries
+                bias = bias.expand(B, self.heads, T, S).reshape(-1, groups, self.heads, T, S).transpose(1, 2)
+                bias = bias.reshape(-1, self.heads, groups * T, S)
 
         weights = None
         if slots_allowed is not None:

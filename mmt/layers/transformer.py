@@ -216,10 +216,14 @@ class DecoderLayer(nn.Module):
     text sequence with an image (cross-attention fusion for understanding tasks).
     """
 
-    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True):
+    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True, focus_bias: bool = False):
         super().__init__()
         self.norm_first = cfg.norm_first
         self.causal = causal
+        # focus bias: head h's cross-attention score to a context token gets -scale_h * d^2, d
+        # its distance from where head h looked in the layer before (`focus`); zero at the
+        # start, and either sign is learned (near or far from that place)
+        self.focus_scale = nn.Parameter(torch.zeros(cfg.heads)) if focus_bias else None
         self.self_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention)
         self.cross_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, context_dim, fast=cfg.fast_attention)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
@@ -241,11 +245,16 @@ class DecoderLayer(nn.Module):
         cross_kv: KV | None = None,
         need_weights: bool = False,
         first: int | None = None,
+        focus: Tensor | None = None,
+        context_positions: Tensor | None = None,
     ) -> tuple[Tensor, KV, KV, Tensor | None]:
         """x: (B, T, D) text states; context: (B, S, Dc) the other modality's encoder output.
 
         first: compute only the first `first` output positions (non-causal layers without a
             past; they still attend to all T).
+        focus, context_positions: for a layer with a focus bias, (B, H, T, P) where each
+            head's queries looked in the layer before and (S, P) the context tokens'
+            positions (e.g. P = 2: row and column of an image token).
         Returns (output, self-attention KV incl. past, cross-attention KV, cross-attention
         weights (B, H, T, S) or None).
         """
@@ -260,8 +269,14 @@ class DecoderLayer(nn.Module):
         x = x + self.drop1(attended) if self.norm_first else self.norm1(x + self.drop1(attended))
 
         h = self.norm2(x) if self.norm_first else x
+        bias = None
+        if self.focus_scale is not None and focus is not None:
+            if context_positions is None:
+                raise ValueError("a focus bias needs the context tokens' positions")
+            offsets = focus[:, :, : h.shape[1], None, :] - context_positions.to(focus.dtype)  # (B, H, T, S, P)
+            bias = -self.focus_scale.to(h.dtype)[:, None, None] * offsets.square().sum(-1).to(h.dtype)
         attended, cross_kv, weights = self.cross_attn(
-            h, context, key_padding_mask=context_padding_mask, static_kv=cross_kv, need_weights=need_weights
+            h, context, key_padding_mask=context_padding_mask, static_kv=cross_kv, need_weights=need_weights, bias=bias
         )
         x = x + self.drop2(attended) if self.norm_first else self.norm2(x + self.drop2(attended))
 
@@ -311,9 +326,12 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """N decoder layers attending to a context sequence, with an optional KV cache."""
 
-    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True):
+    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True, focus_bias: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim, causal) for _ in range(cfg.depth))
+        if focus_bias and causal:
+            raise ValueError("a focus bias is for non-causal decoders (fusion), not for generating text")
+        self.focus_bias = focus_bias
+        self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim, causal, focus_bias and i > 0) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
         # training: recompute each layer's activations in backward (the returned cache then
         # holds no keys/values: training reads none)
@@ -328,6 +346,7 @@ class Decoder(nn.Module):
         context_padding_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
         first: int | None = None,
+        context_positions: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache | None]:
         """x: (B, T, D) embedded target tokens (positions already added).
 
@@ -339,33 +358,50 @@ class Decoder(nn.Module):
                 filled makes `context` unnecessary (pass None).
             first: return only the first `first` positions, and skip computing the others
                 in the last layer (non-causal decoders without past keys/values).
+            context_positions: (S, P) positions of the context tokens (e.g. row and column of
+                each image token), needed with a focus bias: each head's focus is where its
+                cross-attention looked, the attention-weighted mean of these positions, and
+                the next layer's same head scores context tokens by their distance from it.
         Returns:
             ((B, T, D) hidden states, the updated cache or None when none was given).
         """
+        if self.focus_bias and context_positions is None:
+            raise ValueError("a decoder with a focus bias needs context_positions")
+        track_focus = self.focus_bias and len(self.layers) > 1
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
+        focus = None  # (B, H, T, P): where each head's cross-attention looked in the last layer
         for i, layer in enumerate(self.layers):
             rows = first if i == len(self.layers) - 1 else None
+            # the last layer's focus is not used: its cross-attention can take the fused path
+            weigh = track_focus and i < len(self.layers) - 1
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 past = cache.self_kv[i] if cache is not None else None
                 cross = cache.cross_kv[i] if cache is not None else None
 
-                def run(h: Tensor, layer=layer, past=past, cross=cross, rows=rows) -> Tensor:
-                    return layer(
+                def run(h: Tensor, focus: Tensor | None, layer=layer, past=past, cross=cross, rows=rows, weigh=weigh):
+                    out = layer(
                         h, context, key_padding_mask=key_padding_mask, context_padding_mask=context_padding_mask,
-                        past_kv=past, cross_kv=cross, first=rows,
-                    )[0]
+                        past_kv=past, cross_kv=cross, first=rows, need_weights=weigh, focus=focus,
+                        context_positions=context_positions,
+                    )
+                    return out[0], out[3]
 
-                x = checkpoint(run, x, use_reentrant=False)
-                continue
-            x, self_kv, cross_kv, _ = layer(
-                x,
-                context,
-                key_padding_mask=key_padding_mask,
-                context_padding_mask=context_padding_mask,
-                past_kv=cache.self_kv[i] if cache is not None else None,
-                cross_kv=cache.cross_kv[i] if cache is not None else None,
-                first=rows,
-            )
-            if new_cache is not None:
-                new_cache.self_kv[i], new_cache.cross_kv[i] = self_kv, cross_kv
+                x, weights = checkpoint(run, x, focus, use_reentrant=False)
+            else:
+                x, self_kv, cross_kv, weights = layer(
+                    x,
+                    context,
+                    key_padding_mask=key_padding_mask,
+                    context_padding_mask=context_padding_mask,
+                    past_kv=cache.self_kv[i] if cache is not None else None,
+                    cross_kv=cache.cross_kv[i] if cache is not None else None,
+                    first=rows,
+                    need_weights=weigh,
+                    focus=focus,
+                    context_positions=context_positions,
+                )
+                if new_cache is not None:
+                    new_cache.self_kv[i], new_cache.cross_kv[i] = self_kv, cross_kv
+            if weigh:
+                focus = weights @ context_positions.to(weights.dtype)  # (B, H, T, S) @ (S, P)
         return self.norm(x[:, :first]), new_cache  # (the last layer already kept only those; no layers: here)

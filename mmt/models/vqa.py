@@ -40,6 +40,10 @@ class VQAConfig:
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     fusion: Literal["joint", "cross"] = "cross"  # single-stream encoder, or question->image cross-attention
     fusion_encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
+    # cross fusion: from the second fusion layer on, each head's attention to the image tokens
+    # is biased by -scale * (distance in tokens)^2 from where that head looked in the layer
+    # before (a learned scale per head and layer, zero at the start; see the README)
+    focus_bias: bool = False
     head: Literal["classify", "generate"] = "classify"  # answer classifier, or a decoder that writes the answer
     num_answers: int = 10  # classify: size of the answer vocabulary; set from the training answers
     head_hidden: int = 256  # classify: hidden width of the two-layer answer classifier
@@ -67,7 +71,13 @@ class VQAModel(DecodesWithGraphs):
             self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
             self.fusion = Encoder(cfg.fusion_encoder)
         else:
-            self.fusion = Decoder(cfg.fusion_encoder, causal=False)
+            self.fusion = Decoder(cfg.fusion_encoder, causal=False, focus_bias=cfg.focus_bias)
+        if cfg.focus_bias:
+            if cfg.fusion != "cross":
+                raise ValueError("model.focus_bias needs model.fusion='cross' (it biases the question's attention to the image)")
+            rows, cols = self.vision.grid_size(cfg.vision.image_size)
+            grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
+            self.register_buffer("image_positions", grid.reshape(rows * cols, 2).float(), persistent=False)  # (row, col), row-major
         if cfg.head == "classify":
             self.head = nn.Sequential(
                 nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.LayerNorm(cfg.head_hidden), nn.Linear(cfg.head_hidden, cfg.num_answers)
@@ -138,8 +148,17 @@ class VQAModel(DecodesWithGraphs):
         if image_index is not None and not shared:
             padding = image_padding[image_index]
         cache = DecoderCache([None] * len(cross_kv), cross_kv)
+        positions = None
+        if self.config.focus_bias:
+            positions = self.image_positions
+            if image_tokens.shape[1] != len(positions):
+                raise ValueError(
+                    f"focus bias: {image_tokens.shape[1]} image tokens, but the model's {self.config.vision.image_size}-pixel "
+                    f"images make {len(positions)}"
+                )
         fused, _ = self.fusion(
-            text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache, first=first
+            text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache, first=first,
+            context_positions=positions,
         )
         return fused, text_padding[:, :first]
 
