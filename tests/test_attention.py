@@ -148,3 +148,20 @@ def test_score_bias_is_added_before_the_softmax_on_both_paths():
     assert (attn(x, bias=torch.zeros(H, T, T))[0] - attn(x)[0]).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="score bias"):
         attn(torch.randn(4, T, D), torch.randn(2, S, D), bias=torch.zeros(H, T, S))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_shared_contexts_take_a_score_bias_given_per_query(fast):
+    attn = MultiHeadAttention(D, H, fast=fast).eval()
+    x, context = torch.randn(6, T, D), torch.randn(2, S, D)
+    pad = padding([5, 3], S)
+    kv = attn.project_kv(context)
+    repeat = torch.tensor([0, 0, 0, 1, 1, 1])
+    for bias in (torch.randn(6, H, T, S), torch.randn(6, 1, T, S)):  # per head, or one for all heads
+        shared, _, weights = attn(x, static_kv=kv, key_padding_mask=pad, bias=bias, need_weights=not fast)
+        copied, _, copied_weights = attn(x, context[repeat], key_padding_mask=pad[repeat], bias=bias, need_weights=not fast)
+        assert (shared - copied).abs().max() <= 1e-5
+        if not fast:
+            assert (weights - copied_weights).abs().max() <= 1e-6
+        unbiased, _, _ = attn(x, static_kv=kv, key_padding_mask=pad)
+        assert (shared - unbiased).abs().max() > 1e-3  # the bias was applied

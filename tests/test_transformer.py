@@ -188,3 +188,60 @@ def test_first_rows_refuse_causal_attention():
         Encoder(cfg(True, depth=1))(torch.randn(B, T, D), causal=True, first=1)
     with pytest.raises(ValueError, match="causal"):
         Decoder(cfg(True, depth=1))(torch.randn(B, T, D), torch.randn(B, 4, D), first=1)
+
+
+def grid_positions(rows, cols):
+    """(rows * cols, 2) (row, col) of each token of a row-major grid."""
+    return torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2).float()
+
+
+def test_focus_bias_draws_attention_towards_or_away_from_the_focus():
+    torch.manual_seed(0)
+    layer = DecoderLayer(cfg(True), causal=False, focus_bias=True).eval()
+    positions = grid_positions(4, 4)
+    x, context = torch.randn(B, T, D), torch.randn(B, 16, D)
+    focus = positions[5].expand(B, H, T, 2)  # every head of every query looked at token 5, (row 1, col 1)
+
+    def weights(scale, **kw):
+        with torch.no_grad():
+            layer.focus_scale.fill_(scale)
+            return layer(x, context, need_weights=True, **kw)[3]
+
+    near = weights(50.0, focus=focus, context_positions=positions)
+    assert (near.argmax(-1) == 5).all() and near.max(-1).values.min() > 0.99
+    far = weights(-50.0, focus=focus, context_positions=positions)
+    assert (far.argmax(-1) == 15).all()  # (3, 3) is the token furthest from (1, 1)
+    assert torch.allclose(weights(0.0, focus=focus, context_positions=positions), weights(0.0), atol=1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        weights(1.0, focus=focus)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_decoder_focus_is_where_each_head_looked_in_the_layer_before(checkpointing):
+    torch.manual_seed(0)
+    decoder = Decoder(cfg(True, depth=3), causal=False, focus_bias=True)
+    assert decoder.layers[0].focus_scale is None  # the first layer has no layer before it
+    with torch.no_grad():
+        for layer in decoder.layers[1:]:
+            layer.focus_scale.uniform_(-1.0, 1.0)
+    positions = grid_positions(3, 3)
+    x, pad = torch.randn(B, T, D), padding([6, 2, 5], T)
+    context, context_pad = torch.randn(B, 9, D), padding([9, 7, 4], 9)
+    with torch.no_grad():  # by hand: each layer gets the attention-weighted mean position of the one before
+        h, focus = x, None
+        for layer in decoder.layers:
+            h, _, _, w = layer(
+                h, context, key_padding_mask=pad, context_padding_mask=context_pad, need_weights=True, focus=focus,
+                context_positions=positions,
+            )
+            focus = w @ positions
+        expected = decoder.norm(h)
+    decoder.activation_checkpointing = checkpointing
+    got, _ = decoder(x, context, key_padding_mask=pad, context_padding_mask=context_pad, context_positions=positions)
+    assert (got - expected).abs().max() <= 1e-5
+    got.pow(2).sum().backward()
+    assert all(layer.focus_scale.grad.abs().sum() > 0 for layer in decoder.layers[1:])
+    with pytest.raises(ValueError, match="context_positions"):
+        decoder(x, context)
+    with pytest.raises(ValueError, match="non-causal"):
+        Decoder(cfg(True, depth=2), causal=True, focus_bias=True)

@@ -125,3 +125,36 @@ def test_classifier_computes_only_the_cls_state_with_the_same_loss_and_gradients
         assert (a - b).abs().max() <= 1e-5
     model.load_state_dict(state)
     assert torch.allclose(model(pixels, ids, answers, image_index)["answer_loss"], loss_all, atol=1e-6)
+
+
+def test_focus_bias_starts_as_the_plain_model_and_keeps_shared_images_equal():
+    def build(focus_bias):
+        cfg = registry.preset("vqa-fast")
+        cfg.text.vocab_size, cfg.num_answers, cfg.focus_bias = 40, 10, focus_bias
+        torch.manual_seed(0)
+        return registry.build(cfg).eval()
+
+    plain, focused = build(False), build(True)
+    missing, unexpected = plain.load_state_dict(focused.state_dict(), strict=False)
+    assert not missing and unexpected == ["fusion.layers.1.focus_scale"]  # 2 fusion layers: the second has one
+    pixels = torch.randn(2, 3, 75, 75)
+    image_index = torch.tensor([0, 0, 0, 1, 1, 1])  # consecutive and equally many: the grouped path
+    ids = torch.randint(7, 40, (6, 8))
+    ids[:, 0] = 2
+    ids[3, 5:] = 0
+    with torch.no_grad():
+        assert (focused.answer_logits(pixels, ids, image_index) - plain.answer_logits(pixels, ids, image_index)).abs().max() <= 1e-5
+        focused.fusion.layers[1].focus_scale.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+        shared = focused.answer_logits(pixels, ids, image_index)
+        repeated = focused.answer_logits(pixels[image_index], ids)
+        scattered = torch.tensor([0, 1, 1, 0, 1, 0])
+        assert (focused.answer_logits(pixels, ids, scattered) - focused.answer_logits(pixels[scattered], ids)).abs().max() <= 1e-4
+    assert (shared - repeated).abs().max() <= 1e-4
+    assert (shared - plain.answer_logits(pixels, ids, image_index)).abs().max() > 1e-3
+
+
+def test_focus_bias_needs_cross_fusion():
+    cfg = registry.preset("vqa-joint-small")
+    cfg.focus_bias = True
+    with pytest.raises(ValueError, match="focus_bias needs model.fusion='cross'"):
+        registry.build(cfg)
