@@ -118,12 +118,19 @@ def test_query_sequences_can_share_a_context(fast):
     x, context = torch.randn(6, T, D), torch.randn(2, S, D)
     pad = padding([5, 3], S)
     kv = attn.project_kv(context)
-    shared, _, weights = attn(x, static_kv=kv, key_padding_mask=pad, need_weights=not fast)
     repeat = torch.tensor([0, 0, 0, 1, 1, 1])
-    copied, _, copied_weights = attn(x, context[repeat], key_padding_mask=pad[repeat], need_weights=not fast)
-    assert (shared - copied).abs().max() <= 1e-5
-    if not fast:
-        assert (weights - copied_weights).abs().max() <= 1e-6
+    unbiased = None
+    # a score bias is allowed when given per query: per head, or one for all heads
+    for bias in (None, torch.randn(6, H, T, S), torch.randn(6, 1, T, S)):
+        shared, _, weights = attn(x, static_kv=kv, key_padding_mask=pad, need_weights=not fast, bias=bias)
+        copied, _, copied_weights = attn(x, context[repeat], key_padding_mask=pad[repeat], need_weights=not fast, bias=bias)
+        assert (shared - copied).abs().max() <= 1e-5
+        if not fast:
+            assert (weights - copied_weights).abs().max() <= 1e-6
+        if bias is None:
+            unbiased = shared
+        else:
+            assert (shared - unbiased).abs().max() > 1e-3  # the bias was applied
     for uneven in (5, 3):  # 3 // 2 == 1 must not pass as "one query per context"
         with pytest.raises(ValueError, match="cannot share"):
             attn(torch.randn(uneven, T, D), static_kv=kv)
@@ -149,19 +156,3 @@ def test_score_bias_is_added_before_the_softmax_on_both_paths():
     with pytest.raises(ValueError, match="score bias"):
         attn(torch.randn(4, T, D), torch.randn(2, S, D), bias=torch.zeros(H, T, S))
 
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_shared_contexts_take_a_score_bias_given_per_query(fast):
-    attn = MultiHeadAttention(D, H, fast=fast).eval()
-    x, context = torch.randn(6, T, D), torch.randn(2, S, D)
-    pad = padding([5, 3], S)
-    kv = attn.project_kv(context)
-    repeat = torch.tensor([0, 0, 0, 1, 1, 1])
-    for bias in (torch.randn(6, H, T, S), torch.randn(6, 1, T, S)):  # per head, or one for all heads
-        shared, _, weights = attn(x, static_kv=kv, key_padding_mask=pad, bias=bias, need_weights=not fast)
-        copied, _, copied_weights = attn(x, context[repeat], key_padding_mask=pad[repeat], bias=bias, need_weights=not fast)
-        assert (shared - copied).abs().max() <= 1e-5
-        if not fast:
-            assert (weights - copied_weights).abs().max() <= 1e-6
-        unbiased, _, _ = attn(x, static_kv=kv, key_padding_mask=pad)
-        assert (shared - unbiased).abs().max() > 1e-3  # the bias was applied
