@@ -51,7 +51,7 @@ def test_decoder_layer_matches_torch(norm_first):
     )
     for fast in (True, False):
         ours.self_attn.fast = ours.cross_attn.fast = fast
-        got, _, _, _ = ours(x, memory, key_padding_mask=text_pad, context_padding_mask=image_pad)
+        got = ours(x, memory, key_padding_mask=text_pad, context_padding_mask=image_pad)[0]
         assert (got - expected).abs().max() <= 1e-5
 
 
@@ -230,15 +230,18 @@ def test_decoder_focus_is_where_each_head_looked_in_the_layer_before(checkpointi
     with torch.no_grad():  # by hand: each layer gets the attention-weighted mean position of the one before
         h, focus = x, None
         for layer in decoder.layers:
-            h, _, _, w = layer(
+            h, _, _, w, looked = layer(
                 h, context, key_padding_mask=pad, context_padding_mask=context_pad, need_weights=True, focus=focus,
-                context_positions=positions,
+                context_positions=positions, look_rows=2,
             )
             focus = w @ positions
+            assert (looked - focus[:, :, :2]).abs().max() <= 1e-5  # the separate computation for a few rows
         expected = decoder.norm(h)
     decoder.activation_checkpointing = checkpointing
     got, _ = decoder(x, context, key_padding_mask=pad, context_padding_mask=context_pad, context_positions=positions)
     assert (got - expected).abs().max() <= 1e-5
+    head, _ = decoder(x, context, key_padding_mask=pad, context_padding_mask=context_pad, context_positions=positions, first=2)
+    assert (head - expected[:, :2]).abs().max() <= 1e-5
     got.pow(2).sum().backward()
     assert all(layer.focus_scale.grad.abs().sum() > 0 for layer in decoder.layers[1:])
     with pytest.raises(ValueError, match="context_positions"):

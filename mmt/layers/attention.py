@@ -121,6 +121,28 @@ class MultiHeadAttention(nn.Module):
         """Keys and values of `source` (B, S, D) -> KV of (B, H, S, Dh)."""
         return KV(self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source)))
 
+    def looked_at(
+        self, x: Tensor, kv: KV, positions: Tensor, key_padding_mask: Tensor | None = None, bias: Tensor | None = None
+    ) -> Tensor:
+        """Where each head of each query in `x` (B, T, D) looks among keys `kv`: the mean of
+        the keys' positions `positions` (S, P) weighted by its attention, (B, H, T, P).
+
+        The same weights as `forward` over `static_kv=kv`, without dropout, computed apart:
+        callers want it for a few rows (e.g. only [CLS]) while `forward` takes the fused path.
+        Contexts may be shared (B / g of them) as in `forward`; `bias` is then per query.
+        """
+        B, T, _ = x.shape
+        C, H, S, Dh = kv.k.shape
+        if not C or B % C:
+            raise ValueError(f"{B} query sequences cannot share {C} contexts")
+        q = self._split_heads(self.q_proj(x)).reshape(C, B // C, H, T, Dh)
+        scores = torch.einsum("cghtd,chsd->cghts", q, kv.k) / math.sqrt(Dh)  # (C, g, H, T, S)
+        if bias is not None:
+            scores = scores + bias.expand(B, H, T, S).reshape(C, B // C, H, T, S)
+        if key_padding_mask is not None:  # (C, S), one row per context
+            scores = scores.masked_fill(key_padding_mask.bool().reshape(C, 1, 1, 1, S), float("-inf"))
+        return (scores.softmax(dim=-1) @ positions.to(scores.dtype)).reshape(B, H, T, -1)
+
     def forward(
         self,
         x: Tensor,

@@ -247,7 +247,8 @@ class DecoderLayer(nn.Module):
         first: int | None = None,
         focus: Tensor | None = None,
         context_positions: Tensor | None = None,
-    ) -> tuple[Tensor, KV, KV, Tensor | None]:
+        look_rows: int | None = None,
+    ) -> tuple[Tensor, KV, KV, Tensor | None, Tensor | None]:
         """x: (B, T, D) text states; context: (B, S, Dc) the other modality's encoder output.
 
         first: compute only the first `first` output positions (non-causal layers without a
@@ -255,8 +256,10 @@ class DecoderLayer(nn.Module):
         focus, context_positions: for a layer with a focus bias, (B, H, T, P) where each
             head's queries looked in the layer before and (S, P) the context tokens'
             positions (e.g. P = 2: row and column of an image token).
+        look_rows: also return where each head's cross-attention looked (the attention-
+            weighted mean of `context_positions`) for the first `look_rows` queries.
         Returns (output, self-attention KV incl. past, cross-attention KV, cross-attention
-        weights (B, H, T, S) or None).
+        weights (B, H, T, S) or None, where the heads looked (B, H, look_rows, P) or None).
         """
         h = self.norm1(x) if self.norm_first else x
         if first is not None and past_kv is not None:
@@ -278,13 +281,20 @@ class DecoderLayer(nn.Module):
         attended, cross_kv, weights = self.cross_attn(
             h, context, key_padding_mask=context_padding_mask, static_kv=cross_kv, need_weights=need_weights, bias=bias
         )
+        looked = None
+        if look_rows is not None:
+            if context_positions is None:
+                raise ValueError("look_rows needs the context tokens' positions")
+            looked = self.cross_attn.looked_at(
+                h[:, :look_rows], cross_kv, context_positions, context_padding_mask, None if bias is None else bias[:, :, :look_rows]
+            )
         x = x + self.drop2(attended) if self.norm_first else self.norm2(x + self.drop2(attended))
 
         if self.norm_first:
             x = x + self.drop3(self.ffn(self.norm3(x)))
         else:
             x = self.norm3(x + self.drop3(self.ffn(x)))
-        return x, self_kv, cross_kv, weights
+        return x, self_kv, cross_kv, weights, looked
 
 
 # ----------------------------------------------------------------------------- stacks
@@ -369,26 +379,27 @@ class Decoder(nn.Module):
             raise ValueError("a decoder with a focus bias needs context_positions")
         track_focus = self.focus_bias and len(self.layers) > 1
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
-        focus = None  # (B, H, T, P): where each head's cross-attention looked in the last layer
+        focus = None  # (B, H, rows, P): where each head's cross-attention looked in the layer before
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            rows = first if i == len(self.layers) - 1 else None
-            # the last layer's focus is not used: its cross-attention can take the fused path
-            weigh = track_focus and i < len(self.layers) - 1
+            rows = first if i == last else None
+            # the next layer needs the focus of the rows it computes (all, or `first` if it is the last)
+            look = None if not track_focus or i == last else (first if i + 1 == last and first is not None else x.shape[1])
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 past = cache.self_kv[i] if cache is not None else None
                 cross = cache.cross_kv[i] if cache is not None else None
 
-                def run(h: Tensor, focus: Tensor | None, layer=layer, past=past, cross=cross, rows=rows, weigh=weigh):
+                def run(h: Tensor, focus: Tensor | None, layer=layer, past=past, cross=cross, rows=rows, look=look):
                     out = layer(
                         h, context, key_padding_mask=key_padding_mask, context_padding_mask=context_padding_mask,
-                        past_kv=past, cross_kv=cross, first=rows, need_weights=weigh, focus=focus,
-                        context_positions=context_positions,
+                        past_kv=past, cross_kv=cross, first=rows, focus=focus, context_positions=context_positions,
+                        look_rows=look,
                     )
-                    return out[0], out[3]
+                    return out[0], out[4]
 
-                x, weights = checkpoint(run, x, focus, use_reentrant=False)
+                x, focus = checkpoint(run, x, focus, use_reentrant=False)
             else:
-                x, self_kv, cross_kv, weights = layer(
+                x, self_kv, cross_kv, _, focus = layer(
                     x,
                     context,
                     key_padding_mask=key_padding_mask,
@@ -396,12 +407,10 @@ class Decoder(nn.Module):
                     past_kv=cache.self_kv[i] if cache is not None else None,
                     cross_kv=cache.cross_kv[i] if cache is not None else None,
                     first=rows,
-                    need_weights=weigh,
                     focus=focus,
                     context_positions=context_positions,
+                    look_rows=look,
                 )
                 if new_cache is not None:
                     new_cache.self_kv[i], new_cache.cross_kv[i] = self_kv, cross_kv
-            if weigh:
-                focus = weights @ context_positions.to(weights.dtype)  # (B, H, T, S) @ (S, P)
         return self.norm(x[:, :first]), new_cache  # (the last layer already kept only those; no layers: here)

@@ -30,6 +30,7 @@ are `{"images": [...], "annotations": [{"image_id": 1, "id": 7, "caption": "..."
 """
 
 import contextlib
+import importlib
 import io
 import json
 import re
@@ -173,7 +174,7 @@ def _meteor(references: dict[Hashable, list[str]], results: dict[Hashable, list[
 
 def _require_pycocoevalcap() -> None:
     try:
-        import pycocoevalcap  # noqa: F401
+        importlib.import_module("pycocoevalcap")
     except ImportError as e:
         raise ImportError(
             "scoring captions needs the pycocoevalcap package (an mmt dependency), which is not installed "
