@@ -277,8 +277,9 @@ def vqa_fast() -> VQAConfig:
     """The Sort-of-CLEVR default: a small conv stem to a 10x10 grid of width-64 tokens (on
     75x75 images each object centre falls in its own token), one image-encoder layer with a
     learned bias per relative offset between tokens, a 1-layer question encoder and 2
-    cross-fusion layers: cheap steps, so that a CPU run can take thousands of them (see the
-    README's VQA notes)."""
+    cross-fusion layers, the second with a focus bias (each head drawn towards or away from
+    where it looked in the first): cheap steps, so that a CPU run can take thousands of
+    them (see the README's VQA notes)."""
     dim = 64
     vision = _conv_vision(dim, 1, 4, 0.0, (24, 24))
     vision.relative_bias = True
@@ -287,6 +288,7 @@ def vqa_fast() -> VQAConfig:
         text=TextConfig(max_len=24, encoder=_transformer(dim, 1, 4, 0.0)),
         fusion="cross",
         fusion_encoder=_transformer(dim, 2, 4, 0.0),
+        focus_bias=True,
         head_hidden=256,
     )
 
