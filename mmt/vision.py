@@ -77,6 +77,13 @@ class PatchEmbed(nn.Module):
         return self.proj(pixels)
 
 
+def token_coordinates(rows: int, cols: int, device: torch.device | None = None) -> Tensor:
+    """(rows * cols, 2) long: the (row, col) of each token of a grid flattened row-major."""
+    r = torch.arange(rows, device=device).repeat_interleave(cols)
+    c = torch.arange(cols, device=device).repeat(rows)
+    return torch.stack([r, c], dim=1)
+
+
 def token_padding_mask(pixel_mask: Tensor, rows: int, cols: int) -> Tensor:
     """(B, H, W) bool, True at padded pixels -> (B, rows * cols) bool, True at padded tokens.
 
@@ -129,8 +136,7 @@ class VisionTower(nn.Module):
         max_rows, max_cols = (table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2
         if rows > max_rows or cols > max_cols:
             raise ValueError(f"token grid {rows}x{cols} exceeds the relative bias table's {max_rows}x{max_cols}")
-        r = torch.arange(rows, device=table.device).repeat_interleave(cols)  # row of each token, row-major
-        c = torch.arange(cols, device=table.device).repeat(rows)
+        r, c = token_coordinates(rows, cols, table.device).unbind(1)
         return table[:, r[:, None] - r[None, :] + max_rows - 1, c[:, None] - c[None, :] + max_cols - 1]
 
     @torch.no_grad()

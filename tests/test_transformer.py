@@ -4,6 +4,7 @@ from torch import nn
 
 from mmt.config import TransformerConfig
 from mmt.layers.transformer import Decoder, DecoderCache, DecoderLayer, Encoder, EncoderLayer, Positions1D, Positions2D
+from mmt.vision import token_coordinates
 from tests.peers import copy_decoder_layer, copy_encoder_layer, randomise_norms
 
 B, T, S, D, H, F = 3, 6, 5, 32, 4, 64
@@ -191,8 +192,7 @@ def test_first_rows_refuse_causal_attention():
 
 
 def grid_positions(rows, cols):
-    """(rows * cols, 2) (row, col) of each token of a row-major grid."""
-    return torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2).float()
+    return token_coordinates(rows, cols).float()
 
 
 def test_focus_bias_draws_attention_towards_or_away_from_the_focus():

@@ -377,14 +377,13 @@ class Decoder(nn.Module):
         """
         if self.focus_bias and context_positions is None:
             raise ValueError("a decoder with a focus bias needs context_positions")
-        track_focus = self.focus_bias and len(self.layers) > 1
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
         focus = None  # (B, H, rows, P): where each head's cross-attention looked in the layer before
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             rows = first if i == last else None
             # the next layer needs the focus of the rows it computes (all, or `first` if it is the last)
-            look = None if not track_focus or i == last else (first if i + 1 == last and first is not None else x.shape[1])
+            look = None if not self.focus_bias or i == last else (first if i + 1 == last and first is not None else x.shape[1])
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 past = cache.self_kv[i] if cache is not None else None
                 cross = cache.cross_kv[i] if cache is not None else None

@@ -29,7 +29,7 @@ from mmt.layers.attention import KV
 from mmt.layers.transformer import Decoder, DecoderCache, Encoder, init_weights
 from mmt.registry import register_model, register_preset
 from mmt.text import TextTower, TokenEmbedding
-from mmt.vision import VisionTower
+from mmt.vision import VisionTower, token_coordinates
 
 
 @dataclasses.dataclass
@@ -75,9 +75,8 @@ class VQAModel(DecodesWithGraphs):
         if cfg.focus_bias:
             if cfg.fusion != "cross":
                 raise ValueError("model.focus_bias needs model.fusion='cross' (it biases the question's attention to the image)")
-            rows, cols = self.vision.grid_size(cfg.vision.image_size)
-            grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
-            self.register_buffer("image_positions", grid.reshape(rows * cols, 2).float(), persistent=False)  # (row, col), row-major
+            positions = token_coordinates(*self.vision.grid_size(cfg.vision.image_size)).float()  # (row, col), row-major
+            self.register_buffer("image_positions", positions, persistent=False)
         if cfg.head == "classify":
             self.head = nn.Sequential(
                 nn.Linear(dim, cfg.head_hidden), nn.GELU(), nn.LayerNorm(cfg.head_hidden), nn.Linear(cfg.head_hidden, cfg.num_answers)
