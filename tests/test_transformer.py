@@ -248,3 +248,48 @@ def test_decoder_focus_is_where_each_head_looked_in_the_layer_before(checkpointi
         decoder(x, context)
     with pytest.raises(ValueError, match="non-causal"):
         Decoder(cfg(True, depth=2), causal=True, focus_bias=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("first", [None, 1])
+def test_decoder_row_index_equals_copying_the_rows(checkpointing, first):
+    # distinct rows shared by several queries: the first self-attention runs once per
+    # distinct row, and outputs and gradients equal those of fusing every copy
+    torch.manual_seed(0)
+    decoder = Decoder(cfg(True, depth=2), causal=False, focus_bias=True)
+    with torch.no_grad():
+        decoder.layers[1].focus_scale.uniform_(-1.0, 1.0)
+    decoder.activation_checkpointing = checkpointing
+    positions = grid_positions(3, 3)
+    distinct, pad = torch.randn(2, T, D), padding([6, 3], T)
+    row_index = torch.tensor([0, 1, 1, 0, 1])
+    context, context_pad = torch.randn(5, 9, D), padding([9, 7, 4, 9, 8], 9)
+
+    def run(copied):
+        decoder.zero_grad()
+        x = distinct.clone().requires_grad_()
+        if copied:
+            out, _ = decoder(
+                x[row_index], context, key_padding_mask=pad[row_index], context_padding_mask=context_pad,
+                context_positions=positions, first=first,
+            )
+        else:
+            out, _ = decoder(
+                x, context, key_padding_mask=pad, context_padding_mask=context_pad, context_positions=positions,
+                first=first, row_index=row_index,
+            )
+        out.pow(2).sum().backward()
+        return out.detach(), x.grad, [p.grad.clone() for p in decoder.parameters()]
+
+    (want, want_x, want_params), (got, got_x, got_params) = run(True), run(False)
+    assert got.shape == (5, first or T, D)
+    assert (got - want).abs().max() <= 1e-5
+    assert (got_x - want_x).abs().max() <= 1e-5
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got_params, want_params))
+
+    with pytest.raises(ValueError, match="non-causal"):
+        Decoder(cfg(True)).forward(distinct, context[:2], row_index=row_index)
+    layer = DecoderLayer(cfg(True), causal=False)
+    _, past, _, _, _ = layer(distinct, context[:2])
+    with pytest.raises(ValueError, match="row_index= cannot be combined"):
+        layer(distinct, context[:2], past_kv=past, row_index=row_index)

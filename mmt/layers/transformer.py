@@ -25,6 +25,14 @@ from mmt.layers.attention import KV, MultiHeadAttention
 # ----------------------------------------------------------------------------- initialisation
 
 
+def copy_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[index] along dim 0, made with a one-hot matmul: exact, and its backward is a matmul,
+    deterministic and fast on the CPU (index_select's backward is a slow scatter-add there,
+    plain indexing's is not deterministic)."""
+    pick = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)  # (B, U)
+    return (pick @ x.reshape(x.shape[0], -1)).view(len(index), *x.shape[1:])
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT/ViT initialisation: linear and embedding weights ~ N(0, std) truncated at 2 std, biases 0.
 
@@ -248,6 +256,7 @@ class DecoderLayer(nn.Module):
         focus: Tensor | None = None,
         context_positions: Tensor | None = None,
         look_rows: int | None = None,
+        row_index: Tensor | None = None,
     ) -> tuple[Tensor, KV, KV, Tensor | None, Tensor | None]:
         """x: (B, T, D) text states; context: (B, S, Dc) the other modality's encoder output.
 
@@ -258,18 +267,25 @@ class DecoderLayer(nn.Module):
             positions (e.g. P = 2: row and column of an image token).
         look_rows: also return where each head's cross-attention looked (the attention-
             weighted mean of `context_positions`) for the first `look_rows` queries.
+        row_index: (B',) when the rows of `x` are distinct sequences that B' queries share
+            (e.g. a question asked of several images): the self-attention runs once per
+            distinct row, and output row b continues row row_index[b] (dropout masks are
+            then shared by the copies). key_padding_mask is the distinct rows' mask, and
+            the self-attention KV returned holds the distinct rows.
         Returns (output, self-attention KV incl. past, cross-attention KV, cross-attention
         weights (B, H, T, S) or None, where the heads looked (B, H, look_rows, P) or None).
         """
         h = self.norm1(x) if self.norm_first else x
-        if first is not None and past_kv is not None:
-            raise ValueError("first= cannot be combined with cached keys/values")
+        if past_kv is not None and (first is not None or row_index is not None):
+            raise ValueError(f"{'first=' if first is not None else 'row_index='} cannot be combined with cached keys/values")
         queries, whole = _first_rows(h, first, self.causal)
         attended, self_kv, _ = self.self_attn(
             queries, whole, key_padding_mask=key_padding_mask, causal=self.causal, past_kv=past_kv
         )
         x = x[:, :first]  # (all of x when first is None)
         x = x + self.drop1(attended) if self.norm_first else self.norm1(x + self.drop1(attended))
+        if row_index is not None:
+            x = copy_rows(x, row_index)
 
         h = self.norm2(x) if self.norm_first else x
         bias = None
@@ -357,6 +373,7 @@ class Decoder(nn.Module):
         cache: DecoderCache | None = None,
         first: int | None = None,
         context_positions: Tensor | None = None,
+        row_index: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache | None]:
         """x: (B, T, D) embedded target tokens (positions already added).
 
@@ -372,27 +389,41 @@ class Decoder(nn.Module):
                 each image token), needed with a focus bias: each head's focus is where its
                 cross-attention looked, the attention-weighted mean of these positions, and
                 the next layer's same head scores context tokens by their distance from it.
+            row_index: (B',) when `x` holds distinct sequences that B' rows share (a
+                question asked of several images): the first layer's self-attention runs
+                once per distinct sequence, then row b continues x[row_index[b]] (see
+                DecoderLayer). key_padding_mask is then x's (distinct rows'), and the
+                output has B' rows. Needs a non-causal decoder and no cached past.
         Returns:
             ((B, T, D) hidden states, the updated cache or None when none was given).
         """
         if self.focus_bias and context_positions is None:
             raise ValueError("a decoder with a focus bias needs context_positions")
+        if row_index is not None and (not self.layers or self.layers[0].causal):
+            raise ValueError("row_index needs a non-causal decoder with at least one layer (causal rows are generated apart)")
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
         focus = None  # (B, H, rows, P): where each head's cross-attention looked in the layer before
         last = len(self.layers) - 1
+        later_padding = key_padding_mask  # the layers after the first see row_index's rows
+        if row_index is not None and key_padding_mask is not None:
+            later_padding = key_padding_mask[row_index]
         for i, layer in enumerate(self.layers):
             rows = first if i == last else None
+            copies, padding = (row_index, key_padding_mask) if i == 0 else (None, later_padding)
             # the next layer needs the focus of the rows it computes (all, or `first` if it is the last)
             look = None if not self.focus_bias or i == last else (first if i + 1 == last and first is not None else x.shape[1])
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 past = cache.self_kv[i] if cache is not None else None
                 cross = cache.cross_kv[i] if cache is not None else None
 
-                def run(h: Tensor, focus: Tensor | None, layer=layer, past=past, cross=cross, rows=rows, look=look):
+                def run(
+                    h: Tensor, focus: Tensor | None, layer=layer, past=past, cross=cross, rows=rows, look=look, copies=copies,
+                    padding=padding,
+                ):
                     out = layer(
-                        h, context, key_padding_mask=key_padding_mask, context_padding_mask=context_padding_mask,
+                        h, context, key_padding_mask=padding, context_padding_mask=context_padding_mask,
                         past_kv=past, cross_kv=cross, first=rows, focus=focus, context_positions=context_positions,
-                        look_rows=look,
+                        look_rows=look, row_index=copies,
                     )
                     return out[0], out[4]
 
@@ -401,7 +432,7 @@ class Decoder(nn.Module):
                 x, self_kv, cross_kv, _, focus = layer(
                     x,
                     context,
-                    key_padding_mask=key_padding_mask,
+                    key_padding_mask=padding,
                     context_padding_mask=context_padding_mask,
                     past_kv=cache.self_kv[i] if cache is not None else None,
                     cross_kv=cache.cross_kv[i] if cache is not None else None,
@@ -409,6 +440,7 @@ class Decoder(nn.Module):
                     focus=focus,
                     context_positions=context_positions,
                     look_rows=look,
+                    row_index=copies,
                 )
                 if new_cache is not None:
                     new_cache.self_kv[i], new_cache.cross_kv[i] = self_kv, cross_kv

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mmt.config import TextConfig, TransformerConfig, VisionConfig
 from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, generate, graphs_apply, slot_step
 from mmt.layers.attention import KV
-from mmt.layers.transformer import Decoder, DecoderCache, Encoder, init_weights
+from mmt.layers.transformer import Decoder, DecoderCache, Encoder, copy_rows, init_weights
 from mmt.registry import register_model, register_preset
 from mmt.text import TextTower, TokenEmbedding
 from mmt.vision import VisionTower, token_coordinates
@@ -107,20 +107,18 @@ class VQAModel(DecodesWithGraphs):
         """
         # The text tower does not see the image, so each distinct question is encoded once
         # (datasets repeat questions across images; a batch of VQA often holds few distinct
-        # ones). Copies are made with a one-hot matmul: exact, and its backward is a matmul,
-        # deterministic and fast on the CPU (index_select's backward is a slow scatter-add
-        # there, plain indexing's is not deterministic).
+        # ones), and so is the cross fusion's first self-attention, which sees only the
+        # question. `inverse` then maps each question to its distinct row.
         unique_ids, inverse = torch.unique(question_ids, dim=0, return_inverse=True)
-        if 2 * len(unique_ids) > len(question_ids):  # few repeats: encoding all is cheaper than copying
+        Q = len(question_ids)
+        if 2 * len(unique_ids) > Q:  # few repeats: encoding all is cheaper than copying
             text_tokens, text_padding = self.text(question_ids)
-            D = text_tokens.shape[-1]
+            inverse = None
         else:
-            unique_tokens, unique_padding = self.text(unique_ids)  # (U, T, D)
-            U, T, D = unique_tokens.shape
-            pick = F.one_hot(inverse, U).to(unique_tokens.dtype)  # (Q, U)
-            text_tokens = (pick @ unique_tokens.reshape(U, T * D)).view(-1, T, D)  # (Q, T, D)
-            text_padding = unique_padding[inverse]
-        Q = text_tokens.shape[0]
+            text_tokens, text_padding = self.text(unique_ids)  # (U, T, D)
+        D = text_tokens.shape[-1]
+        if inverse is not None and (self.config.fusion == "joint" or not len(self.fusion.layers)):
+            text_tokens, text_padding, inverse = copy_rows(text_tokens, inverse), text_padding[inverse], None  # a copy per question
         shared = image_index is not None and _questions_per_image(image_index, image_tokens.shape[0])
         if self.config.fusion == "joint":
             if shared:  # g consecutive questions per image: repeat by expanding (backward is a sum)
@@ -157,8 +155,10 @@ class VQAModel(DecodesWithGraphs):
                 )
         fused, _ = self.fusion(
             text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache, first=first,
-            context_positions=positions,
+            context_positions=positions, row_index=inverse,
         )
+        if inverse is not None:
+            text_padding = text_padding[inverse]
         return fused, text_padding[:, :first]
 
     def answer_logits(
