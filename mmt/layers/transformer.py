@@ -25,14 +25,6 @@ from mmt.layers.attention import KV, MultiHeadAttention
 # ----------------------------------------------------------------------------- initialisation
 
 
-def copy_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x[index] along dim 0, made with a one-hot matmul: exact, and its backward is a matmul,
-    deterministic and fast on the CPU (index_select's backward is a slow scatter-add there,
-    plain indexing's is not deterministic)."""
-    pick = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)  # (B, U)
-    return (pick @ x.reshape(x.shape[0], -1)).view(len(index), *x.shape[1:])
-
-
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT/ViT initialisation: linear and embedding weights ~ N(0, std) truncated at 2 std, biases 0.
 
@@ -181,6 +173,14 @@ def _first_rows(h: Tensor, first: int | None, causal: bool) -> tuple[Tensor, Ten
     if causal:
         raise ValueError("first= computes a prefix of the positions, which causal attention does not support")
     return h[:, :first], h
+
+
+def copy_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[index] along dim 0, made with a one-hot matmul: exact, and its backward is a matmul,
+    deterministic and fast on the CPU (index_select's backward is a slow scatter-add there,
+    plain indexing's is not deterministic)."""
+    pick = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)  # (B, U)
+    return (pick @ x.reshape(x.shape[0], -1)).view(len(index), *x.shape[1:])
 
 
 @dataclass
