@@ -200,7 +200,8 @@ def test_focus_bias_draws_attention_towards_or_away_from_the_focus():
     layer = DecoderLayer(cfg(True), causal=False, focus_bias=True).eval()
     positions = grid_positions(4, 4)
     x, context = torch.randn(B, T, D), torch.randn(B, 16, D)
-    focus = positions[5].expand(B, H, T, 2)  # every head of every query looked at token 5, (row 1, col 1)
+    focus = torch.zeros(B, H, T, 16)
+    focus[..., 5] = 1.0  # every head of every query looked at token 5 alone, (row 1, col 1)
 
     def weights(scale, **kw):
         with torch.no_grad():
@@ -216,25 +217,78 @@ def test_focus_bias_draws_attention_towards_or_away_from_the_focus():
         weights(1.0, focus=focus)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_decoder_focus_is_where_each_head_looked_in_the_layer_before(checkpointing):
+def test_focus_per_query_sets_each_querys_scale_and_inhibition():
     torch.manual_seed(0)
-    decoder = Decoder(cfg(True, depth=3), causal=False, focus_bias=True)
+    layer = DecoderLayer(cfg(True), causal=False, focus_bias=True, focus_per_query=True).eval()
+    plain = DecoderLayer(cfg(True), causal=False, focus_bias=True).eval()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("focus_query")})
+    positions = grid_positions(4, 4)
+    x, context = torch.randn(B, T, D), torch.randn(B, 16, D)
+    focus = torch.rand(B, H, T, 16).softmax(-1)
+    with torch.no_grad():
+        layer.focus_scale.uniform_(-1.0, 1.0)
+        plain.focus_scale.copy_(layer.focus_scale)
+
+    def weights(module, look):
+        with torch.no_grad():
+            return module(x, context, need_weights=True, focus=look, context_positions=positions)[3]
+
+    assert (weights(layer, focus) - weights(plain, focus)).abs().max() <= 1e-6  # zero at the start: the plain bias
+    # by hand: -(scale_h + a_h . q) * d^2 - (b_h . q) * seen / max(seen), q the query
+    queries = []
+    layer.cross_attn.register_forward_pre_hook(lambda module, args: queries.append(args[0]))
+    with torch.no_grad():
+        for p in layer.focus_query.values():
+            p.normal_()
+        got = weights(layer, focus)
+        q = queries[-1]
+        per_query = torch.einsum("btd,hd->bht", q, layer.focus_query["weight"]) + layer.focus_query["bias"][:, None]
+        centre = focus @ positions  # (B, H, T, 2)
+        d2 = (centre[:, :, :, None] - positions).square().sum(-1)
+        seen = focus / focus.amax(-1, keepdim=True)
+        bias = -(layer.focus_scale[:, None] + per_query[:, :H])[..., None] * d2 - per_query[:, H:, :, None] * seen
+        want = layer.cross_attn(q, context, need_weights=True, bias=bias)[2]
+    assert (got - want).abs().max() <= 1e-5 and (got - weights(plain, focus)).abs().max() > 1e-2
+
+    # drawn near token 5 but kept off it: the queries go to its neighbours
+    one_hot = torch.zeros(B, H, T, 16)
+    one_hot[..., 5] = 1.0
+    with torch.no_grad():
+        layer.focus_scale.zero_()
+        layer.focus_query["weight"].zero_()
+        layer.focus_query["bias"].copy_(torch.cat([torch.full((H,), 20.0), torch.full((H,), 1000.0)]))
+        near = weights(layer, one_hot)
+    assert near[..., 5].max() < 1e-6
+    assert set(near.argmax(-1).unique().tolist()) <= {1, 4, 6, 9} and near.topk(4, -1).values.sum(-1).min() > 0.99
+    with pytest.raises(ValueError, match="needs focus_bias=True"):
+        DecoderLayer(cfg(True), causal=False, focus_per_query=True)
+    with pytest.raises(ValueError, match="needs focus_bias=True"):
+        Decoder(cfg(True, depth=2), causal=False, focus_per_query=True)
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_decoder_focus_is_where_each_head_looked_in_the_layer_before(checkpointing, per_query):
+    torch.manual_seed(0)
+    decoder = Decoder(cfg(True, depth=3), causal=False, focus_bias=True, focus_per_query=per_query)
     assert decoder.layers[0].focus_scale is None  # the first layer has no layer before it
     with torch.no_grad():
         for layer in decoder.layers[1:]:
             layer.focus_scale.uniform_(-1.0, 1.0)
+            if per_query:
+                for p in layer.focus_query.values():
+                    p.normal_()
     positions = grid_positions(3, 3)
     x, pad = torch.randn(B, T, D), padding([6, 2, 5], T)
     context, context_pad = torch.randn(B, 9, D), padding([9, 7, 4], 9)
-    with torch.no_grad():  # by hand: each layer gets the attention-weighted mean position of the one before
+    with torch.no_grad():  # by hand: each layer gets the attention weights of the one before
         h, focus = x, None
         for layer in decoder.layers:
             h, _, _, w, looked = layer(
                 h, context, key_padding_mask=pad, context_padding_mask=context_pad, need_weights=True, focus=focus,
                 context_positions=positions, look_rows=2,
             )
-            focus = w @ positions
+            focus = w
             assert (looked - focus[:, :, :2]).abs().max() <= 1e-5  # the separate computation for a few rows
         expected = decoder.norm(h)
     decoder.activation_checkpointing = checkpointing
@@ -244,6 +298,8 @@ def test_decoder_focus_is_where_each_head_looked_in_the_layer_before(checkpointi
     assert (head - expected[:, :2]).abs().max() <= 1e-5
     got.pow(2).sum().backward()
     assert all(layer.focus_scale.grad.abs().sum() > 0 for layer in decoder.layers[1:])
+    if per_query:
+        assert all(p.grad.abs().sum() > 0 for layer in decoder.layers[1:] for p in layer.focus_query.values())
     with pytest.raises(ValueError, match="context_positions"):
         decoder(x, context)
     with pytest.raises(ValueError, match="non-causal"):
@@ -256,9 +312,11 @@ def test_decoder_row_index_equals_copying_the_rows(checkpointing, first):
     # distinct rows shared by several queries: the first self-attention runs once per
     # distinct row, and outputs and gradients equal those of fusing every copy
     torch.manual_seed(0)
-    decoder = Decoder(cfg(True, depth=2), causal=False, focus_bias=True)
+    decoder = Decoder(cfg(True, depth=2), causal=False, focus_bias=True, focus_per_query=True)
     with torch.no_grad():
         decoder.layers[1].focus_scale.uniform_(-1.0, 1.0)
+        for p in decoder.layers[1].focus_query.values():
+            p.normal_()
     decoder.activation_checkpointing = checkpointing
     positions = grid_positions(3, 3)
     distinct, pad = torch.randn(2, T, D), padding([6, 3], T)

@@ -132,13 +132,15 @@ def test_classifier_computes_only_the_cls_state_with_the_same_loss_and_gradients
 def test_focus_bias_starts_as_the_plain_model_and_keeps_shared_images_equal():
     def build(focus_bias):
         cfg = registry.preset("vqa-fast")
-        cfg.text.vocab_size, cfg.num_answers, cfg.focus_bias = 40, 10, focus_bias
+        cfg.text.vocab_size, cfg.num_answers, cfg.focus_bias, cfg.focus_per_query = 40, 10, focus_bias, focus_bias
         torch.manual_seed(0)
         return registry.build(cfg).eval()
 
     plain, focused = build(False), build(True)
     missing, unexpected = plain.load_state_dict(focused.state_dict(), strict=False)
-    assert not missing and unexpected == ["fusion.layers.1.focus_scale"]  # 2 fusion layers: the second has one
+    # 2 fusion layers: the second has the focus parameters
+    assert not missing
+    assert sorted(unexpected) == ["fusion.layers.1.focus_query.bias", "fusion.layers.1.focus_query.weight", "fusion.layers.1.focus_scale"]
     pixels = torch.randn(2, 3, 75, 75)
     image_index = torch.tensor([0, 0, 0, 1, 1, 1])  # consecutive and equally many: the grouped path
     ids = torch.randint(7, 40, (6, 8))
@@ -147,6 +149,8 @@ def test_focus_bias_starts_as_the_plain_model_and_keeps_shared_images_equal():
     with torch.no_grad():
         assert (focused.answer_logits(pixels, ids, image_index) - plain.answer_logits(pixels, ids, image_index)).abs().max() <= 1e-5
         focused.fusion.layers[1].focus_scale.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+        for p in focused.fusion.layers[1].focus_query.values():  # per question: scale and inhibition
+            p.normal_()
         shared = focused.answer_logits(pixels, ids, image_index)
         repeated = focused.answer_logits(pixels[image_index], ids)
         scattered = torch.tensor([0, 1, 1, 0, 1, 0])
@@ -159,4 +163,8 @@ def test_focus_bias_needs_cross_fusion():
     cfg = registry.preset("vqa-joint-small")
     cfg.focus_bias = True
     with pytest.raises(ValueError, match="focus_bias needs model.fusion='cross'"):
+        registry.build(cfg)
+    cfg = registry.preset("vqa-fast")
+    cfg.focus_bias = False
+    with pytest.raises(ValueError, match="focus_per_query needs model.focus_bias=true"):
         registry.build(cfg)

@@ -121,14 +121,12 @@ class MultiHeadAttention(nn.Module):
         """Keys and values of `source` (B, S, D) -> KV of (B, H, S, Dh)."""
         return KV(self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source)))
 
-    def looked_at(
-        self, x: Tensor, kv: KV, positions: Tensor, key_padding_mask: Tensor | None = None, bias: Tensor | None = None
-    ) -> Tensor:
-        """Where each head of each query in `x` (B, T, D) looks among keys `kv`: the mean of
-        the keys' positions `positions` (S, P) weighted by its attention, (B, H, T, P).
+    def looked_at(self, x: Tensor, kv: KV, key_padding_mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """Where each head of each query in `x` (B, T, D) looks among keys `kv`: its attention
+        weights, (B, H, T, S).
 
         The same weights as `forward` over `static_kv=kv`, without dropout, computed apart:
-        callers want it for a few rows (e.g. only [CLS]) while `forward` takes the fused path.
+        callers want them for a few rows (e.g. only [CLS]) while `forward` takes the fused path.
         Contexts may be shared (B / g of them) as in `forward`; `bias` is then per query.
         """
         B, T, _ = x.shape
@@ -141,7 +139,7 @@ class MultiHeadAttention(nn.Module):
             scores = scores + bias.expand(B, H, T, S).reshape(C, B // C, H, T, S)
         if key_padding_mask is not None:  # (C, S), one row per context
             scores = scores.masked_fill(key_padding_mask.bool().reshape(C, 1, 1, 1, S), float("-inf"))
-        return (scores.softmax(dim=-1) @ positions.to(scores.dtype)).reshape(B, H, T, -1)
+        return scores.softmax(dim=-1).reshape(B, H, T, S)
 
     def forward(
         self,

@@ -224,14 +224,30 @@ class DecoderLayer(nn.Module):
     text sequence with an image (cross-attention fusion for understanding tasks).
     """
 
-    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True, focus_bias: bool = False):
+    def __init__(
+        self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True, focus_bias: bool = False,
+        focus_per_query: bool = False,
+    ):
         super().__init__()
         self.norm_first = cfg.norm_first
         self.causal = causal
         # focus bias: head h's cross-attention score to a context token gets -scale_h * d^2, d
-        # its distance from where head h looked in the layer before (`focus`); zero at the
-        # start, and either sign is learned (near or far from that place)
+        # its distance from where head h looked in the layer before (the centre of its
+        # attention there, `focus`); zero at the start, and either sign is learned (near or
+        # far from that place)
         self.focus_scale = nn.Parameter(torch.zeros(cfg.heads)) if focus_bias else None
+        # focus_per_query: each query also adds its own term to scale_h, and sets how strongly
+        # head h avoids (or seeks) the very tokens it looked at before, in proportion to their
+        # share of that look ("inhibition of return": the object nearest to the one a question
+        # names is not that object). Both are a linear map of the query, zero at the start
+        # (plain parameters, so that no model-wide weight initialisation touches them).
+        self.focus_query = None
+        if focus_per_query:
+            if not focus_bias:
+                raise ValueError("focus_per_query refines a focus bias; it needs focus_bias=True")
+            self.focus_query = nn.ParameterDict(
+                {"weight": nn.Parameter(torch.zeros(2 * cfg.heads, cfg.dim)), "bias": nn.Parameter(torch.zeros(2 * cfg.heads))}
+            )
         self.self_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention)
         self.cross_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, context_dim, fast=cfg.fast_attention)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
@@ -262,18 +278,19 @@ class DecoderLayer(nn.Module):
 
         first: compute only the first `first` output positions (non-causal layers without a
             past; they still attend to all T).
-        focus, context_positions: for a layer with a focus bias, (B, H, T, P) where each
-            head's queries looked in the layer before and (S, P) the context tokens'
-            positions (e.g. P = 2: row and column of an image token).
-        look_rows: also return where each head's cross-attention looked (the attention-
-            weighted mean of `context_positions`) for the first `look_rows` queries.
+        focus, context_positions: for a layer with a focus bias, (B, H, T, S) where each
+            head's queries looked in the layer before (their attention weights over the
+            context tokens) and (S, P) the context tokens' positions (e.g. P = 2: row and
+            column of an image token).
+        look_rows: also return where each head's cross-attention looked (its attention
+            weights, without dropout) for the first `look_rows` queries.
         row_index: (B',) when the rows of `x` are distinct sequences that B' queries share
             (e.g. a question asked of several images): the self-attention runs once per
             distinct row, and output row b continues row row_index[b] (dropout masks are
             then shared by the copies). key_padding_mask is the distinct rows' mask, and
             the self-attention KV returned holds the distinct rows.
         Returns (output, self-attention KV incl. past, cross-attention KV, cross-attention
-        weights (B, H, T, S) or None, where the heads looked (B, H, look_rows, P) or None).
+        weights (B, H, T, S) or None, where the heads looked (B, H, look_rows, S) or None).
         """
         h = self.norm1(x) if self.norm_first else x
         if past_kv is not None and (first is not None or row_index is not None):
@@ -292,17 +309,26 @@ class DecoderLayer(nn.Module):
         if self.focus_scale is not None and focus is not None:
             if context_positions is None:
                 raise ValueError("a focus bias needs the context tokens' positions")
-            offsets = focus[:, :, : h.shape[1], None, :] - context_positions.to(focus.dtype)  # (B, H, T, S, P)
-            bias = -self.focus_scale.to(h.dtype)[:, None, None] * offsets.square().sum(-1).to(h.dtype)
+            seen = focus[:, :, : h.shape[1]]  # (B, H, T, S)
+            positions = context_positions.to(seen.dtype)
+            offsets = (seen @ positions)[:, :, :, None, :] - positions  # (B, H, T, S, P): from each head's centre
+            heads = len(self.focus_scale)
+            scale = self.focus_scale.to(h.dtype)[:, None]  # (H, 1)
+            inhibition = None
+            if self.focus_query is not None:
+                per_query = nn.functional.linear(h, self.focus_query["weight"], self.focus_query["bias"]).transpose(1, 2)
+                scale = scale + per_query[:, :heads]  # (B, H, T)
+                inhibition = per_query[:, heads:, :, None] * (seen / seen.amax(-1, keepdim=True)).to(h.dtype)
+            bias = -scale[..., None] * offsets.square().sum(-1).to(h.dtype)
+            if inhibition is not None:
+                bias = bias - inhibition
         attended, cross_kv, weights = self.cross_attn(
             h, context, key_padding_mask=context_padding_mask, static_kv=cross_kv, need_weights=need_weights, bias=bias
         )
         looked = None
         if look_rows is not None:
-            if context_positions is None:
-                raise ValueError("look_rows needs the context tokens' positions")
             looked = self.cross_attn.looked_at(
-                h[:, :look_rows], cross_kv, context_positions, context_padding_mask, None if bias is None else bias[:, :, :look_rows]
+                h[:, :look_rows], cross_kv, context_padding_mask, None if bias is None else bias[:, :, :look_rows]
             )
         x = x + self.drop2(attended) if self.norm_first else self.norm2(x + self.drop2(attended))
 
@@ -352,12 +378,20 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """N decoder layers attending to a context sequence, with an optional KV cache."""
 
-    def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True, focus_bias: bool = False):
+    def __init__(
+        self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True, focus_bias: bool = False,
+        focus_per_query: bool = False,
+    ):
+        """focus_bias, focus_per_query: see DecoderLayer; every layer after the first has them."""
         super().__init__()
         if focus_bias and causal:
             raise ValueError("a focus bias is for non-causal decoders (fusion), not for generating text")
+        if focus_per_query and not focus_bias:
+            raise ValueError("focus_per_query refines a focus bias; it needs focus_bias=True")
         self.focus_bias = focus_bias
-        self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim, causal, focus_bias and i > 0) for i in range(cfg.depth))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, context_dim, causal, focus_bias and i > 0, focus_per_query and i > 0) for i in range(cfg.depth)
+        )
         self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
         # training: recompute each layer's activations in backward (the returned cache then
         # holds no keys/values: training reads none)
@@ -387,8 +421,9 @@ class Decoder(nn.Module):
                 in the last layer (non-causal decoders without past keys/values).
             context_positions: (S, P) positions of the context tokens (e.g. row and column of
                 each image token), needed with a focus bias: each head's focus is where its
-                cross-attention looked, the attention-weighted mean of these positions, and
-                the next layer's same head scores context tokens by their distance from it.
+                cross-attention looked (its weights), and the next layer's same head scores
+                context tokens by their distance from the attention-weighted mean of these
+                positions (and, per query, by their share of that look).
             row_index: (B',) when `x` holds distinct sequences that B' rows share (a
                 question asked of several images): the first layer's self-attention runs
                 once per distinct sequence, then row b continues x[row_index[b]] (see
@@ -402,7 +437,7 @@ class Decoder(nn.Module):
         if row_index is not None and (not self.layers or self.layers[0].causal):
             raise ValueError("row_index needs a non-causal decoder with at least one layer (causal rows are generated apart)")
         new_cache = DecoderCache.empty(len(self.layers)) if cache is not None else None
-        focus = None  # (B, H, rows, P): where each head's cross-attention looked in the layer before
+        focus = None  # (B, H, rows, S): where each head's cross-attention looked in the layer before
         last = len(self.layers) - 1
         later_padding = key_padding_mask  # the layers after the first see row_index's rows
         if row_index is not None and key_padding_mask is not None:

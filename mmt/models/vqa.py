@@ -44,6 +44,10 @@ class VQAConfig:
     # is biased by -scale * (distance in tokens)^2 from where that head looked in the layer
     # before (a learned scale per head and layer, zero at the start; see the README)
     focus_bias: bool = False
+    # with focus_bias: each question also sets its own scale per head, and how strongly each
+    # head avoids (or seeks) the image tokens it looked at in the layer before (a linear map
+    # of the question's state, zero at the start; see the README)
+    focus_per_query: bool = False
     head: Literal["classify", "generate"] = "classify"  # answer classifier, or a decoder that writes the answer
     num_answers: int = 10  # classify: size of the answer vocabulary; set from the training answers
     head_hidden: int = 256  # classify: hidden width of the two-layer answer classifier
@@ -66,12 +70,14 @@ class VQAModel(DecodesWithGraphs):
                 raise ValueError(f"{name}.encoder.dim={tower.dim} must equal fusion_encoder.dim={dim}")
         self.vision = VisionTower(cfg.vision)
         self.text = TextTower(cfg.text)
+        if cfg.focus_per_query and not cfg.focus_bias:
+            raise ValueError("model.focus_per_query needs model.focus_bias=true (it refines the focus bias)")
         if cfg.fusion == "joint":
             self.modality = nn.Parameter(torch.randn(2, dim) * 0.02)  # 0: text, 1: image
             self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
             self.fusion = Encoder(cfg.fusion_encoder)
         else:
-            self.fusion = Decoder(cfg.fusion_encoder, causal=False, focus_bias=cfg.focus_bias)
+            self.fusion = Decoder(cfg.fusion_encoder, causal=False, focus_bias=cfg.focus_bias, focus_per_query=cfg.focus_per_query)
         if cfg.focus_bias:
             if cfg.fusion != "cross":
                 raise ValueError("model.focus_bias needs model.fusion='cross' (it biases the question's attention to the image)")
@@ -277,8 +283,9 @@ def vqa_fast() -> VQAConfig:
     75x75 images each object centre falls in its own token), one image-encoder layer with a
     learned bias per relative offset between tokens, a 1-layer question encoder and 2
     cross-fusion layers, the second with a focus bias (each head drawn towards or away from
-    where it looked in the first): cheap steps, so that a CPU run can take thousands of
-    them (see the README's VQA notes)."""
+    where it looked in the first, by a scale each question sets, and kept off or on the
+    tokens it looked at there): cheap steps, so that a CPU run can take thousands of them
+    (see the README's VQA notes)."""
     dim = 64
     vision = _conv_vision(dim, 1, 4, 0.0, (24, 24))
     vision.relative_bias = True
@@ -288,6 +295,7 @@ def vqa_fast() -> VQAConfig:
         fusion="cross",
         fusion_encoder=_transformer(dim, 2, 4, 0.0),
         focus_bias=True,
+        focus_per_query=True,
         head_hidden=256,
     )
 
