@@ -13,7 +13,10 @@ Run directory:
     model/                     the final model (+ a copy of run_config.json), ready for `mmt eval` / `mmt predict`
 
 Batches are a pure function of (seed, step), so the position in the data stream is the
-step number, and a resumed run sees exactly the batches the uninterrupted run would.
+step number, and a resumed run sees exactly the batches the uninterrupted run would. A task
+whose batches also follow the training itself (a VQA curriculum that ends on training
+accuracy) sees each training log record (`observe`) and keeps what it decided in the
+checkpoint (`state` / `load_state`).
 
 Several processes (`torchrun --nproc_per_node=N -m mmt train ...`): data-parallel training
 with DDP, NCCL on GPUs and gloo on CPU. `train.batch_size` stays the batch of one optimizer
@@ -381,6 +384,8 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         np.random.set_state(state["rng"]["numpy"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, best = state["step"], state["best"]
+        if hasattr(task, "load_state"):
+            task.load_state(state.get("task", {}))
         if procs.main:
             _truncate_metrics(run_dir / "metrics.jsonl", start_step)
         say(f"resumed from {last} at step {start_step}")
@@ -497,6 +502,8 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
                 "samples_per_s": totals[3] / seconds,
                 "grad_norm": None if grad_norm is None else grad_norm.item(),
             }
+            if hasattr(task, "observe"):  # e.g. a curriculum that ends on training accuracy
+                record.update(task.observe(done, record))
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", sps=f"{record['samples_per_s']:.0f}")
             window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
@@ -509,7 +516,8 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         if done % cfg.save_every == 0 or done == cfg.steps:
             rng_states = _gather_rng(procs)
             if procs.main:
-                save_checkpoint(run_dir, core, optimizer, scheduler, done, {"best": best}, cfg.keep_last, best["step"], rng_states)
+                extra = {"best": best, **({"task": task.state()} if hasattr(task, "state") else {})}
+                save_checkpoint(run_dir, core, optimizer, scheduler, done, extra, cfg.keep_last, best["step"], rng_states)
             window["start"] = time.perf_counter()  # do not count checkpoint time in samples/s
     bar.close()
     for m, momentum in zip(norms, momenta):
