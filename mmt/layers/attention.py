@@ -96,8 +96,7 @@ class MultiHeadAttention(nn.Module):
         heads: number of heads h; d_k = d_v = dim // heads.
         dropout: dropout on the attention weights while training.
         context_dim: width of the context tokens for cross-attention (default dim).
-        fast: use torch's fused scaled_dot_product_attention when weights are not requested
-            (on a CPU only in fp32: there its bf16 kernel is slower than the literal product).
+        fast: use torch's fused scaled_dot_product_attention when weights are not requested.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None, fast: bool = True):
@@ -188,10 +187,6 @@ class MultiHeadAttention(nn.Module):
                 kv = KV(torch.cat([past_kv.k, kv.k], dim=2), torch.cat([past_kv.v, kv.v], dim=2))
         S = kv.k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
-        # torch's fused kernel, except on a CPU in bf16: there the literal product was faster
-        # (26% more questions/s training the default VQA model, 29% faster steps at hidden
-        # 512 with 161 tokens), while in fp32 the fused kernel was (30% more questions/s)
-        fused = self.fast and not need_weights and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
         contexts = kv.k.shape[0]
         groups = B // contexts if contexts else 1  # (an empty batch has no contexts)
         per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[0] == B and bias.shape[2] == T
@@ -212,11 +207,11 @@ class MultiHeadAttention(nn.Module):
         if slots_allowed is not None:
             if bias is not None:
                 raise ValueError("a score bias cannot be combined with a slot cache")
-            if fused:
+            if self.fast and not need_weights:
                 out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=slots_allowed, dropout_p=dropout_p)
             else:
                 out, weights = reference_attention(q, kv.k, kv.v, slots_allowed, dropout_p)
-        elif fused:
+        elif self.fast and not need_weights:
             if causal and key_padding_mask is None and T == S and bias is None:
                 out = F.scaled_dot_product_attention(q, kv.k, kv.v, dropout_p=dropout_p, is_causal=True)
             else:
