@@ -23,7 +23,9 @@ with DDP, NCCL on GPUs and gloo on CPU. `train.batch_size` stays the batch of on
 step over all processes: each process trains on its own equal share of every step's batch
 (and with `train.accumulate=K` splits that share into K micro-steps, synchronising gradients
 only on the last), so a run's batches, learning rate and schedule do not depend on how many
-processes run it. Rank 0 alone logs, evaluates and writes checkpoints.
+processes run it. Shares may hold unequal numbers of loss terms (questions per image vary,
+captions vary in length): each share's loss then weighs by its number of terms, as in one
+batch of all of them. Rank 0 alone logs, evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -303,6 +305,21 @@ def _sum_across(values: list[float], procs: Processes) -> list[float]:
     return t.tolist()
 
 
+def micro_step_scales(task, batches: list[dict[str, Any]], procs: Processes) -> list[float]:
+    """What each of this process's micro-step losses is multiplied by before its backward,
+    so that the step's gradient (DDP averages it over processes) is that of one batch of all
+    of them: with a task that says how many terms each batch's loss averages over
+    (`loss_terms`: questions, target tokens), each micro-step weighs by its share of the
+    terms of every process's micro-steps; otherwise all weigh alike."""
+    if not hasattr(task, "loss_terms"):
+        return [1.0 / len(batches)] * len(batches)
+    terms = [float(task.loss_terms(batch)) for batch in batches]
+    total = _sum_across([sum(terms)], procs)[0]
+    if total <= 0:  # no terms anywhere: the loss is undefined whatever the weights
+        return [1.0 / len(batches)] * len(batches)
+    return [t * procs.world / total for t in terms]
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -437,9 +454,9 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
         # running statistics change in the forward pass: kept to undo a skipped step
         buffers = [b.detach().clone() for b in running_stats]
         loss_value, step_losses = 0.0, {}
-        for micro in range(cfg.accumulate):
-            part = procs.rank * cfg.accumulate + micro
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.train_batch(step, part, parts).items()}
+        batches = [task.train_batch(step, procs.rank * cfg.accumulate + micro, parts) for micro in range(cfg.accumulate)]
+        for micro, (batch, scale) in enumerate(zip(batches, micro_step_scales(task, batches, procs))):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             last_micro = micro == cfg.accumulate - 1
             # gradients are averaged across processes once per step, on the last micro-step
             sync = contextlib.nullcontext() if last_micro or procs.world == 1 else model.no_sync()
@@ -448,10 +465,10 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
                     out = model(**batch)
                 losses = {k: v for k, v in out.items() if k.endswith("_loss")}
                 loss = sum(losses.values())
-                (loss / cfg.accumulate).backward()
-            loss_value += loss.item() / cfg.accumulate
+                (loss * scale).backward()
+            loss_value += loss.item() * scale
             for k, v in losses.items():
-                step_losses[k] = step_losses.get(k, 0.0) + v.item() / cfg.accumulate
+                step_losses[k] = step_losses.get(k, 0.0) + v.item() * scale
             correct, count = task.batch_accuracy(out, batch)
             window["correct"] += correct
             window["count"] += count

@@ -34,12 +34,13 @@ def retrieval_cfg(extra=()):
     return apply_overrides(cfg, [*RETRIEVAL, *extra])
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, run_dir: str, task: str = "retrieval") -> None:
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )
     torch.set_num_threads(1)
-    train_lib.train(RetrievalTask(retrieval_cfg()), run_dir, progress=False)
+    made = RetrievalTask(retrieval_cfg()) if task == "retrieval" else VQATask(apply_overrides(VQARunConfig(), VQA))
+    train_lib.train(made, run_dir, progress=False)
 
 
 def _free_port() -> int:
@@ -52,10 +53,8 @@ def _weights(run_dir):
     return checkpoint.read_weights(run_dir / "model" / "model.safetensors")
 
 
-def test_two_gloo_processes_reach_the_weights_of_one_process(tmp_path):
-    together, split = tmp_path / "one", tmp_path / "two"
-    train_lib.train(RetrievalTask(retrieval_cfg()), together, progress=False)
-    context = mp.start_processes(_worker, args=(2, _free_port(), str(split)), nprocs=2, join=False, start_method="spawn")
+def _train_in_two_processes(run_dir: Path, task: str) -> None:
+    context = mp.start_processes(_worker, args=(2, _free_port(), str(run_dir), task), nprocs=2, join=False, start_method="spawn")
     try:
         finished = context.join(timeout=180)  # a broken process group fails the test instead of hanging it
         while not finished:
@@ -66,6 +65,12 @@ def test_two_gloo_processes_reach_the_weights_of_one_process(tmp_path):
         for p in context.processes:
             if p.is_alive():
                 p.kill()
+
+
+def test_two_gloo_processes_reach_the_weights_of_one_process(tmp_path):
+    together, split = tmp_path / "one", tmp_path / "two"
+    train_lib.train(RetrievalTask(retrieval_cfg()), together, progress=False)
+    _train_in_two_processes(split, "retrieval")
     a, b = _weights(together), _weights(split)
     assert a.keys() == b.keys()
     # Key biases get a zero gradient in exact arithmetic (softmax ignores a constant added to
@@ -105,13 +110,12 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     return task.build_model().state_dict()
 
 
-# no curriculum: its count questions vary in number per image, and each micro-step's loss is
-# the mean over its own questions, so micro-steps would weigh questions unequally; with all 20
-# questions of every image they are equal
+# the default curriculum is on: its count questions vary in number per image, so micro-steps
+# hold unequal numbers of questions and must weigh by them to match the plain step
 VQA = [
     "data.num_train=8", "data.num_test=2", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
     "train.eval_every=2", "train.save_every=2", "train.log_every=1", "train.threads=1", "train.precision=fp32",
-    "model.vision.encoder.depth=1", "model.fusion_encoder.depth=1", "model.vision.conv_norm=group", "curriculum_steps=0",
+    "model.vision.encoder.depth=1", "model.fusion_encoder.depth=1", "model.vision.conv_norm=group",
 ]
 
 
@@ -125,6 +129,48 @@ def test_accumulation_and_activation_checkpointing_match_the_plain_step(tmp_path
     # of a query's scores), which AdamW scales up to full steps: see the test above
     for key in [k for k in a if not k.endswith("k_proj.bias")]:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+CAPTION = [
+    "data.image_size=32", "data.num_train=16", "data.num_val=4", "data.num_test=0", "train.steps=2", "train.batch_size=4",
+    "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2", "train.log_every=1", "train.threads=1",
+    "train.precision=fp32", "model.vision.conv_norm=group",
+]
+
+
+def test_caption_accumulation_weighs_micro_steps_by_target_tokens(tmp_path):
+    # captions differ in length, so micro-steps hold unequal numbers of target tokens
+    from mmt import registry
+    from mmt.tasks.caption import CaptionRunConfig, CaptionTask
+
+    def task(extra=()):
+        return CaptionTask(apply_overrides(CaptionRunConfig(model=registry.preset("caption-tiny")), [*CAPTION, *extra]))
+
+    plain, other = tmp_path / "plain", tmp_path / "other"
+    train_lib.train(task(), plain, progress=False)
+    split = task(["train.accumulate=2"])
+    train_lib.train(split, other, progress=False)
+    counts = [[split.loss_terms(split.train_batch(step, part, 2)) for part in range(2)] for step in range(2)]
+    assert any(a != b for a, b in counts)
+    a, b = _weights(plain), _weights(other)
+    for key in [k for k in a if not k.endswith("k_proj.bias")]:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_two_processes_weigh_their_shares_by_questions(tmp_path):
+    # during the curriculum each process's share holds its own number of questions: the two
+    # processes' step must still be the plain step over all of them
+    plain, split = tmp_path / "plain", tmp_path / "two"
+    train_lib.train(VQATask(apply_overrides(VQARunConfig(), VQA)), plain, progress=False)
+    _train_in_two_processes(split, "vqa")
+    a, b = _weights(plain), _weights(split)
+    for key in [k for k in a if not k.endswith("k_proj.bias")]:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+    task = VQATask(apply_overrides(VQARunConfig(), VQA))
+    (tmp_path / "shares").mkdir()
+    task.prepare(tmp_path / "shares")
+    counts = [[task.loss_terms(task.train_batch(step, part, 2)) for part in range(2)] for step in range(2)]
+    assert any(a != b for a, b in counts)  # unequal shares, so the weighing is exercised
 
 
 def test_batch_must_split_evenly(tmp_path):

@@ -161,6 +161,11 @@ class CaptionTask:
         ids, _ = self.tokenizer.batch(texts, self.cfg.model.max_len, wrap="bos_eos")
         return {"pixels": pixels, "caption_ids": ids}
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens in a batch, what its loss is the mean of (the trainer weighs
+        micro-steps by it)."""
+        return int((batch["caption_ids"][:, 1:] != self.cfg.model.pad_id).sum())
+
     @staticmethod
     def batch_samples(batch: dict[str, torch.Tensor]) -> int:
         """Captions in a batch: what samples/s counts."""

@@ -328,6 +328,14 @@ class VQATask:
     def load_state(self, state: dict) -> None:
         self.curriculum_end = state.get("curriculum_end", self.cfg.curriculum_steps)
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the batch's loss is the mean of: its questions, or with a generative
+        head its answer tokens (the trainer weighs micro-steps by it)."""
+        answers = batch["answers"]
+        if self.cfg.model.head == "generate":
+            return int((answers[:, 1:] != self.cfg.model.text.pad_id).sum())
+        return len(answers)
+
     @staticmethod
     def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         if "answers_correct" in out:  # generative head
