@@ -36,7 +36,7 @@ class TransformerConfig:
     dropout: float = 0.1  # dropout on attention weights, residual branches and FFN hidden
     activation: Literal["gelu", "relu"] = "gelu"  # FFN non-linearity
     norm_first: bool = True  # pre-norm (stable, default) or post-norm (the original formula)
-    fast_attention: bool = True  # use torch SDPA; False computes softmax(QK^T/sqrt(d_k))V literally
+    fast_attention: bool = True  # use torch SDPA (on a CPU in bf16 only with a score bias); False: softmax(QK^T/sqrt(d_k))V literally
 
 
 @dataclasses.dataclass

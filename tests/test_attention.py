@@ -156,3 +156,45 @@ def test_score_bias_is_added_before_the_softmax_on_both_paths():
     with pytest.raises(ValueError, match="score bias"):
         attn(torch.randn(4, T, D), torch.randn(2, S, D), bias=torch.zeros(H, T, S))
 
+
+
+def test_cpu_bf16_takes_the_literal_path_unless_scores_are_biased(monkeypatch):
+    # on a CPU torch's fused kernel is slower than the literal product in bf16, faster in fp32;
+    # with a score bias that needs a gradient torch runs its own fp32 path, kept as it is
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 4).eval()
+    x, pad = torch.randn(2, 5, 32), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    out32, _, _ = attn(x, key_padding_mask=pad)
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, _, weights = attn(x, key_padding_mask=pad)
+    assert len(calls) == 1 and out16.dtype == torch.bfloat16
+    assert weights is not None and (weights[1, :, :, 3:] == 0).all()  # the literal path, masks applied
+    torch.testing.assert_close(out16.float(), out32, atol=3e-2, rtol=3e-2)
+    bias = torch.zeros(4, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, weights = attn(x, key_padding_mask=pad, bias=bias)
+    assert len(calls) == 2 and weights is None
+
+
+def test_literal_path_takes_scores_and_softmax_in_fp32_under_bf16_autocast():
+    # only weights @ V runs in bf16; q.k, the bias and the softmax in fp32, as in a fused
+    # kernel: bf16 scores or weights would be off by up to 0.4% each
+    from mmt.layers.attention import reference_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, H, T, 8).bfloat16(), (torch.randn(2, H, S, 8) * 4).bfloat16(), torch.randn(2, H, S, 8).bfloat16()
+    for bias in (None, torch.randn(T, S) * 30, (torch.randn(T, S) * 30).bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, weights = reference_attention(q, k, v, None, bias=bias)
+        scores = (q.float() * (1.0 / 8**0.5)) @ k.float().transpose(-2, -1)
+        expected = (scores if bias is None else scores + bias.float()).softmax(-1)
+        assert weights.dtype == torch.float32 and out.dtype == torch.bfloat16
+        torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
+        # what bf16 would do, far outside that tolerance
+        rounded = (scores.bfloat16().float() if bias is None else scores.bfloat16().float() + bias.float()).softmax(-1)
+        assert (rounded - expected).abs().max() > 1e-3 and (weights.bfloat16().float() - expected).abs().max() > 1e-4
+        torch.testing.assert_close(out, expected.bfloat16() @ v)
