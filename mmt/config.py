@@ -37,6 +37,7 @@ class TransformerConfig:
     activation: Literal["gelu", "relu"] = "gelu"  # FFN non-linearity
     norm_first: bool = True  # pre-norm (stable, default) or post-norm (the original formula)
     fast_attention: bool = True  # use torch SDPA (on a CPU in bf16 only with a score bias); False: softmax(QK^T/sqrt(d_k))V literally
+    fused_on_bf16_cpu: bool = False  # with fast_attention: SDPA on a CPU in bf16 too, though the literal path is faster there
 
 
 @dataclasses.dataclass

@@ -178,6 +178,17 @@ def test_cpu_bf16_takes_the_literal_path_unless_scores_are_biased(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, _, weights = attn(x, key_padding_mask=pad, bias=bias)
     assert len(calls) == 2 and weights is None
+    attn.fused_on_bf16_cpu = True  # asked for the kernel there too (the Sort-of-CLEVR preset)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, weights = attn(x, key_padding_mask=pad)
+    assert len(calls) == 3 and weights is None
+    from mmt import registry
+    from mmt.layers.transformer import Decoder, Encoder
+
+    preset = registry.preset("vqa-fast")
+    for layers in (preset.vision.encoder, preset.text.encoder, preset.fusion_encoder):
+        stack = Encoder(layers) if layers is not preset.fusion_encoder else Decoder(layers, causal=False)
+        assert all(m.fused_on_bf16_cpu for m in stack.modules() if isinstance(m, MultiHeadAttention))
 
 
 def test_literal_path_takes_scores_and_softmax_in_fp32_under_bf16_autocast():

@@ -131,7 +131,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.norm_first = cfg.norm_first
-        self.attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention)
+        self.attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention, fused_on_bf16_cpu=cfg.fused_on_bf16_cpu)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
         self.norm1 = nn.LayerNorm(cfg.dim)
         self.norm2 = nn.LayerNorm(cfg.dim)
@@ -248,8 +248,10 @@ class DecoderLayer(nn.Module):
             self.focus_query = nn.ParameterDict(
                 {"weight": nn.Parameter(torch.zeros(2 * cfg.heads, cfg.dim)), "bias": nn.Parameter(torch.zeros(2 * cfg.heads))}
             )
-        self.self_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention)
-        self.cross_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, context_dim, fast=cfg.fast_attention)
+        self.self_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, fast=cfg.fast_attention, fused_on_bf16_cpu=cfg.fused_on_bf16_cpu)
+        self.cross_attn = MultiHeadAttention(
+            cfg.dim, cfg.heads, cfg.dropout, context_dim, fast=cfg.fast_attention, fused_on_bf16_cpu=cfg.fused_on_bf16_cpu
+        )
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
         self.norm1 = nn.LayerNorm(cfg.dim)
         self.norm2 = nn.LayerNorm(cfg.dim)

@@ -289,7 +289,7 @@ def vqa_fast() -> VQAConfig:
     dim = 64
     vision = _conv_vision(dim, 1, 4, 0.0, (24, 24))
     vision.relative_bias = True
-    return VQAConfig(
+    cfg = VQAConfig(
         vision=vision,
         text=TextConfig(max_len=24, encoder=_transformer(dim, 1, 4, 0.0)),
         fusion="cross",
@@ -298,6 +298,12 @@ def vqa_fast() -> VQAConfig:
         focus_per_query=True,
         head_hidden=256,
     )
+    # its accuracy was established with torch's fused attention kernel; on a bf16 CPU the
+    # faster literal path scored 97.30-98.45% relational in three runs against 97.95-98.60%
+    # in six (the README's VQA notes), so it keeps the kernel
+    for layers in (cfg.vision.encoder, cfg.text.encoder, cfg.fusion_encoder):
+        layers.fused_on_bf16_cpu = True
+    return cfg
 
 
 @register_preset
