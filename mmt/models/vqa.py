@@ -300,7 +300,7 @@ def vqa_fast() -> VQAConfig:
     )
     # its accuracy was established with torch's fused attention kernel; on a bf16 CPU the
     # faster literal path scored 97.30-98.45% relational in three runs against 97.95-98.60%
-    # in six (the README's VQA notes), so it keeps the kernel
+    # in five (the README's VQA notes), so it keeps the kernel
     for layers in (cfg.vision.encoder, cfg.text.encoder, cfg.fusion_encoder):
         layers.fused_on_bf16_cpu = True
     return cfg
