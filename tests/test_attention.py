@@ -209,3 +209,27 @@ def test_literal_path_takes_scores_and_softmax_in_fp32_under_bf16_autocast():
         rounded = (scores.bfloat16().float() if bias is None else scores.bfloat16().float() + bias.float()).softmax(-1)
         assert (rounded - expected).abs().max() > 1e-3 and (weights.bfloat16().float() - expected).abs().max() > 1e-4
         torch.testing.assert_close(out, expected.bfloat16() @ v)
+
+
+def test_literal_path_gradients_under_bf16_autocast_match_fp32():
+    # the scores' backward products run in bf16 (as a fused kernel's do): the gradients
+    # agree with the fp32 ones to bf16 precision, and flow to q, k, v and the bias
+    from mmt.layers.attention import reference_attention
+
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, H, T, 8), torch.randn(2, H, S, 8) * 2, torch.randn(2, H, S, 8), torch.randn(T, S)]
+    target = torch.randn(2, H, T, 8)
+
+    def grads(autocast):
+        xs = [x.clone().requires_grad_() for x in leaves]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            q, k, v = (x.bfloat16() if autocast else x for x in xs[:3])
+            out, _ = reference_attention(q, k, v, None, bias=xs[3])
+        (out.float() * target).sum().backward()
+        return [x.grad for x in xs]
+
+    for got, expected in zip(grads(True), grads(False)):
+        assert got.dtype == torch.float32
+        scale = expected.abs().max().item()
+        assert (got - expected).abs().max().item() <= 0.03 * scale  # bf16 rounding, not a wrong formula
+        assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] > 0.999

@@ -70,6 +70,30 @@ def build_attention_mask(
     return allowed
 
 
+class _ScoresInFp32(torch.autograd.Function):
+    """scale * q k^T for q (..., T, Dh), k (..., S, Dh) in bf16 or fp16, as fp32 scores: the
+    exact products of the inputs, summed in fp32, as a fused kernel takes them. The two
+    backward products run in the inputs' precision (the incoming gradient rounded to it),
+    as a fused kernel's backward does: in fp32 they would be the slowest part of the
+    attention's backward on a CPU."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(q, k)
+        ctx.scale = scale
+        with torch.autocast(q.device.type, enabled=False):
+            return (q.float() * scale) @ k.float().transpose(-2, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        q, k = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            g = grad.to(q.dtype)
+            dq = (g @ k) * ctx.scale if ctx.needs_input_grad[0] else None  # scaled here: smaller than g
+            dk = (g.transpose(-2, -1) @ q) * ctx.scale if ctx.needs_input_grad[1] else None
+        return dq, dk, None
+
+
 def reference_attention(
     q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float = 0.0, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -78,12 +102,13 @@ def reference_attention(
     q: (B, H, T, Dh), k and v: (B, H, S, Dh); weights: (B, H, T, S); bias broadcasts to them.
     In bf16 or fp16 (inputs, or autocast) the scores are still taken, biased and normalised
     in fp32, as a fused kernel accumulates them (a bf16 product would round them to steps
-    of 1/16 at 10); only the product of the weights with V runs in the lower precision.
+    of 1/16 at 10); the product of the weights with V and the backward products run in the
+    lower precision.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])  # applied to q, not to the larger scores
     if q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(q.device.type):
-        with torch.autocast(q.device.type, enabled=False):
-            scores = (q.float() * scale) @ k.float().transpose(-2, -1)  # (B, H, T, S)
+        low = torch.get_autocast_dtype(q.device.type) if q.dtype == torch.float32 else q.dtype
+        scores = _ScoresInFp32.apply(q.to(low), k.to(low), scale)  # (B, H, T, S)
     else:
         scores = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
