@@ -209,6 +209,12 @@ def test_literal_path_takes_scores_and_softmax_in_fp32_under_bf16_autocast():
         rounded = (scores.bfloat16().float() if bias is None else scores.bfloat16().float() + bias.float()).softmax(-1)
         assert (rounded - expected).abs().max() > 1e-3 and (weights.bfloat16().float() - expected).abs().max() > 1e-4
         torch.testing.assert_close(out, expected.bfloat16() @ v)
+    # autocast leaves fp64 alone, and so does the literal path
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, weights = reference_attention(q64, k64, v64, None)
+    assert out.dtype == weights.dtype == torch.float64
+    torch.testing.assert_close(weights, ((q64 / 8**0.5) @ k64.transpose(-2, -1)).softmax(-1))
 
 
 def test_literal_path_gradients_under_bf16_autocast_match_fp32():

@@ -106,8 +106,10 @@ def reference_attention(
     lower precision.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])  # applied to q, not to the larger scores
-    if q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(q.device.type):
-        low = torch.get_autocast_dtype(q.device.type) if q.dtype == torch.float32 else q.dtype
+    low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else None
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):  # autocast would round q and k
+        low = torch.get_autocast_dtype(q.device.type)
+    if low is not None:
         scores = _ScoresInFp32.apply(q.to(low), k.to(low), scale)  # (B, H, T, S)
     else:
         scores = (q * scale) @ k.transpose(-2, -1)
@@ -232,8 +234,8 @@ class MultiHeadAttention(nn.Module):
         # tokens and the Sort-of-CLEVR model about 1.2x as fast; in fp32 the kernel is the
         # faster one. With a bias that needs a gradient torch computes attention on its own
         # fp32 path, kept as it is.
-        literal_faster = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None and not self.fused_on_bf16_cpu
-        fused = self.fast and not need_weights and not literal_faster
+        literal_faster = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None
+        fused = self.fast and not need_weights and (self.fused_on_bf16_cpu or not literal_faster)
         contexts = kv.k.shape[0]
         groups = B // contexts if contexts else 1  # (an empty batch has no contexts)
         per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[0] == B and bias.shape[2] == T
