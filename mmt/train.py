@@ -311,11 +311,9 @@ def micro_step_scales(task, batches: list[dict[str, Any]], procs: Processes) -> 
     of them: with a task that says how many terms each batch's loss averages over
     (`loss_terms`: questions, target tokens), each micro-step weighs by its share of the
     terms of every process's micro-steps; otherwise all weigh alike."""
-    if not hasattr(task, "loss_terms"):
-        return [1.0 / len(batches)] * len(batches)
-    terms = [float(task.loss_terms(batch)) for batch in batches]
-    total = _sum_across([sum(terms)], procs)[0]
-    if total <= 0:  # no terms anywhere: the loss is undefined whatever the weights
+    terms = [float(task.loss_terms(batch)) for batch in batches] if hasattr(task, "loss_terms") else []
+    total = _sum_across([sum(terms)], procs)[0] if terms else 0.0
+    if total <= 0:  # no counts, or no terms anywhere (the loss is then undefined whatever the weights)
         return [1.0 / len(batches)] * len(batches)
     return [t * procs.world / total for t in terms]
 
