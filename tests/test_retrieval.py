@@ -5,7 +5,6 @@ import datetime
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -71,14 +70,15 @@ def _ddp_batch():
     return pixels, ids, image_ids
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
+    # a file in the test's own directory, not a port: nothing else can take it between
+    # choosing and binding it
+    rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         model = DistributedDataParallel(_tiny_itc_model())
         pixels, ids, image_ids = _ddp_batch()
@@ -93,14 +93,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path):
-    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     deadline = 120  # a broken process group fails the test instead of hanging it
     while not context.join(timeout=deadline):
         deadline = 0
