@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from mmt.layers.attention import KV, SlotKV
-from mmt.layers.transformer import Decoder, DecoderCache
+from mmt.layers.transformer import Decoder, DecoderCache, reorder_slots
+from mmt.packed_step import PackedStep, packed_step, packs
 from mmt.text import TokenEmbedding
 
 StepFn = Callable[[Tensor, "DecoderCache | None"], "tuple[Tensor, DecoderCache | None]"]
@@ -58,6 +59,8 @@ class GenerationConfig:
     use_cache: bool = True  # False recomputes the whole prefix each step (for tests)
     cuda_graph: bool = True  # on a GPU, replay recorded CUDA graphs (the same computation, but attention
     # over masked slots takes other kernels: a rounding-level near-tie could pick another token)
+    packed_step: bool = True  # on a CPU, decode through `PackedStep` (the decoder's arithmetic over packed
+    # weights, without module calls; products in another layout: a near-tie could pick another token)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -200,10 +203,7 @@ class SlotStep:
     def reorder(self, index: Tensor, slots: int | None = None) -> None:
         """Reorder rows in place over the first `slots` slots (all: a fixed shape, for a
         caller that records it)."""
-        for kv in self._self_kv:
-            for buffer in kv:
-                kept = buffer[:, :, :slots]
-                kept.copy_(kept.index_select(0, index))
+        reorder_slots(self._self_kv, index, slots)
 
     def __call__(self, ids: Tensor, cache: "SlotStep") -> tuple[Tensor, "SlotStep"]:
         if cache is not self:
@@ -266,8 +266,8 @@ def _can_record(t: Tensor) -> bool:
 
 
 def forget_graphs(owner: nn.Module) -> None:
-    """Drop the graphs and fixed buffers kept on `owner` for decoding (their GPU memory)."""
-    for name in ("_slot_steps", "_replayed"):
+    """Drop the graphs, fixed buffers and packed weights kept on `owner` for decoding."""
+    for name in ("_slot_steps", "_replayed", "_packed_weights"):
         owner.__dict__.pop(name, None)
 
 
@@ -361,6 +361,26 @@ def graphs_apply(cfg: GenerationConfig, device: torch.device, decoder: nn.Module
         cfg.cuda_graph and cfg.use_cache and device.type == "cuda" and not decoder.training
         and not torch.is_autocast_enabled(device.type)
     )
+
+
+def own_step(
+    owner: nn.Module, embed: TokenEmbedding, decoder: Decoder, head: nn.Module, context: Tensor, context_padding: Tensor | None,
+    cfg: GenerationConfig, rows: int, graphs: bool,
+) -> "SlotStep | PackedStep | None":
+    """The fastest step here that is its own cache: a SlotStep replayed as a CUDA graph where
+    `graphs` apply (see `graphs_apply`), a PackedStep for a cached decoding on a CPU in eval
+    mode without autocast; None where neither applies (`generate` then drives the model's
+    step over a `DecoderCache`)."""
+    if not rows:
+        return None
+    if graphs:
+        return slot_step(owner, embed, decoder, head, context, context_padding, rows)
+    if (
+        cfg.packed_step and cfg.use_cache and context.device.type == "cpu" and not decoder.training
+        and not torch.is_autocast_enabled("cpu") and packs(decoder, head)
+    ):
+        return packed_step(owner, embed, decoder, head, context, context_padding, rows)
+    return None
 
 
 @torch.no_grad()

@@ -25,10 +25,11 @@ def captioner():
     return model, pixels
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed step", "decoder modules"])
 @pytest.mark.parametrize("options", [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}])
-def test_cached_decoding_equals_recomputing_the_prefix(captioner, options):
+def test_cached_decoding_equals_recomputing_the_prefix(captioner, options, packed):
     model, pixels = captioner
-    cached = model.generate(pixels, max_new_tokens=10, **options)
+    cached = model.generate(pixels, max_new_tokens=10, packed_step=packed, **options)
     full = model.generate(pixels, max_new_tokens=10, use_cache=False, **options)
     assert torch.equal(cached.ids, full.ids)
     assert torch.allclose(cached.scores, full.scores, atol=1e-4)
@@ -240,7 +241,7 @@ SLOT_OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_
 def test_slot_step_decodes_exactly_as_the_growing_cache(captioner, options):
     model, pixels = captioner
     with torch.no_grad():
-        expected = model.generate(pixels, max_new_tokens=10, **options)
+        expected = model.generate(pixels, max_new_tokens=10, packed_step=False, **options)
         got = slot_generate(model, pixels, **options)
     assert expected.ids.shape[-1] == 11  # ten tokens decoded
     assert torch.equal(got.ids, expected.ids)
@@ -328,19 +329,10 @@ def test_recorded_decoding_gives_eager_tokens_call_after_call(captioner, monkeyp
     assert any(ended) == (eos_bias > 0)
 
 
-def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch):
-    torch.manual_seed(1)
-    cfg = registry.preset("vqa-small")
-    cfg.head, cfg.text.vocab_size = "generate", 20
-    model = registry.build(cfg).eval()
+def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch, generative_vqa):
+    model, pixels, questions, image_index = generative_vqa
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
-    questions = torch.randint(7, 20, (6, 7))
-    questions[::2, 4:] = PAD  # half the questions are shorter: their fused states are padded
-    image_index = torch.tensor([0, 0, 0, 1, 1, 1])
-    with torch.no_grad():
-        expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
+        expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2, packed_step=False))
         recordings = eager_graphs(monkeypatch)  # as on a GPU, each replay running eagerly here
         got = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
     (step,) = model._slot_steps.values()

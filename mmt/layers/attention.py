@@ -183,6 +183,24 @@ class MultiHeadAttention(nn.Module):
             scores = scores.masked_fill(key_padding_mask.bool().reshape(C, 1, 1, 1, S), float("-inf"))
         return scores.softmax(dim=-1).reshape(B, H, T, S)
 
+    def _fused(self, q: Tensor, bias: Tensor | None, need_weights: bool) -> bool:
+        """Whether attention takes torch's fused kernel (else the literal path)."""
+        # the kernel, except on a CPU in bf16 without a score bias: there the literal path (its
+        # scores in fp32, like the kernel's) trained a hidden-512 model over 161 tokens and the
+        # Sort-of-CLEVR model about 1.2x as fast; in fp32 the kernel is the faster one. With a
+        # bias that needs a gradient torch computes attention on its own fp32 path, kept as it is.
+        literal_faster = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None
+        return self.fast and not need_weights and (self.fused_on_bf16_cpu or not literal_faster)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """softmax(q k^T / sqrt(d_k)) v for queries already projected and split into heads,
+        without dropout or bias, on the path `forward` would take: q (B, H, T, Dh), k and v
+        (B, H, S, Dh), `allowed` bool broadcastable to (B, H, T, S) or None. For callers that
+        do the projections themselves (the packed decoding step)."""
+        if self._fused(q, None, False):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return reference_attention(q, k, v, allowed)[0]
+
     def forward(
         self,
         x: Tensor,
@@ -229,13 +247,7 @@ class MultiHeadAttention(nn.Module):
                 kv = KV(torch.cat([past_kv.k, kv.k], dim=2), torch.cat([past_kv.v, kv.v], dim=2))
         S = kv.k.shape[2]
         dropout_p = self.dropout if self.training else 0.0
-        # torch's fused kernel, except on a CPU in bf16 without a score bias: there the literal
-        # path (its scores in fp32, like the kernel's) trained a hidden-512 model over 161
-        # tokens and the Sort-of-CLEVR model about 1.2x as fast; in fp32 the kernel is the
-        # faster one. With a bias that needs a gradient torch computes attention on its own
-        # fp32 path, kept as it is.
-        literal_faster = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None
-        fused = self.fast and not need_weights and (self.fused_on_bf16_cpu or not literal_faster)
+        fused = self._fused(q, bias, need_weights)
         contexts = kv.k.shape[0]
         groups = B // contexts if contexts else 1  # (an empty batch has no contexts)
         per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[0] == B and bias.shape[2] == T

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TransformerConfig, VisionConfig
-from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, StepFn, generate, graphs_apply, replayed, slot_step
+from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, StepFn, generate, graphs_apply, own_step, replayed
 from mmt.layers.transformer import Decoder, DecoderCache
 from mmt.registry import register_model, register_preset
 from mmt.text import TokenEmbedding
@@ -119,13 +119,11 @@ class CaptionModel(DecodesWithGraphs):
             image_tokens, image_padding = self.encode_images(pixels)
         if image_padding is not None and not image_padding.any():
             image_padding = None  # nothing to mask: cross-attention takes its unmasked path every step
-        slots = None  # on a GPU: the step replayed as a CUDA graph, its own cache
-        if graphs:
-            rows = config.rows(pixels.shape[0])
-            slots = slot_step(self, self.embed, self.decoder, self.lm_head, image_tokens, image_padding, rows)
+        rows = config.rows(pixels.shape[0])
+        fast = own_step(self, self.embed, self.decoder, self.lm_head, image_tokens, image_padding, config, rows, graphs)
         return generate(
-            slots or self.decode_step(image_tokens, image_padding), pixels.shape[0], len(self.decoder.layers), config,
-            bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device, cache=slots,
+            fast or self.decode_step(image_tokens, image_padding), pixels.shape[0], len(self.decoder.layers), config,
+            bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device, cache=fast,
         )
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TextConfig, TransformerConfig, VisionConfig
-from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, generate, graphs_apply, slot_step
+from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, generate, graphs_apply, own_step
 from mmt.layers.attention import KV
 from mmt.layers.transformer import Decoder, DecoderCache, Encoder, copy_rows, init_weights
 from mmt.registry import register_model, register_preset
@@ -225,13 +225,12 @@ class VQAModel(DecodesWithGraphs):
             logits, cache = self.answer_token_logits(ids, fused, fused_padding, cache)
             return logits[:, -1], cache
 
-        slots = None  # on a GPU: the step replayed as a CUDA graph, its own cache
-        if len(question_ids) and graphs_apply(config, pixels.device, self.answer_decoder):
-            rows = config.rows(len(question_ids))
-            slots = slot_step(self, self.answer_embed, self.answer_decoder, self.lm_head, fused, fused_padding, rows)
+        graphs = graphs_apply(config, pixels.device, self.answer_decoder)
+        rows = config.rows(len(question_ids))
+        fast = own_step(self, self.answer_embed, self.answer_decoder, self.lm_head, fused, fused_padding, config, rows, graphs)
         return generate(
-            slots or step, len(question_ids), len(self.answer_decoder.layers), config,
-            bos_id=bos_id, eos_id=eos_id, pad_id=self.config.text.pad_id, device=pixels.device, cache=slots,
+            fast or step, len(question_ids), len(self.answer_decoder.layers), config,
+            bos_id=bos_id, eos_id=eos_id, pad_id=self.config.text.pad_id, device=pixels.device, cache=fast,
         )
 
 
