@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mmt.layers.attention import KV, SlotKV
-from mmt.layers.transformer import Decoder, DecoderCache, reorder_slots
+from mmt.layers.transformer import Decoder, DecoderCache
 from mmt.packed_step import PackedStep, packed_step, packs
 from mmt.text import TokenEmbedding
 
@@ -203,7 +203,10 @@ class SlotStep:
     def reorder(self, index: Tensor, slots: int | None = None) -> None:
         """Reorder rows in place over the first `slots` slots (all: a fixed shape, for a
         caller that records it)."""
-        reorder_slots(self._self_kv, index, slots)
+        for kv in self._self_kv:
+            for buffer in kv:
+                kept = buffer[:, :, :slots]
+                kept.copy_(kept.index_select(0, index))
 
     def __call__(self, ids: Tensor, cache: "SlotStep") -> tuple[Tensor, "SlotStep"]:
         if cache is not self:

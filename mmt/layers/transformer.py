@@ -217,15 +217,6 @@ class DecoderCache:
         return DecoderCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv] if cross else self.cross_kv)
 
 
-def reorder_slots(self_kv: list[KV], index: Tensor, slots: int | None = None) -> None:
-    """Reorder the rows of preallocated key/value buffers (B, H, capacity, Dh) in place over
-    their first `slots` slots (all when None), for beam search."""
-    for kv in self_kv:
-        for buffer in kv:
-            kept = buffer[:, :, :slots]
-            kept.copy_(kept.index_select(0, index))
-
-
 class DecoderLayer(nn.Module):
     """Masked self-attention, cross-modal attention to `context`, feed-forward.
 
