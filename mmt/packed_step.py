@@ -3,16 +3,20 @@
 Decoding one token at a time through the decoder's modules costs more in Python than in
 arithmetic on a CPU: a small captioner's step makes about 60 module calls, each a few
 microseconds of dispatch around a matrix-vector product of similar cost. `PackedStep`
-computes exactly what `Decoder` computes for one new token, as plain tensor operations:
+computes what `Decoder` computes for one new token, as plain tensor operations (products
+read in another layout may round differently):
 - per layer, the self-attention's query, key and value projections as one product;
-- in fp32, every weight transposed once to (in, out): the layout in which the CPU's fp32
-  matrix-vector product ran fastest here (twice as fast for a 30,000-word output head);
-  in bf16 the modules' (out, in) layout was the faster one (by 1.4x for that head) and stays;
+- in fp32 for up to 3 rows (one image, greedy or a beam of 3), every weight transposed once to
+  (in, out): the layout in which the CPU's fp32 product with so few rows ran fastest here
+  (twice as fast for a 30,000-word output head, about 10% for the layers); from 4 rows on,
+  and in bf16, the modules' (out, in) layout was as fast or faster (by up to 20% at 8 rows)
+  and is read as it is;
 - self-attention keys/values kept contiguous, grown in preallocated buffers;
 - attention through `MultiHeadAttention.attend`, so the kernel is the one the module uses.
-The packed weights are copies, kept on the model and made again when any weight changes
-(moved, retyped, trained, or loaded: every in-place write bumps a tensor's version). A
-model whose weights were made in inference mode (they keep no version) packs at every call.
+The packed weights (the fused projection, the transposed copies) are kept on the model and
+made again when any weight changes (moved, retyped, trained, or loaded: every in-place
+write bumps a tensor's version). A model whose weights were made in inference mode (they
+keep no version) packs at every call.
 
 Like the decoder's own cache, a PackedStep is the cache that `generate` hands back to it
 (`length`, `select`); it decodes one token per row per call.
@@ -71,8 +75,13 @@ def _versions(*modules: nn.Module) -> tuple | None:
     return tuple((p.data_ptr(), p._version) for p in params)
 
 
+FEW_ROWS = 3  # up to this many rows, fp32 products read transposed weights (see above)
+
+
 @dataclasses.dataclass
-class _Packed:
+class _Weights:
+    """The decoder's and the head's weights in one layout."""
+
     layers: list[_PackedLayer]
     head: Tensor  # the output head's weight
     transposed: bool  # weights (in, out); else (out, in), as the modules hold them
@@ -84,9 +93,13 @@ class _Packed:
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
-def _pack(decoder: Decoder, head: nn.Linear) -> _Packed:
-    transposed = head.weight.dtype == torch.float32
+def _pack(decoder: Decoder, head: nn.Linear) -> tuple[_Weights, _Weights | None]:
+    """The weights in the modules' layout (Q|K|V fused), and transposed copies in fp32."""
+    plain = _layout(decoder, head, transposed=False)
+    return plain, _layout(decoder, head, transposed=True) if head.weight.dtype == torch.float32 else None
 
+
+def _layout(decoder: Decoder, head: nn.Linear, transposed: bool) -> _Weights:
     def t(w: Tensor) -> Tensor:
         return w.t().contiguous() if transposed else w
 
@@ -101,7 +114,7 @@ def _pack(decoder: Decoder, head: nn.Linear) -> _Packed:
             t(layer.ffn.fc1.weight), layer.ffn.fc1.bias, t(layer.ffn.fc2.weight), layer.ffn.fc2.bias,
             layer,
         ))
-    return _Packed(layers, t(head.weight), transposed)
+    return _Weights(layers, t(head.weight), transposed)
 
 
 class _TwoBuffers:
@@ -147,14 +160,14 @@ class PackedStep:
     """
 
     def __init__(
-        self, embed: TokenEmbedding, decoder: Decoder, head: nn.Linear, packed: _Packed,
+        self, embed: TokenEmbedding, decoder: Decoder, head: nn.Linear, weights: _Weights,
         context: Tensor, context_padding: Tensor | None, rows: int,
     ):
         C, S, _ = context.shape
         if not C or rows % C:
             raise ValueError(f"{rows} rows cannot share {C} contexts")
         self.embed, self.decoder, self.head = embed, decoder, head
-        self.packed, self.layers = packed, packed.layers
+        self.weights, self.layers = weights, weights.layers
         self.rows, self.groups = rows, rows // C
         self.norm_first = decoder.layers[0].norm_first
         attn: MultiHeadAttention = decoder.layers[0].self_attn
@@ -177,7 +190,7 @@ class PackedStep:
         H, Dh, g = self.heads, self.head_dim, self.groups
 
         h = _norm(x, layer.norm1) if self.norm_first else x
-        linear = self.packed.linear
+        linear = self.weights.linear
         q, k, v = linear(h, p.qkv, p.qkv_bias).view(N, 3, H, Dh).unbind(1)  # (N, H, Dh) each
         keys, values = self.self_kv[i]
         keys.append(k[:, :, None])
@@ -208,7 +221,7 @@ class PackedStep:
         x = self.embed(ids, self.length)[:, 0]  # (N, D)
         for i in range(len(self.layers)):
             x = self._layer(x, i)
-        logits = self.packed.linear(self.decoder.norm(x), self.packed.head, self.head.bias)
+        logits = self.weights.linear(self.decoder.norm(x), self.weights.head, self.head.bias)
         self.length += 1
         return logits, self
 
@@ -236,4 +249,6 @@ def packed_step(
             kept = (key, _pack(decoder, head))
         if key is not None:
             owner.__dict__["_packed_weights"] = kept
-    return PackedStep(embed, decoder, head, kept[1], context, context_padding, rows)
+    plain, transposed = kept[1]
+    weights = transposed if transposed is not None and rows <= FEW_ROWS else plain
+    return PackedStep(embed, decoder, head, weights, context, context_padding, rows)

@@ -31,11 +31,14 @@ def pixels():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
-def steps_side_by_side(model, pixels, rows, length=8, dtype=torch.float32):
-    """Logits of both steps fed the same random tokens, `rows` rows over the images."""
+def steps_side_by_side(model, pixels, rows, length=8, dtype=torch.float32, transposed=None):
+    """Logits of both steps fed the same random tokens, `rows` rows over the images; checks
+    which weight layout the packed step read (transposed: fp32 with few rows)."""
     model = model.to(dtype)
     tokens, padding = model.encode_images(pixels.to(dtype))
     step = packed_step(model, model.embed, model.decoder, model.lm_head, tokens, padding, rows)
+    if transposed is not None:
+        assert step.weights.transposed == transposed
     modules, cache = model.decode_step(tokens, padding), DecoderCache.empty(len(model.decoder.layers))
     ids = torch.randint(7, 12, (rows, length), generator=torch.Generator().manual_seed(5))
     pairs = []
@@ -47,11 +50,13 @@ def steps_side_by_side(model, pixels, rows, length=8, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("norm_first, activation", [(True, "gelu"), (False, "relu"), (False, "gelu")])
+@pytest.mark.parametrize("images", [1, 4])  # 1 image: up to 3 rows, read from transposed weights
 @pytest.mark.parametrize("per_image", [1, 3])  # 3: rows share an image's keys/values (beams, samples)
-def test_each_step_gives_the_decoder_modules_logits(pixels, norm_first, activation, per_image):
+def test_each_step_gives_the_decoder_modules_logits(pixels, norm_first, activation, images, per_image):
     model = captioner(norm_first, activation)
+    rows = images * per_image
     with torch.no_grad():
-        pairs = steps_side_by_side(model, pixels, rows=4 * per_image)
+        pairs = steps_side_by_side(model, pixels[:images], rows, transposed=rows <= 3)
     for packed_logits, module_logits in pairs:
         torch.testing.assert_close(packed_logits, module_logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(pairs[0][0], pairs[-1][0])  # the steps saw different prefixes
@@ -60,7 +65,7 @@ def test_each_step_gives_the_decoder_modules_logits(pixels, norm_first, activati
 def test_bf16_weights_give_the_decoder_modules_logits_to_bf16_rounding(pixels):
     model = captioner()
     with torch.no_grad():
-        pairs = steps_side_by_side(model, pixels, rows=8, dtype=torch.bfloat16)
+        pairs = steps_side_by_side(model, pixels, rows=8, dtype=torch.bfloat16, transposed=False)
     for packed_logits, module_logits in pairs:
         assert packed_logits.dtype == torch.bfloat16
         # products in another layout may round differently (bf16 keeps 8 bits); logits here are ~10
@@ -71,12 +76,13 @@ OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penal
 
 
 @pytest.mark.parametrize("options", OPTIONS)
-def test_captions_equal_the_decoder_modules_in_every_mode(pixels, options):
+@pytest.mark.parametrize("images", [1, 4])
+def test_captions_equal_the_decoder_modules_in_every_mode(pixels, options, images):
     model = captioner()
     with torch.no_grad():
         model.lm_head.bias[EOS] += 3.0  # some captions end early
-        packed = model.generate(pixels, max_new_tokens=10, **options)
-        modules = model.generate(pixels, max_new_tokens=10, packed_step=False, **options)
+        packed = model.generate(pixels[:images], max_new_tokens=10, **options)
+        modules = model.generate(pixels[:images], max_new_tokens=10, packed_step=False, **options)
     assert "_packed_weights" in model.__dict__  # the packed step ran
     assert torch.equal(packed.ids, modules.ids)
     assert torch.allclose(packed.scores, modules.scores, atol=1e-5)
