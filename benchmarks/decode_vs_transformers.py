@@ -19,9 +19,8 @@ Same work on both sides:
   `bos_token_id` = 5 ([BOS]), `pad_token_id` = 0. mmt also masks [PAD] and [BOS] out of
   the next-token distribution (two logits).
 On a GPU mmt replays each decoder step as a recorded CUDA graph (its default there); the
-table also gives mmt with that turned off (`cuda_graph=False`, "eager"). On a CPU mmt decodes
-through its packed step (`mmt/packed_step.py`; packed once per model, outside the timed calls). Each timed call
-ends with the device synchronised.
+table also gives mmt with that turned off (`cuda_graph=False`, "eager"); on a CPU mmt decodes
+through its lean step (`mmt/lean_step.py`). Each timed call ends with the device synchronised.
 tokens/s = batch x new tokens / seconds per `generate` call (beam search counts the
 returned sequence, not every beam). Repetitions of the models alternate and the median is
 reported; GFLOP per call are counted with torch's FlopCounterMode (mmt's in its eager
@@ -199,8 +198,7 @@ def main() -> None:
         header += f"{'eager tok/s':>13s}{'eager/hf':>10s}"
     with torch.inference_mode():
         for vocab in args.vocab:
-            with torch.inference_mode(False):  # ordinary weights, as a loaded model has (see mmt/packed_step.py)
-                models = dict(zip(("mmt", "hf"), (m.to(device, dtype).requires_grad_(False) for m in build_models(args, vocab))))
+            models = dict(zip(("mmt", "hf"), (m.to(device, dtype) for m in build_models(args, vocab))))
             if cuda:
                 models["mmt eager"] = models["mmt"]
             print(f"\nvocabulary {vocab}")

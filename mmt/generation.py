@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from mmt.layers.attention import KV, SlotKV
 from mmt.layers.transformer import Decoder, DecoderCache
-from mmt.packed_step import PackedStep, packed_step, packs
+from mmt.lean_step import LeanStep, lean_applies
 from mmt.text import TokenEmbedding
 
 StepFn = Callable[[Tensor, "DecoderCache | None"], "tuple[Tensor, DecoderCache | None]"]
@@ -59,8 +59,8 @@ class GenerationConfig:
     use_cache: bool = True  # False recomputes the whole prefix each step (for tests)
     cuda_graph: bool = True  # on a GPU, replay recorded CUDA graphs (the same computation, but attention
     # over masked slots takes other kernels: a rounding-level near-tie could pick another token)
-    packed_step: bool = True  # on a CPU, decode through `PackedStep` (the decoder's arithmetic over packed
-    # weights, without module calls; products in another layout: a near-tie could pick another token)
+    lean_step: bool = True  # on a CPU, decode through `LeanStep` (the decoder's arithmetic as tensor operations,
+    # without module calls: the same operations on the same weights)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -269,8 +269,8 @@ def _can_record(t: Tensor) -> bool:
 
 
 def forget_graphs(owner: nn.Module) -> None:
-    """Drop the graphs, fixed buffers and packed weights kept on `owner` for decoding."""
-    for name in ("_slot_steps", "_replayed", "_packed_weights"):
+    """Drop the graphs and fixed buffers kept on `owner` for decoding (their GPU memory)."""
+    for name in ("_slot_steps", "_replayed"):
         owner.__dict__.pop(name, None)
 
 
@@ -369,20 +369,20 @@ def graphs_apply(cfg: GenerationConfig, device: torch.device, decoder: nn.Module
 def own_step(
     owner: nn.Module, embed: TokenEmbedding, decoder: Decoder, head: nn.Module, context: Tensor, context_padding: Tensor | None,
     cfg: GenerationConfig, rows: int, graphs: bool,
-) -> "SlotStep | PackedStep | None":
+) -> "SlotStep | LeanStep | None":
     """The fastest step here that is its own cache: a SlotStep replayed as a CUDA graph where
-    `graphs` apply (see `graphs_apply`), a PackedStep for a cached decoding on a CPU in eval
-    mode without autocast; None where neither applies (`generate` then drives the model's
-    step over a `DecoderCache`)."""
+    `graphs` apply (see `graphs_apply`), a LeanStep for a cached decoding on a CPU without
+    autocast where it computes what the modules do (`lean_applies`); None where neither
+    applies (`generate` then drives the model's step over a `DecoderCache`)."""
     if not rows:
         return None
     if graphs:
         return slot_step(owner, embed, decoder, head, context, context_padding, rows)
     if (
-        cfg.packed_step and cfg.use_cache and context.device.type == "cpu" and not decoder.training
-        and not torch.is_autocast_enabled("cpu") and packs(decoder, head)
+        cfg.lean_step and cfg.use_cache and context.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        and lean_applies(embed, decoder, head)
     ):
-        return packed_step(owner, embed, decoder, head, context, context_padding, rows)
+        return LeanStep(embed, decoder, head, context, context_padding, rows)
     return None
 
 

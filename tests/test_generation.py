@@ -25,11 +25,11 @@ def captioner():
     return model, pixels
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed step", "decoder modules"])
+@pytest.mark.parametrize("lean", [True, False], ids=["lean step", "decoder modules"])
 @pytest.mark.parametrize("options", [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}])
-def test_cached_decoding_equals_recomputing_the_prefix(captioner, options, packed):
+def test_cached_decoding_equals_recomputing_the_prefix(captioner, options, lean):
     model, pixels = captioner
-    cached = model.generate(pixels, max_new_tokens=10, packed_step=packed, **options)
+    cached = model.generate(pixels, max_new_tokens=10, lean_step=lean, **options)
     full = model.generate(pixels, max_new_tokens=10, use_cache=False, **options)
     assert torch.equal(cached.ids, full.ids)
     assert torch.allclose(cached.scores, full.scores, atol=1e-4)
@@ -241,7 +241,7 @@ SLOT_OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_
 def test_slot_step_decodes_exactly_as_the_growing_cache(captioner, options):
     model, pixels = captioner
     with torch.no_grad():
-        expected = model.generate(pixels, max_new_tokens=10, packed_step=False, **options)
+        expected = model.generate(pixels, max_new_tokens=10, lean_step=False, **options)
         got = slot_generate(model, pixels, **options)
     assert expected.ids.shape[-1] == 11  # ten tokens decoded
     assert torch.equal(got.ids, expected.ids)
@@ -332,7 +332,7 @@ def test_recorded_decoding_gives_eager_tokens_call_after_call(captioner, monkeyp
 def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch, generative_vqa):
     model, pixels, questions, image_index = generative_vqa
     with torch.no_grad():
-        expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2, packed_step=False))
+        expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2, lean_step=False))
         recordings = eager_graphs(monkeypatch)  # as on a GPU, each replay running eagerly here
         got = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
     (step,) = model._slot_steps.values()

@@ -1,0 +1,175 @@
+"""The lean decoding step (CPU): step by step the same logits as the decoder's modules, the
+same tokens in every decoding mode, always the current weights, and taken only where it
+computes what the modules compute."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmt import registry
+from mmt.generation import GenerationConfig, own_step
+from mmt.layers.transformer import Decoder, DecoderCache
+from mmt.lean_step import LeanStep, lean_applies
+
+BOS, EOS = 5, 6
+
+
+def captioner(norm_first=True, activation="gelu", seed=0, vocab=12):
+    torch.manual_seed(seed)
+    cfg = registry.preset("caption-tiny")
+    cfg.vocab_size = vocab
+    cfg.decoder = dataclasses.replace(cfg.decoder, norm_first=norm_first, activation=activation)
+    model = registry.build(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # a peaked random model: decoding choices are not near-ties
+    return model
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def steps_side_by_side(model, pixels, rows, length=8, dtype=torch.float32, padded=False):
+    """Logits of both steps fed the same random tokens, `rows` rows over the images (padded:
+    some image tokens masked out, differently per image)."""
+    model = model.to(dtype)
+    tokens, padding = model.encode_images(pixels.to(dtype))
+    if padded:
+        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool)
+        for i in range(len(padding)):
+            padding[i, 5 * i + 3 :: 4] = True
+    step = LeanStep(model.embed, model.decoder, model.lm_head, tokens, padding, rows)
+    modules, cache = model.decode_step(tokens, padding), DecoderCache.empty(len(model.decoder.layers))
+    ids = torch.randint(7, 12, (rows, length), generator=torch.Generator().manual_seed(5))
+    pairs = []
+    for t in range(length):
+        lean_logits, step = step(ids[:, t : t + 1], step)
+        module_logits, cache = modules(ids[:, t : t + 1], cache)
+        pairs.append((lean_logits, module_logits))
+    return pairs
+
+
+@pytest.mark.parametrize("norm_first, activation", [(True, "gelu"), (False, "relu"), (False, "gelu")])
+@pytest.mark.parametrize("images, per_image", [(1, 1), (1, 3), (4, 1), (4, 3)])  # 3: rows share an image (beams)
+@pytest.mark.parametrize("padded", [False, True])
+def test_each_step_gives_the_decoder_modules_logits(pixels, norm_first, activation, images, per_image, padded):
+    model = captioner(norm_first, activation)
+    with torch.no_grad():
+        pairs = steps_side_by_side(model, pixels[:images], images * per_image, padded=padded)
+        unpadded = steps_side_by_side(model, pixels[:images], images * per_image) if padded else pairs
+    for lean_logits, module_logits in pairs:
+        torch.testing.assert_close(lean_logits, module_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pairs[0][0], pairs[-1][0])  # the steps saw different prefixes
+    if padded:  # the mask changed what the steps saw
+        assert not torch.allclose(pairs[0][0], unpadded[0][0])
+
+
+def test_bf16_weights_give_the_decoder_modules_logits(pixels):
+    model = captioner()
+    with torch.no_grad():
+        pairs = steps_side_by_side(model, pixels, rows=8, dtype=torch.bfloat16)
+    for lean_logits, module_logits in pairs:
+        assert lean_logits.dtype == torch.bfloat16
+        # the same operations on the same weights; a bf16 step of the logits (~10) is 0.0625
+        torch.testing.assert_close(lean_logits.float(), module_logits.float(), atol=0.0625, rtol=0)
+
+
+OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}, {"do_sample": True, "seed": 4, "num_return": 2}]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("images", [1, 4])
+def test_captions_equal_the_decoder_modules_in_every_mode(pixels, options, images, monkeypatch):
+    import mmt.generation
+
+    model, built = captioner(), []
+    monkeypatch.setattr(mmt.generation, "LeanStep", lambda *args: built.append(LeanStep(*args)) or built[-1])
+    with torch.no_grad():
+        model.lm_head.bias[EOS] += 3.0  # some captions end early
+        lean = model.generate(pixels[:images], max_new_tokens=10, **options)
+        modules = model.generate(pixels[:images], max_new_tokens=10, lean_step=False, **options)
+    assert len(built) == 1  # the lean step decoded the first, and only the first
+    assert torch.equal(lean.ids, modules.ids)
+    assert torch.allclose(lean.scores, modules.scores, atol=1e-5)
+
+
+def test_generative_vqa_with_padded_questions_answers_as_the_decoder_modules(generative_vqa):
+    model, pixels, questions, image_index = generative_vqa
+    tokens, padding = model.fuse(*model.vision(pixels), questions, image_index)
+    assert lean_applies(model.answer_embed, model.answer_decoder, model.lm_head) and padding.any()
+    for options in ({}, {"num_beams": 2}):
+        with torch.no_grad():
+            lean = model.generate_answers(pixels, questions, image_index, GenerationConfig(**options))
+            modules = model.generate_answers(pixels, questions, image_index, GenerationConfig(lean_step=False, **options))
+        assert torch.equal(lean.ids, modules.ids)
+        assert torch.allclose(lean.scores, modules.scores, atol=1e-5)
+
+
+def test_weights_changed_in_any_way_decode_at_once(pixels):
+    model, other = captioner(seed=0), captioner(seed=1)
+    with torch.no_grad():
+        before = model.generate(pixels, max_new_tokens=10)
+        model.load_state_dict(other.state_dict())  # in place (the same addresses)
+        assert torch.equal(model.generate(pixels, max_new_tokens=10).ids, other.generate(pixels, max_new_tokens=10, lean_step=False).ids)
+        for p in model.decoder.parameters():  # through .data, as weight averaging often writes (no version bump)
+            p.data.mul_(-1.0)
+        flipped = model.generate(pixels, max_new_tokens=10)
+        assert torch.equal(flipped.ids, model.generate(pixels, max_new_tokens=10, lean_step=False).ids)
+    assert not torch.equal(before.ids, flipped.ids)
+
+
+def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(pixels):
+    model = captioner()
+    tokens, padding = model.encode_images(pixels)
+
+    def chosen(**options):
+        return own_step(model, model.embed, model.decoder, model.lm_head, tokens, padding, GenerationConfig(**options), 4, False)
+
+    with torch.no_grad():
+        assert isinstance(chosen(), LeanStep)
+        assert chosen(lean_step=False) is None
+        assert chosen(use_cache=False) is None  # recomputing the prefix is the modules' work
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert chosen() is None
+        model.decoder.layers[0].drop1.train()  # one dropout left in training mode
+        assert chosen() is None
+        model.eval()
+        handle = model.decoder.layers[1].ffn.fc2.register_forward_hook(lambda *args: None)
+        assert chosen() is None  # a hook the lean step would skip
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+        assert chosen() is None
+        handle.remove()
+        assert isinstance(chosen(), LeanStep)
+
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    head = ScaledLinear(model.lm_head.in_features, model.lm_head.out_features)
+    fusion = Decoder(model.config.decoder, causal=False, focus_bias=True)  # a VQA fusion stack: not a text decoder
+    assert not lean_applies(model.embed, fusion, model.lm_head)
+    assert not lean_applies(model.embed, model.decoder, head)  # its own forward would be skipped
+    assert not lean_applies(model.embed, model.decoder, torch.nn.Sequential(model.lm_head))
+
+
+def test_lean_step_refuses_misuse(pixels):
+    model = captioner()
+    tokens, padding = model.encode_images(pixels)
+    with pytest.raises(ValueError, match="6 rows cannot share 4 contexts"):
+        LeanStep(model.embed, model.decoder, model.lm_head, tokens, padding, 6)
+    step = LeanStep(model.embed, model.decoder, model.lm_head, tokens, padding, 4)
+    ids = torch.full((4, 1), BOS)
+    with pytest.raises(ValueError, match="own cache"):
+        step(ids, None)
+    with pytest.raises(ValueError, match="4 rows"):
+        step(torch.full((4, 2), BOS), step)
+    with pytest.raises(ValueError, match="never reordered"):
+        step.select(torch.arange(4))
+    with torch.no_grad():
+        for _ in range(step.capacity):
+            step(ids, step)
+        with pytest.raises(ValueError, match=f"all {step.capacity} positions"):
+            step(ids, step)
