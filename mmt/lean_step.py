@@ -134,7 +134,7 @@ class LeanStep:
         keys.append(_linear(h, sa.k_proj).view(N, H, 1, Dh))
         values.append(_linear(h, sa.v_proj).view(N, H, 1, Dh))
         attended = sa.attend(_linear(h, sa.q_proj).view(N, H, 1, Dh), keys.now, values.now)  # (N, H, 1, Dh)
-        y = _linear(attended.view(N, D), sa.out_proj)
+        y = _linear(attended.reshape(N, D), sa.out_proj)
         x = x + y if self.norm_first else _norm(x + y, layer.norm1)
 
         h = _norm(x, layer.norm2) if self.norm_first else x

@@ -196,7 +196,7 @@ class MultiHeadAttention(nn.Module):
         """softmax(q k^T / sqrt(d_k)) v for queries already projected and split into heads,
         without dropout or bias, on the path `forward` would take: q (B, H, T, Dh), k and v
         (B, H, S, Dh), `allowed` bool broadcastable to (B, H, T, S) or None. For callers that
-        do the projections themselves (the packed decoding step)."""
+        do the projections themselves (the lean decoding step)."""
         if self._fused(q, None, False):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return reference_attention(q, k, v, allowed)[0]
