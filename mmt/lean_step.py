@@ -9,8 +9,8 @@ modules' own weights at every step (no copies, so nothing can go stale), with:
   written out;
 - self-attention keys/values kept contiguous, grown in preallocated buffers;
 - attention through `MultiHeadAttention.attend`, so the kernel is the one the module uses.
-`lean_applies` says when that is exactly the modules' computation (plain `nn.Linear` and
-`nn.LayerNorm` layers, no hooks, eval mode throughout).
+`lean_applies` says when that is exactly the modules' computation (mmt's own decoder layers,
+plain `nn.Linear` and `nn.LayerNorm`, no hooks, eval mode throughout).
 
 Like the decoder's own cache, a LeanStep is the cache that `generate` hands back to it
 (`length`, `select`); it decodes one token per row per call.
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmt.layers.transformer import Decoder, DecoderLayer
+from mmt.layers.attention import MultiHeadAttention
+from mmt.layers.transformer import Decoder, DecoderLayer, FeedForward
 from mmt.text import TokenEmbedding
 
 
@@ -36,19 +37,21 @@ def _global_hooks() -> bool:
 
 def lean_applies(embed: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
     """Whether `LeanStep` computes what the modules compute: a causal text decoder (no focus
-    bias) of plain linear layers and LayerNorms, a plain linear head, every module in eval
-    mode (no dropout) and without forward hooks."""
-    if not isinstance(decoder, Decoder) or decoder.focus_bias or not decoder.layers or type(head) is not nn.Linear:
+    bias) built of mmt's own layers, plain linear layers and LayerNorms (exactly those
+    classes: a subclass's own forward would be skipped), a plain linear head, every module in
+    eval mode (no dropout) and without forward hooks."""
+    if type(decoder) is not Decoder or decoder.focus_bias or not decoder.layers or type(head) is not nn.Linear:
         return False
-    linears, norms = [], []
+    exact = []  # (module, the class it must be exactly)
     for layer in decoder.layers:
-        sa, ca = layer.self_attn, layer.cross_attn
-        linears += [sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, layer.ffn.fc1, layer.ffn.fc2]
-        norms += [layer.norm1, layer.norm2, layer.norm3]
+        sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
+        exact += [(layer, DecoderLayer), (sa, MultiHeadAttention), (ca, MultiHeadAttention), (ffn, FeedForward)]
+        exact += [(m, nn.Linear) for m in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, ffn.fc1, ffn.fc2)]
+        exact += [(m, nn.LayerNorm) for m in (layer.norm1, layer.norm2, layer.norm3)]
     modules = [*embed.modules(), *decoder.modules(), head]
     return (
         all(layer.causal for layer in decoder.layers)
-        and all(type(m) is nn.Linear for m in linears) and all(type(m) is nn.LayerNorm for m in norms)
+        and all(type(m) is cls for m, cls in exact)
         and not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in modules)
         and not _global_hooks()
     )

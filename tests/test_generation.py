@@ -9,6 +9,7 @@ import torch
 
 from mmt import registry
 from mmt.generation import GenerationConfig, SlotStep, _beam_search, filter_logits, forget_graphs, generate, slot_step
+from mmt.lean_step import LeanStep
 
 PAD, BOS, EOS = 0, 5, 6
 
@@ -27,9 +28,14 @@ def captioner():
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean step", "decoder modules"])
 @pytest.mark.parametrize("options", [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}])
-def test_cached_decoding_equals_recomputing_the_prefix(captioner, options, lean):
+def test_cached_decoding_equals_recomputing_the_prefix(captioner, options, lean, monkeypatch):
+    import mmt.generation
+
     model, pixels = captioner
+    built = []
+    monkeypatch.setattr(mmt.generation, "LeanStep", lambda *args: built.append(args) or LeanStep(*args))
     cached = model.generate(pixels, max_new_tokens=10, lean_step=lean, **options)
+    assert len(built) == lean  # the cached decoding took the lean step exactly when asked
     full = model.generate(pixels, max_new_tokens=10, use_cache=False, **options)
     assert torch.equal(cached.ids, full.ids)
     assert torch.allclose(cached.scores, full.scores, atol=1e-4)

@@ -9,7 +9,7 @@ import torch
 
 from mmt import registry
 from mmt.generation import GenerationConfig, own_step
-from mmt.layers.transformer import Decoder, DecoderCache
+from mmt.layers.transformer import Decoder, DecoderCache, DecoderLayer, FeedForward
 from mmt.lean_step import LeanStep, lean_applies
 
 BOS, EOS = 5, 6
@@ -29,6 +29,16 @@ def captioner(norm_first=True, activation="gelu", seed=0, vocab=12):
 @pytest.fixture(scope="module")
 def pixels():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Every LeanStep that decoding builds, in order."""
+    import mmt.generation
+
+    steps = []
+    monkeypatch.setattr(mmt.generation, "LeanStep", lambda *args: steps.append(LeanStep(*args)) or steps[-1])
+    return steps
 
 
 def steps_side_by_side(model, pixels, rows, length=8, dtype=torch.float32, padded=False):
@@ -81,11 +91,8 @@ OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penal
 
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("images", [1, 4])
-def test_captions_equal_the_decoder_modules_in_every_mode(pixels, options, images, monkeypatch):
-    import mmt.generation
-
-    model, built = captioner(), []
-    monkeypatch.setattr(mmt.generation, "LeanStep", lambda *args: built.append(LeanStep(*args)) or built[-1])
+def test_captions_equal_the_decoder_modules_in_every_mode(pixels, options, images, built):
+    model = captioner()
     with torch.no_grad():
         model.lm_head.bias[EOS] += 3.0  # some captions end early
         lean = model.generate(pixels[:images], max_new_tokens=10, **options)
@@ -95,19 +102,23 @@ def test_captions_equal_the_decoder_modules_in_every_mode(pixels, options, image
     assert torch.allclose(lean.scores, modules.scores, atol=1e-5)
 
 
-def test_generative_vqa_with_padded_questions_answers_as_the_decoder_modules(generative_vqa):
+def test_generative_vqa_with_padded_questions_answers_as_the_decoder_modules(generative_vqa, built):
     model, pixels, questions, image_index = generative_vqa
     tokens, padding = model.fuse(*model.vision(pixels), questions, image_index)
-    assert lean_applies(model.answer_embed, model.answer_decoder, model.lm_head) and padding.any()
+    assert padding.any()
     for options in ({}, {"num_beams": 2}):
         with torch.no_grad():
             lean = model.generate_answers(pixels, questions, image_index, GenerationConfig(**options))
             modules = model.generate_answers(pixels, questions, image_index, GenerationConfig(lean_step=False, **options))
         assert torch.equal(lean.ids, modules.ids)
         assert torch.allclose(lean.scores, modules.scores, atol=1e-5)
+    assert [step.rows for step in built] == [6, 12]  # the lean step answered, greedy then 2 beams
+    with torch.no_grad():  # no questions: nothing to decode
+        none = model.generate_answers(pixels, questions[:0], image_index[:0])
+    assert none.ids.shape == (0, 1, 1) and len(built) == 2
 
 
-def test_weights_changed_in_any_way_decode_at_once(pixels):
+def test_weights_changed_in_any_way_decode_at_once(pixels, built):
     model, other = captioner(seed=0), captioner(seed=1)
     with torch.no_grad():
         before = model.generate(pixels, max_new_tokens=10)
@@ -118,6 +129,7 @@ def test_weights_changed_in_any_way_decode_at_once(pixels):
         flipped = model.generate(pixels, max_new_tokens=10)
         assert torch.equal(flipped.ids, model.generate(pixels, max_new_tokens=10, lean_step=False).ids)
     assert not torch.equal(before.ids, flipped.ids)
+    assert len(built) == 3  # every decoding without lean_step=False took the lean step
 
 
 def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(pixels):
@@ -139,6 +151,9 @@ def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(
         handle = model.decoder.layers[1].ffn.fc2.register_forward_hook(lambda *args: None)
         assert chosen() is None  # a hook the lean step would skip
         handle.remove()
+        handle = model.embed.register_forward_pre_hook(lambda *args: None)
+        assert chosen() is None
+        handle.remove()
         handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
         assert chosen() is None
         handle.remove()
@@ -148,11 +163,29 @@ def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(
         def forward(self, x):
             return 2 * super().forward(x)
 
+    class HalvedLayer(DecoderLayer):
+        def forward(self, *args, **kwargs):
+            x, *rest = super().forward(*args, **kwargs)
+            return (x / 2, *rest)
+
+    class ScaledFeedForward(FeedForward):
+        def forward(self, x):
+            return 0.1 * super().forward(x)
+
     head = ScaledLinear(model.lm_head.in_features, model.lm_head.out_features)
-    fusion = Decoder(model.config.decoder, causal=False, focus_bias=True)  # a VQA fusion stack: not a text decoder
-    assert not lean_applies(model.embed, fusion, model.lm_head)
+    cfg = model.config.decoder
     assert not lean_applies(model.embed, model.decoder, head)  # its own forward would be skipped
     assert not lean_applies(model.embed, model.decoder, torch.nn.Sequential(model.lm_head))
+    for replaced in (HalvedLayer(cfg), ScaledFeedForward(cfg.dim, cfg.ffn_dim, 0.0, cfg.activation)):
+        changed = captioner()
+        if isinstance(replaced, DecoderLayer):
+            changed.decoder.layers[1] = replaced.eval()
+        else:
+            changed.decoder.layers[1].ffn = replaced.eval()
+        assert not lean_applies(changed.embed, changed.decoder, changed.lm_head)
+    # VQA stacks: cross fusion (non-causal), and with a focus bias; neither is a text decoder
+    for fusion in (Decoder(cfg, causal=False), Decoder(cfg, causal=False, focus_bias=True)):
+        assert not lean_applies(model.embed, fusion.eval(), model.lm_head)
 
 
 def test_lean_step_refuses_misuse(pixels):

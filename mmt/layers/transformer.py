@@ -179,6 +179,8 @@ def copy_rows(x: Tensor, index: Tensor) -> Tensor:
     """x[index] along dim 0, made with a one-hot matmul: exact, and its backward is a matmul,
     deterministic and fast on the CPU (index_select's backward is a slow scatter-add there,
     plain indexing's is not deterministic)."""
+    if not len(index):  # (one_hot cannot size an empty index)
+        return x.new_zeros(0, *x.shape[1:])
     pick = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)  # (B, U)
     return (pick @ x.reshape(x.shape[0], -1)).view(len(index), *x.shape[1:])
 
