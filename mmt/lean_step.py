@@ -42,19 +42,18 @@ def lean_applies(embed: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
     eval mode (no dropout) and without forward hooks."""
     if type(decoder) is not Decoder or decoder.focus_bias or not decoder.layers or type(head) is not nn.Linear:
         return False
-    exact = []  # (module, the class it must be exactly)
-    for layer in decoder.layers:
+    for layer in decoder.layers:  # (the outer classes first: the inner ones are read through them)
+        if type(layer) is not DecoderLayer or not layer.causal:
+            return False
         sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
-        exact += [(layer, DecoderLayer), (sa, MultiHeadAttention), (ca, MultiHeadAttention), (ffn, FeedForward)]
-        exact += [(m, nn.Linear) for m in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, ffn.fc1, ffn.fc2)]
-        exact += [(m, nn.LayerNorm) for m in (layer.norm1, layer.norm2, layer.norm3)]
+        if type(sa) is not MultiHeadAttention or type(ca) is not MultiHeadAttention or type(ffn) is not FeedForward:
+            return False
+        linears = (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, ffn.fc1, ffn.fc2)
+        norms = (layer.norm1, layer.norm2, layer.norm3)
+        if any(type(m) is not nn.Linear for m in linears) or any(type(m) is not nn.LayerNorm for m in norms):
+            return False
     modules = [*embed.modules(), *decoder.modules(), head]
-    return (
-        all(layer.causal for layer in decoder.layers)
-        and all(type(m) is cls for m, cls in exact)
-        and not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in modules)
-        and not _global_hooks()
-    )
+    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in modules) and not _global_hooks()
 
 
 class _TwoBuffers:

@@ -176,9 +176,9 @@ def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(
     cfg = model.config.decoder
     assert not lean_applies(model.embed, model.decoder, head)  # its own forward would be skipped
     assert not lean_applies(model.embed, model.decoder, torch.nn.Sequential(model.lm_head))
-    for replaced in (HalvedLayer(cfg), ScaledFeedForward(cfg.dim, cfg.ffn_dim, 0.0, cfg.activation)):
+    for replaced in (HalvedLayer(cfg), ScaledFeedForward(cfg.dim, cfg.ffn_dim, 0.0, cfg.activation), torch.nn.Identity()):
         changed = captioner()
-        if isinstance(replaced, DecoderLayer):
+        if not isinstance(replaced, FeedForward):  # a layer replaced (by anything)
             changed.decoder.layers[1] = replaced.eval()
         else:
             changed.decoder.layers[1].ffn = replaced.eval()
