@@ -3,12 +3,14 @@
 Decoding one token at a time through the decoder's modules costs more in Python than in
 arithmetic on a CPU: a small captioner's step makes about 60 module calls, each a few
 microseconds of dispatch around a matrix-vector product of similar cost. `LeanStep`
-computes what `Decoder` and the output head compute for one new token, reading the
-modules' own weights at every step (no copies, so nothing can go stale), with:
+computes what `Decoder` and the output head compute for one new token, with the modules'
+own parameters (no copies, so nothing can go stale), with:
 - no module call per layer but the activation's: the products, norms and residuals
-  written out;
+  written out over the parameters gathered once per decoding (reading each through its
+  module every step cost about a fifth of the step);
 - self-attention keys/values kept contiguous, grown in preallocated buffers;
-- attention through `MultiHeadAttention.attend`, so the kernel is the one the module uses.
+- attention through the function `MultiHeadAttention.kernel` gives, so the kernel is the
+  one the module uses.
 `lean_applies` says when that is exactly the modules' computation (mmt's own decoder layers,
 plain `nn.Linear` and `nn.LayerNorm`, no hooks, eval mode throughout).
 
@@ -19,13 +21,14 @@ Like the decoder's own cache, a LeanStep is the cache that `generate` hands back
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.layers.attention import MultiHeadAttention
-from mmt.layers.transformer import Decoder, DecoderLayer, FeedForward
+from mmt.layers.transformer import Decoder, DecoderLayer, FeedForward, Positions1D
 from mmt.text import TokenEmbedding
 
 
@@ -36,11 +39,16 @@ def _global_hooks() -> bool:
 
 
 def lean_applies(embed: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
-    """Whether `LeanStep` computes what the modules compute: a causal text decoder (no focus
-    bias) built of mmt's own layers, plain linear layers and LayerNorms (exactly those
-    classes: a subclass's own forward would be skipped), a plain linear head, every module in
-    eval mode (no dropout) and without forward hooks."""
+    """Whether `LeanStep` computes what the modules compute: mmt's token embedding over a plain
+    `nn.Embedding`, a causal text decoder (no focus bias) built of mmt's own layers, plain
+    linear layers and LayerNorms (exactly those classes: a subclass's own forward would be
+    skipped), a plain linear head, every module in eval mode (no dropout) and without forward
+    hooks."""
     if type(decoder) is not Decoder or decoder.focus_bias or not decoder.layers or type(head) is not nn.Linear:
+        return False
+    if type(embed) is not TokenEmbedding or type(embed.tokens) is not nn.Embedding or embed.tokens.max_norm is not None:
+        return False  # (an embedding with max_norm rescales its rows as it looks them up)
+    if type(embed.positions) is not Positions1D or type(decoder.norm) not in (nn.LayerNorm, nn.Identity):
         return False
     for layer in decoder.layers:  # (the outer classes first: the inner ones are read through them)
         if type(layer) is not DecoderLayer or not layer.causal:
@@ -87,19 +95,50 @@ class _TwoBuffers:
             self.now = torch.index_select(self.now, 0, index, out=self._into(self.now.shape))
 
 
-def _norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+class _Layer(NamedTuple):
+    """One decoder layer's parameters (the modules' own tensors, not copies) and attention
+    kernels, gathered once per decoding: reading them through the modules costs an attribute
+    look-up per tensor per step."""
+
+    norm1: tuple  # F.layer_norm's arguments after the input
+    q: tuple[Tensor, Tensor | None]
+    k: tuple[Tensor, Tensor | None]
+    v: tuple[Tensor, Tensor | None]
+    out: tuple[Tensor, Tensor | None]
+    self_kernel: Callable[..., Tensor]
+    norm2: tuple
+    cross_q: tuple[Tensor, Tensor | None]
+    cross_out: tuple[Tensor, Tensor | None]
+    cross_kernel: Callable[..., Tensor]
+    norm3: tuple
+    fc1: tuple[Tensor, Tensor | None]
+    act: nn.Module
+    fc2: tuple[Tensor, Tensor | None]
+
+    @classmethod
+    def of(cls, layer: DecoderLayer, like: Tensor) -> "_Layer":
+        sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
+        return cls(
+            _norm_args(layer.norm1), _params(sa.q_proj), _params(sa.k_proj), _params(sa.v_proj), _params(sa.out_proj),
+            sa.kernel(like), _norm_args(layer.norm2), _params(ca.q_proj), _params(ca.out_proj), ca.kernel(like),
+            _norm_args(layer.norm3), _params(ffn.fc1), ffn.act, _params(ffn.fc2),
+        )
 
 
-def _linear(x: Tensor, linear: nn.Linear) -> Tensor:
-    return F.linear(x, linear.weight, linear.bias)
+def _params(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    return linear.weight, linear.bias
+
+
+def _norm_args(norm: nn.LayerNorm) -> tuple:
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
 class LeanStep:
     """Decoder + head for one new token per row, as tensor operations; its own cache.
 
     rows = contexts * g: rows g*i .. g*i+g-1 decode over context i (beams or samples of one
-    image), as in `MultiHeadAttention`'s grouped queries. Check `lean_applies` first.
+    image), as in `MultiHeadAttention`'s grouped queries. Check `lean_applies` first. The
+    modules' parameters are gathered when the step is made: make one per decoding.
     """
 
     def __init__(
@@ -109,46 +148,49 @@ class LeanStep:
         C, S, _ = context.shape
         if not C or rows % C:
             raise ValueError(f"{rows} rows cannot share {C} contexts")
-        self.embed, self.decoder, self.head = embed, decoder, head
-        self.layers: list[DecoderLayer] = list(decoder.layers)
+        layers: list[DecoderLayer] = list(decoder.layers)
         self.rows, self.groups = rows, rows // C
-        self.norm_first = self.layers[0].norm_first
-        self.heads, self.head_dim = self.layers[0].self_attn.heads, self.layers[0].self_attn.head_dim
+        self.norm_first = layers[0].norm_first
+        self.heads, self.head_dim = layers[0].self_attn.heads, layers[0].self_attn.head_dim
         self.capacity = embed.positions.max_len
-        self.cross = [layer.cross_attn.project_kv(context) for layer in self.layers]  # (C, H, S, Dh) each
+        self.cross = [layer.cross_attn.project_kv(context) for layer in layers]  # (C, H, S, Dh) each
         # (C, 1, 1, S): the context tokens each row may look at
         self.cross_allowed = None if context_padding is None else ~context_padding.bool()[:, None, None, :]
+        like = self.cross[0].k
+        self.layers = [_Layer.of(layer, like) for layer in layers]
+        self.tokens, self.positions = embed.tokens.weight, embed.positions.table
+        # (post-norm layers end normalised: the decoder's final norm is then an identity)
+        self.final_norm = _norm_args(decoder.norm) if type(decoder.norm) is nn.LayerNorm else None
+        self.head = _params(head)
         # per layer, keys and values (N, H, length, Dh), each kept contiguous in one of two
         # preallocated buffers: a step writes the grown (or reordered) cache into the other one
         size = rows * self.heads * self.capacity * self.head_dim
-        like = self.cross[0].k
-        self.self_kv = [(_TwoBuffers(size, like), _TwoBuffers(size, like)) for _ in self.layers]
+        self.self_kv = [(_TwoBuffers(size, like), _TwoBuffers(size, like)) for _ in layers]
         self.length = 0  # positions fed so far
 
     def _layer(self, x: Tensor, i: int) -> Tensor:
         """x (N, D) through layer i, appending the new token's keys/values to its cache."""
-        layer, N, D = self.layers[i], *x.shape
+        p, (N, D) = self.layers[i], x.shape
         H, Dh, g = self.heads, self.head_dim, self.groups
-        sa, ca = layer.self_attn, layer.cross_attn
 
-        h = _norm(x, layer.norm1) if self.norm_first else x
+        h = F.layer_norm(x, *p.norm1) if self.norm_first else x
         keys, values = self.self_kv[i]
-        keys.append(_linear(h, sa.k_proj).view(N, H, 1, Dh))
-        values.append(_linear(h, sa.v_proj).view(N, H, 1, Dh))
-        attended = sa.attend(_linear(h, sa.q_proj).view(N, H, 1, Dh), keys.now, values.now)  # (N, H, 1, Dh)
-        y = _linear(attended.reshape(N, D), sa.out_proj)
-        x = x + y if self.norm_first else _norm(x + y, layer.norm1)
+        keys.append(F.linear(h, *p.k).view(N, H, 1, Dh))
+        values.append(F.linear(h, *p.v).view(N, H, 1, Dh))
+        attended = p.self_kernel(F.linear(h, *p.q).view(N, H, 1, Dh), keys.now, values.now)  # (N, H, 1, Dh)
+        y = F.linear(attended.reshape(N, D), *p.out)
+        x = x + y if self.norm_first else F.layer_norm(x + y, *p.norm1)
 
-        h = _norm(x, layer.norm2) if self.norm_first else x
-        q = _linear(h, ca.q_proj).view(N // g, g, H, Dh).transpose(1, 2)  # (C, H, g, Dh)
+        h = F.layer_norm(x, *p.norm2) if self.norm_first else x
+        q = F.linear(h, *p.cross_q).view(N // g, g, H, Dh).transpose(1, 2)  # (C, H, g, Dh)
         cross = self.cross[i]
-        attended = ca.attend(q, cross.k, cross.v, self.cross_allowed).transpose(1, 2)  # (C, g, H, Dh)
-        y = _linear(attended.reshape(N, D), ca.out_proj)
-        x = x + y if self.norm_first else _norm(x + y, layer.norm2)
+        attended = p.cross_kernel(q, cross.k, cross.v, self.cross_allowed).transpose(1, 2)  # (C, g, H, Dh)
+        y = F.linear(attended.reshape(N, D), *p.cross_out)
+        x = x + y if self.norm_first else F.layer_norm(x + y, *p.norm2)
 
-        h = _norm(x, layer.norm3) if self.norm_first else x
-        y = _linear(layer.ffn.act(_linear(h, layer.ffn.fc1)), layer.ffn.fc2)
-        return x + y if self.norm_first else _norm(x + y, layer.norm3)
+        h = F.layer_norm(x, *p.norm3) if self.norm_first else x
+        y = F.linear(p.act(F.linear(h, *p.fc1)), *p.fc2)
+        return x + y if self.norm_first else F.layer_norm(x + y, *p.norm3)
 
     def __call__(self, ids: Tensor, cache: "LeanStep") -> tuple[Tensor, "LeanStep"]:
         """Logits (rows, V) of the token after `ids` (rows, 1), the newest token of each row."""
@@ -158,10 +200,13 @@ class LeanStep:
             raise ValueError(f"a LeanStep takes one new token for each of {self.rows} rows, got ids of shape {tuple(ids.shape)}")
         if self.length >= self.capacity:
             raise ValueError(f"all {self.capacity} positions of the decoder are used")
-        x = self.embed(ids, self.length)[:, 0]  # (N, D)
+        x = F.embedding(ids[:, 0], self.tokens)  # (N, D)
+        x = x + self.positions[self.length].to(x.dtype)
         for i in range(len(self.layers)):
             x = self._layer(x, i)
-        logits = _linear(self.decoder.norm(x), self.head)
+        if self.final_norm is not None:
+            x = F.layer_norm(x, *self.final_norm)
+        logits = F.linear(x, *self.head)
         self.length += 1
         return logits, self
 

@@ -76,6 +76,24 @@ def test_each_step_gives_the_decoder_modules_logits(pixels, norm_first, activati
         assert not torch.allclose(pairs[0][0], unpadded[0][0])
 
 
+def test_each_layers_own_norm_settings_and_bias_free_linears_are_kept(pixels):
+    model = captioner()
+    dim = model.config.decoder.dim
+    layer = model.decoder.layers[1]
+    layer.norm2 = torch.nn.LayerNorm(dim, eps=0.5)  # an eps far from the default
+    layer.norm3 = torch.nn.LayerNorm(dim, elementwise_affine=False)
+    with torch.no_grad():
+        layer.norm2.weight.uniform_(0.5, 1.5)
+        layer.ffn.fc2 = torch.nn.Linear(layer.ffn.fc2.in_features, dim, bias=False)
+        model.decoder.norm.bias.fill_(0.3)
+        pairs = steps_side_by_side(model.eval(), pixels, 4)
+    for lean_logits, module_logits in pairs:
+        torch.testing.assert_close(lean_logits, module_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the changes mattered
+        layer.norm2.eps = 1e-5
+        assert not torch.allclose(steps_side_by_side(model, pixels, 4)[-1][1], pairs[-1][1], atol=1e-3)
+
+
 def test_bf16_weights_give_the_decoder_modules_logits(pixels):
     model = captioner()
     with torch.no_grad():
@@ -183,6 +201,20 @@ def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(
         else:
             changed.decoder.layers[1].ffn = replaced.eval()
         assert not lean_applies(changed.embed, changed.decoder, changed.lm_head)
+    class ShiftedEmbedding(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    for swap in ("tokens", "max_norm", "positions"):  # the embedding the lean step reads by hand
+        changed = captioner()
+        embed = changed.embed
+        if swap == "tokens":
+            embed.tokens = ShiftedEmbedding(embed.tokens.num_embeddings, embed.tokens.embedding_dim)
+        elif swap == "max_norm":  # (looking rows up rescales them)
+            embed.tokens.max_norm = 1.0
+        else:
+            embed.positions = torch.nn.Identity()
+        assert not lean_applies(embed, changed.decoder, changed.lm_head)
     # VQA stacks: cross fusion (non-causal), and with a focus bias; neither is a text decoder
     for fusion in (Decoder(cfg, causal=False), Decoder(cfg, causal=False, focus_bias=True)):
         assert not lean_applies(model.embed, fusion.eval(), model.lm_head)

@@ -12,7 +12,7 @@ the per-head form. Self-attention is `attn(x)`, cross-modal attention is
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,11 @@ def reference_attention(
     return weights.to(v.dtype) @ v, weights
 
 
+def _literal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """`reference_attention`'s output alone, called like torch's fused kernel."""
+    return reference_attention(q, k, v, allowed)[0]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention over `x` (self) or over `context` (cross-modal).
 
@@ -192,14 +197,13 @@ class MultiHeadAttention(nn.Module):
         literal_faster = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None
         return self.fast and not need_weights and (self.fused_on_bf16_cpu or not literal_faster)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """softmax(q k^T / sqrt(d_k)) v for queries already projected and split into heads,
-        without dropout or bias, on the path `forward` would take: q (B, H, T, Dh), k and v
-        (B, H, S, Dh), `allowed` bool broadcastable to (B, H, T, S) or None. For callers that
-        do the projections themselves (the lean decoding step)."""
-        if self._fused(q, None, False):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return reference_attention(q, k, v, allowed)[0]
+    def kernel(self, like: Tensor) -> Callable[..., Tensor]:
+        """The attention `forward` would compute for queries of `like`'s dtype and device,
+        without dropout or bias, as a function (q, k, v, allowed=None) -> softmax(q k^T /
+        sqrt(d_k)) v of queries already projected and split into heads: q (B, H, T, Dh), k and
+        v (B, H, S, Dh), `allowed` bool broadcastable to (B, H, T, S) or None. For callers that
+        do the projections themselves and choose once per decoding (the lean decoding step)."""
+        return F.scaled_dot_product_attention if self._fused(like, None, False) else _literal_attention
 
     def forward(
         self,
