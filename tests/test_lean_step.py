@@ -10,7 +10,8 @@ import torch
 from mmt import registry
 from mmt.generation import GenerationConfig, own_step
 from mmt.layers.transformer import Decoder, DecoderCache, DecoderLayer, FeedForward
-from mmt.lean_step import LeanStep, lean_applies
+import mmt.lean_step
+from mmt.lean_step import LeanStep, head_as_columns, last_level_cache_bytes, lean_applies
 
 BOS, EOS = 5, 6
 
@@ -92,6 +93,48 @@ def test_each_layers_own_norm_settings_and_bias_free_linears_are_kept(pixels):
     with torch.no_grad():  # the changes mattered
         layer.norm2.eps = 1e-5
         assert not torch.allclose(steps_side_by_side(model, pixels, 4)[-1][1], pairs[-1][1], atol=1e-3)
+
+
+@pytest.fixture
+def small_cache(monkeypatch):
+    """A 4 KiB last-level cache: the test models' heads (12 x 64 floats) outgrow half of it."""
+    monkeypatch.setattr(mmt.lean_step, "last_level_cache_bytes", lambda: 4096)
+
+
+def test_the_head_is_read_as_columns_only_for_2_to_8_rows_of_a_large_fp32_head(small_cache, monkeypatch):
+    large, small = torch.empty(12, 64), torch.empty(12, 32)  # 3072 and 1536 bytes, against half of 4096
+    assert [head_as_columns(large, rows) for rows in (1, 2, 8, 9)] == [False, True, True, False]
+    assert not head_as_columns(small, 3)
+    assert not head_as_columns(large.bfloat16(), 3) and not head_as_columns(torch.empty(12, 128).bfloat16(), 3)
+    monkeypatch.setattr(mmt.lean_step, "last_level_cache_bytes", lambda: None)  # not reported
+    assert not head_as_columns(large, 3)
+
+
+def test_a_head_read_as_columns_gives_the_modules_logits_and_tokens(pixels, small_cache, built):
+    model = captioner()
+    for images, per_image in [(1, 3), (4, 2)]:
+        rows = images * per_image
+        tokens, padding = model.encode_images(pixels[:images])
+        assert LeanStep(model.embed, model.decoder, model.lm_head, tokens, padding, rows).head_as_columns
+        with torch.no_grad():
+            pairs = steps_side_by_side(model, pixels[:images], rows)
+        for lean_logits, module_logits in pairs:
+            torch.testing.assert_close(lean_logits, module_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lean = model.generate(pixels[:1], num_beams=3, num_return=3, max_new_tokens=10)
+        modules = model.generate(pixels[:1], num_beams=3, num_return=3, max_new_tokens=10, lean_step=False)
+    assert built[-1].head_as_columns
+    assert torch.equal(lean.ids, modules.ids)
+    torch.testing.assert_close(lean.scores, modules.scores)
+
+
+def test_the_cache_size_is_read_from_the_highest_level_reported(tmp_path):
+    for name, level, size in [("index0", "1", "48K"), ("index2", "2", "2048K"), ("index3", "3", "32768K"), ("index9", "x", "1M")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(level + "\n")
+        (tmp_path / name / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 32 << 20  # index9's unreadable level is passed over
+    assert last_level_cache_bytes(tmp_path / "nowhere") is None
 
 
 def test_bf16_weights_give_the_decoder_modules_logits(pixels):
