@@ -83,14 +83,18 @@ def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cac
 
 def head_as_columns(weight: Tensor, rows: int) -> bool:
     """Whether the output head's product for `rows` rows runs as W x^T (then transposed) rather
-    than as x W^T. Measured on a 2-core AMD EPYC (32 MiB cache, torch's CPU BLAS, fp32): with
-    2-8 rows x W^T took about as long per row as one row alone once the head outgrew half the
-    cache, as if W were read from memory once per row (a 30,000 x 256 head: 5.3 ms for 3 rows
-    against 2.1 ms for one), while W x^T read it once (1.6 ms); below half the cache, or in
-    bf16, x W^T was the faster one. So: fp32, 2-8 rows, a head larger than half the cache."""
+    than as x W^T. Measured on a 2-core AMD EPYC (32 MiB cache, torch's CPU BLAS, fp32), once
+    the head outgrew half the cache:
+    - with 2-8 rows x W^T took about as long per row as one row alone, as if W were read
+      from memory once per row (a 30,000 x 256 head: 5.3 ms for 3 rows against 2.1 ms for
+      one), while W x^T read it once (1.6 ms);
+    - one row took 2.1 ms either way, but W x^T for two columns 1.2 ms: so one row goes in
+      twice (a 20-token caption: 50 against 76 ms).
+    Below half the cache, or in bf16, x W^T was the faster one. So: fp32, 1-8 rows, a head
+    larger than half the cache."""
     cache = last_level_cache_bytes()
     big = cache is not None and weight.numel() * weight.element_size() > cache // 2
-    return big and 2 <= rows <= 8 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    return big and rows <= 8 and weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
 class _TwoBuffers:
@@ -238,7 +242,9 @@ class LeanStep:
             x = F.layer_norm(x, *self.final_norm)
         if self.head_as_columns:  # (W x^T)^T: the same products, W read once (see head_as_columns)
             weight, bias = self.head
-            logits = (torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())).t()
+            columns = torch.cat([x, x]).t() if self.rows == 1 else x.t()  # (one row goes in twice)
+            logits = torch.mm(weight, columns) if bias is None else torch.addmm(bias[:, None], weight, columns)
+            logits = logits[:, : self.rows].t()
         else:
             logits = F.linear(x, *self.head)
         self.length += 1

@@ -101,9 +101,9 @@ def small_cache(monkeypatch):
     monkeypatch.setattr(mmt.lean_step, "last_level_cache_bytes", lambda: 4096)
 
 
-def test_the_head_is_read_as_columns_only_for_2_to_8_rows_of_a_large_fp32_head(small_cache, monkeypatch):
+def test_the_head_is_read_as_columns_only_for_1_to_8_rows_of_a_large_fp32_head(small_cache, monkeypatch):
     large, small = torch.empty(12, 64), torch.empty(12, 32)  # 3072 and 1536 bytes, against half of 4096
-    assert [head_as_columns(large, rows) for rows in (1, 2, 8, 9)] == [False, True, True, False]
+    assert [head_as_columns(large, rows) for rows in (1, 2, 8, 9)] == [True, True, True, False]
     assert not head_as_columns(small, 3)
     assert not head_as_columns(large.bfloat16(), 3) and not head_as_columns(torch.empty(12, 128).bfloat16(), 3)
     monkeypatch.setattr(mmt.lean_step, "last_level_cache_bytes", lambda: None)  # not reported
@@ -112,7 +112,7 @@ def test_the_head_is_read_as_columns_only_for_2_to_8_rows_of_a_large_fp32_head(s
 
 def test_a_head_read_as_columns_gives_the_modules_logits_and_tokens(pixels, small_cache, built):
     model = captioner()
-    for images, per_image in [(1, 3), (4, 2)]:
+    for images, per_image in [(1, 1), (1, 3), (4, 2)]:  # (one row goes in twice)
         rows = images * per_image
         tokens, padding = model.encode_images(pixels[:images])
         assert LeanStep(model.embed, model.decoder, model.lm_head, tokens, padding, rows).head_as_columns
@@ -120,12 +120,13 @@ def test_a_head_read_as_columns_gives_the_modules_logits_and_tokens(pixels, smal
             pairs = steps_side_by_side(model, pixels[:images], rows)
         for lean_logits, module_logits in pairs:
             torch.testing.assert_close(lean_logits, module_logits, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        lean = model.generate(pixels[:1], num_beams=3, num_return=3, max_new_tokens=10)
-        modules = model.generate(pixels[:1], num_beams=3, num_return=3, max_new_tokens=10, lean_step=False)
-    assert built[-1].head_as_columns
-    assert torch.equal(lean.ids, modules.ids)
-    torch.testing.assert_close(lean.scores, modules.scores)
+    for options in ({"num_beams": 3, "num_return": 3}, {}):  # 3 rows, 1 row
+        with torch.no_grad():
+            lean = model.generate(pixels[:1], max_new_tokens=10, **options)
+            modules = model.generate(pixels[:1], max_new_tokens=10, lean_step=False, **options)
+        assert built[-1].head_as_columns
+        assert torch.equal(lean.ids, modules.ids)
+        torch.testing.assert_close(lean.scores, modules.scores)
 
 
 def test_the_cache_size_is_read_from_the_highest_level_reported(tmp_path):
