@@ -199,13 +199,14 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
 
 
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved in `directory` and load its weights (strictly)."""
+    """Rebuild the model saved in `directory` and load its weights (strictly), in eval mode
+    (dropout off: what predicting and decoding want; call `.train()` to fine-tune it)."""
     from mmt import registry
 
     model_type, cfg = read_config(directory)
     model = registry.model_class(model_type)(cfg)
     load_weights(model, Path(directory) / WEIGHTS_NAME, strict=True)
-    return model.to(map_location)
+    return model.to(map_location).eval()
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer | None:
@@ -229,7 +230,7 @@ def model_directory(run_dir: str | Path) -> Path:
 def load_for_inference(run_dir: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
     """(model in eval mode, its tokenizer, the model directory) of a training run or model directory."""
     directory = model_directory(run_dir)
-    model = from_pretrained(directory).eval()
+    model = from_pretrained(directory)
     tokenizer = load_tokenizer(directory)
     if tokenizer is None:
         raise CheckpointError(f"{directory}: no tokenizer.json beside the model")

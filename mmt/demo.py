@@ -80,7 +80,7 @@ def run(steps: int = 150, out_dir: str | None = None, overrides: list[str] | Non
     out = Path(out_dir or tempfile.mkdtemp(prefix="mmt-demo-"))
     model.eval()
     checkpoint.save_pretrained(model, out, tokenizer)
-    reloaded = checkpoint.from_pretrained(out).eval()
+    reloaded = checkpoint.from_pretrained(out)
     reloaded_tokenizer = checkpoint.load_tokenizer(out)
     pixels, captions = make_batch(64, size, rng)
     ids, _ = tokenizer.batch(captions, cfg.max_len, wrap="bos_eos")

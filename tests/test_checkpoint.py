@@ -35,9 +35,10 @@ def test_save_load_gives_identical_outputs_twice(tmp_path):
     reference = logits(model, pixels, ids)
     save_pretrained(model, tmp_path / "one", tok)
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
-    once = from_pretrained(tmp_path / "one").eval()
+    once = from_pretrained(tmp_path / "one")
+    assert not any(m.training for m in once.modules())  # ready to predict: dropout off
     save_pretrained(once, tmp_path / "two")
-    twice = from_pretrained(tmp_path / "two").eval()
+    twice = from_pretrained(tmp_path / "two")
     assert torch.equal(logits(once, pixels, ids), reference)
     assert torch.equal(logits(twice, pixels, ids), reference)
     assert checkpoint.load_tokenizer(tmp_path / "one").encode("a red square") == tok.encode("a red square")
