@@ -60,7 +60,8 @@ class GenerationConfig:
     cuda_graph: bool = True  # on a GPU, replay recorded CUDA graphs (the same computation, but attention
     # over masked slots takes other kernels: a rounding-level near-tie could pick another token)
     lean_step: bool = True  # on a CPU, decode through `LeanStep` (the decoder's arithmetic as tensor operations,
-    # without module calls: the same operations on the same weights)
+    # without module calls: the same operations on the same weights, but for a large head's product taken as
+    # W x^T, which sums in another order: a rounding-level near-tie could pick another token)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

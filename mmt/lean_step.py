@@ -44,19 +44,23 @@ def lean_applies(embed: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
     """Whether `LeanStep` computes what the modules compute: mmt's token embedding over a plain
     `nn.Embedding`, a causal text decoder (no focus bias) built of mmt's own layers, plain
     linear layers and LayerNorms (exactly those classes: a subclass's own forward would be
-    skipped), a plain linear head, every module in eval mode (no dropout) and without forward
-    hooks."""
+    skipped), every layer with the first one's norm placement and heads, a plain linear head,
+    every module in eval mode (no dropout) and without forward hooks."""
     if type(decoder) is not Decoder or decoder.focus_bias or not decoder.layers or type(head) is not nn.Linear:
         return False
     if type(embed) is not TokenEmbedding or type(embed.tokens) is not nn.Embedding or embed.tokens.max_norm is not None:
         return False  # (an embedding with max_norm rescales its rows as it looks them up)
     if type(embed.positions) is not Positions1D or type(decoder.norm) not in (nn.LayerNorm, nn.Identity):
         return False
+    shape = None  # (pre-norm, heads, head width): the lean step reads them from the first layer
     for layer in decoder.layers:  # (the outer classes first: the inner ones are read through them)
         if type(layer) is not DecoderLayer or not layer.causal:
             return False
         sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
         if type(sa) is not MultiHeadAttention or type(ca) is not MultiHeadAttention or type(ffn) is not FeedForward:
+            return False
+        shape = shape or (layer.norm_first, sa.heads, sa.head_dim)
+        if any(s != shape for s in ((layer.norm_first, sa.heads, sa.head_dim), (layer.norm_first, ca.heads, ca.head_dim))):
             return False
         linears = (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, ffn.fc1, ffn.fc2)
         norms = (layer.norm1, layer.norm2, layer.norm3)
@@ -70,13 +74,14 @@ def lean_applies(embed: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
 def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
     """The size of the CPU's highest-level cache as Linux reports it (`caches`: cpu0's cache
     descriptions), or None where it is not reported."""
-    sizes = {}
+    sizes, units = {}, {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     for index in caches.glob("index*"):
         try:
             level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
-            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-            sizes[level] = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-        except (OSError, ValueError):
+            number, unit = (size[:-1], units[size[-1]]) if size[-1:] in units else (size, 1)
+            if int(number) > 0:
+                sizes[level] = int(number) * unit
+        except (OSError, ValueError):  # unreadable, or not a size (an empty file among them)
             continue
     return sizes[max(sizes)] if sizes else None
 

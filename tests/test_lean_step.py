@@ -9,9 +9,11 @@ import torch
 
 from mmt import registry
 from mmt.generation import GenerationConfig, own_step
-from mmt.layers.transformer import Decoder, DecoderCache, DecoderLayer, FeedForward
 import mmt.lean_step
+from mmt.layers.attention import MultiHeadAttention
+from mmt.layers.transformer import Decoder, DecoderCache, DecoderLayer, FeedForward
 from mmt.lean_step import LeanStep, head_as_columns, last_level_cache_bytes, lean_applies
+from mmt.text import TokenEmbedding
 
 BOS, EOS = 5, 6
 
@@ -136,6 +138,9 @@ def test_the_cache_size_is_read_from_the_highest_level_reported(tmp_path):
         (tmp_path / name / "size").write_text(size + "\n")
     assert last_level_cache_bytes(tmp_path) == 32 << 20  # index9's unreadable level is passed over
     assert last_level_cache_bytes(tmp_path / "nowhere") is None
+    for size in ("", "0", "K", "1.5M"):  # not a size: passed over, never an error
+        (tmp_path / "index3" / "size").write_text(size + "\n")
+        assert last_level_cache_bytes.__wrapped__(tmp_path) == 2048 << 10
 
 
 def test_bf16_weights_give_the_decoder_modules_logits(pixels):
@@ -249,16 +254,31 @@ def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(
         def forward(self, ids):
             return super().forward(ids) + 1.0
 
-    for swap in ("tokens", "max_norm", "positions"):  # the embedding the lean step reads by hand
+    class ShiftedTokenEmbedding(TokenEmbedding):
+        def forward(self, ids, start=0):
+            return super().forward(ids, start) + 1.0
+
+    class ScaledNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    dim, vocab, max_len = cfg.dim, model.config.vocab_size, model.config.max_len
+    changes = {  # each makes the modules compute what the lean step would not
+        "embedding subclass": lambda m: setattr(m.embed, "tokens", ShiftedEmbedding(vocab, dim)),
+        "embedding max_norm": lambda m: setattr(m.embed.tokens, "max_norm", 1.0),  # (looking rows up rescales them)
+        "positions replaced": lambda m: setattr(m.embed, "positions", torch.nn.Identity()),
+        "token embedding subclass": lambda m: setattr(m, "embed", ShiftedTokenEmbedding(vocab, dim, max_len)),
+        "final norm subclass": lambda m: setattr(m.decoder, "norm", ScaledNorm(dim)),
+        "a layer's self-attention heads": lambda m: setattr(m.decoder.layers[1], "self_attn", MultiHeadAttention(dim, 2)),
+        "a layer's cross-attention heads": lambda m: setattr(m.decoder.layers[1], "cross_attn", MultiHeadAttention(dim, 2)),
+        "a post-norm layer among pre-norm ones": lambda m: setattr(m.decoder.layers[1], "norm_first", False),
+    }
+    for name, change in changes.items():
         changed = captioner()
-        embed = changed.embed
-        if swap == "tokens":
-            embed.tokens = ShiftedEmbedding(embed.tokens.num_embeddings, embed.tokens.embedding_dim)
-        elif swap == "max_norm":  # (looking rows up rescales them)
-            embed.tokens.max_norm = 1.0
-        else:
-            embed.positions = torch.nn.Identity()
-        assert not lean_applies(embed, changed.decoder, changed.lm_head)
+        assert lean_applies(changed.embed, changed.decoder, changed.lm_head)
+        change(changed)
+        changed.eval()
+        assert not lean_applies(changed.embed, changed.decoder, changed.lm_head), name
     # VQA stacks: cross fusion (non-causal), and with a focus bias; neither is a text decoder
     for fusion in (Decoder(cfg, causal=False), Decoder(cfg, causal=False, focus_bias=True)):
         assert not lean_applies(model.embed, fusion.eval(), model.lm_head)
