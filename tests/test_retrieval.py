@@ -72,7 +72,6 @@ def _ddp_batch():
 
 def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     # a file in the test's own directory, not a port: nothing else can take it between
@@ -80,17 +79,26 @@ def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        model = DistributedDataParallel(_tiny_itc_model())
-        pixels, ids, image_ids = _ddp_batch()
-        half = slice(rank * 4, rank * 4 + 4)
-        loss = model(pixels[half], ids[half], image_ids[half])["itc_loss"]
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        grads = {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
-        torch.save({"loss": total / world, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        _ddp_step(rank, world, out_dir)  # its DDP model, which holds the group, is gone on return
+        dist.barrier()  # both processes are done with every collective before either tears the group down
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_step(rank: int, world: int, out_dir: str) -> None:
+    """One DDP forward/backward over this process's half of the batch; saves its loss and gradients."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_tiny_itc_model())
+    pixels, ids, image_ids = _ddp_batch()
+    half = slice(rank * 4, rank * 4 + 4)
+    loss = model(pixels[half], ids[half], image_ids[half])["itc_loss"]
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
+    torch.save({"loss": total / world, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path):
