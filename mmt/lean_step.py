@@ -11,8 +11,10 @@ own parameters (no copies, so nothing can go stale), with:
 - self-attention keys/values kept contiguous, grown in preallocated buffers;
 - attention through the function `MultiHeadAttention.kernel` gives, so the kernel is the
   one the module uses.
-`lean_applies` says when that is exactly the modules' computation (mmt's own decoder layers,
-plain `nn.Linear` and `nn.LayerNorm`, no hooks, eval mode throughout).
+`lean_applies` says when that is the modules' computation (mmt's own embedding and decoder
+layers, plain `nn.Embedding`, `nn.Linear` and `nn.LayerNorm`, no hooks, eval mode
+throughout). It is the same operations on the same weights but for one: over a large fp32
+head a few rows' product is taken as W x^T (see `head_as_columns`), equal up to rounding.
 
 Like the decoder's own cache, a LeanStep is the cache that `generate` hands back to it
 (`length`, `select`); it decodes one token per row per call.
