@@ -250,6 +250,7 @@ def test_the_lean_step_is_taken_only_where_it_computes_what_the_modules_compute(
         else:
             changed.decoder.layers[1].ffn = replaced.eval()
         assert not lean_applies(changed.embed, changed.decoder, changed.lm_head)
+
     class ShiftedEmbedding(torch.nn.Embedding):
         def forward(self, ids):
             return super().forward(ids) + 1.0
