@@ -1,19 +1,36 @@
-"""mmt: one small set of Transformer blocks for vision + language learning."""
+"""mmt: one small set of Transformer blocks for vision + language learning.
 
-__version__ = "0.1.0"
+The names below are imported on first use, so that `import mmt` (and `mmt --help`) stays quick:
+torch is loaded only when a model is.
+"""
 
-from mmt.checkpoint import CheckpointError, from_pretrained, load_tokenizer, save_pretrained  # noqa: E402
-from mmt.config import ConfigError, TextConfig, TransformerConfig, VisionConfig  # noqa: E402
-from mmt.text import Tokenizer  # noqa: E402
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "TextConfig",
-    "Tokenizer",
-    "TransformerConfig",
-    "VisionConfig",
-    "from_pretrained",
-    "load_tokenizer",
-    "save_pretrained",
-]
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "load": "mmt.api",
+    "Predictor": "mmt.api",
+    "from_pretrained": "mmt.checkpoint",
+    "save_pretrained": "mmt.checkpoint",
+    "load_tokenizer": "mmt.checkpoint",
+    "TextConfig": "mmt.config",
+    "TransformerConfig": "mmt.config",
+    "VisionConfig": "mmt.config",
+    "CheckpointError": "mmt.errors",
+    "ConfigError": "mmt.errors",
+    "Tokenizer": "mmt.text",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -25,15 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmt import config as config_lib
+from mmt.errors import CheckpointError
 from mmt.text import Tokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory or file cannot be used; the message names the file."""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -472,8 +473,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Console(logging.Handler):
+    """The library's log messages, printed through tqdm (so that a progress bar stays intact):
+    information to stdout, warnings and errors to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout if record.levelno < logging.WARNING else sys.stderr)
+
+
+def _console_logging() -> None:
+    logger = logging.getLogger("mmt")
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        logger.addHandler(_Console())
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _console_logging()
     try:
         return args.run(args)
     except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, TrainingError) as e:

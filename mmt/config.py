@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from mmt.errors import ConfigError
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, missing or has the wrong type."""
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -36,8 +36,13 @@ class TransformerConfig:
     dropout: float = 0.1  # dropout on attention weights, residual branches and FFN hidden
     activation: Literal["gelu", "relu"] = "gelu"  # FFN non-linearity
     norm_first: bool = True  # pre-norm (stable, default) or post-norm (the original formula)
-    fast_attention: bool = True  # use torch SDPA (on a CPU in bf16 only with a score bias); False: softmax(QK^T/sqrt(d_k))V literally
-    fused_on_bf16_cpu: bool = False  # with fast_attention: SDPA on a CPU in bf16 too, though the literal path is faster there
+
+    # keys that configs saved by mmt 0.1 may hold: (their old default, whether another value can
+    # still be honoured, why they are gone). The attention kernel is a runtime setting now.
+    removed: ClassVar[dict[str, tuple[Any, bool, str]]] = {
+        "fast_attention": (True, True, "the attention kernel is a runtime setting now (train.attention, mmt.layers.attention_kernel)"),
+        "fused_on_bf16_cpu": (False, True, "the attention kernel is a runtime setting now (train.attention, mmt.layers.attention_kernel)"),
+    }
 
 
 @dataclasses.dataclass
@@ -51,12 +56,17 @@ class VisionConfig:
     conv_widths: tuple[int, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
     conv_strides: tuple[int, ...] = (2,)  # conv stem: stride of each 3x3 block (one per width after the first)
     conv_norm: Literal["group", "batch"] = "group"  # conv stem normalisation (group: batch-independent)
-    conv_layout: Literal["resnet", "plain"] = "resnet"  # resnet: 7x7 conv + max-pool first; plain: only 3x3 convs (RN's CNN)
-    positions: Literal["learned", "sincos", "xy"] = "learned"  # 2-D position embedding of the token grid (xy: linear in the coordinates)
+    positions: Literal["learned", "sincos"] = "learned"  # 2-D position embedding of the token grid
     token_norm: bool = False  # LayerNorm on each stem token before positions are added (keeps their scales comparable)
-    coord_channels: bool = False  # append x and y coordinate planes to the pixels (CoordConv, Liu et al. 2018)
     relative_bias: bool = False  # encoder attention adds a learned bias per head for each (row, col) offset between tokens
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
+
+    # experiments of mmt 0.1 that were not adopted (docs/lab-notes.md): a saved config may hold
+    # their off value; a model built with one on cannot be rebuilt (see TransformerConfig.removed)
+    removed: ClassVar[dict[str, tuple[Any, bool, str]]] = {
+        "coord_channels": (False, False, "coordinate planes on the pixels were an experiment, removed in mmt 0.2"),
+        "conv_layout": ("resnet", False, "the plain 3x3 stem was an experiment, removed in mmt 0.2"),
+    }
 
 
 @dataclasses.dataclass
@@ -152,6 +162,7 @@ def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
         raise ConfigError(f"{_path or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = _without_removed(cls, data, _path)
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{_path}." if _path else ""
@@ -162,6 +173,26 @@ def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{_path}.{name}" if _path else name)
     return cls(**kwargs)
+
+
+def _without_removed(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    """`data` without the keys `cls.removed` lists (keys of older configs): dropped quietly at their
+    old default; at another value dropped with a warning where that is harmless, else refused
+    (a model that needs a removed module cannot be built)."""
+    removed = getattr(cls, "removed", {})
+    if not set(data) & set(removed):
+        return data
+    kept = dict(data)
+    for key in sorted(set(data) & set(removed)):
+        default, harmless, why = removed[key]
+        value = kept.pop(key)
+        where = f"{path}.{key}" if path else key
+        if value == default:
+            continue
+        if not harmless:
+            raise ConfigError(f"{where}={value!r}: {why}; this config cannot be built any more")
+        log.warning("config key %s=%r ignored: %s", where, value, why)
+    return kept
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

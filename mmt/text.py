@@ -17,7 +17,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor, nn
 
 from mmt.config import TextConfig
-from mmt.layers.transformer import Encoder, Positions1D
+from mmt.layers.positions import Positions1D
+from mmt.layers.transformer import Encoder
 
 PAD, UNK, CLS, SEP, MASK, BOS, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK, BOS, EOS]  # their ids are their positions here
@@ -135,20 +136,39 @@ class TokenEmbedding(nn.Module):
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         self.positions = Positions1D(max_len, dim, positions)
 
-    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
-        """ids (B, T) -> (B, T, D); `start` is the position of ids[:, 0] (decoding with a cache)."""
+    def forward(self, ids: Tensor, start: int | Tensor = 0) -> Tensor:
+        """ids (B, T) -> (B, T, D); `start` is the position of ids[:, 0] (decoding with a cache: the
+        cache's `start`, a tensor for a static cache)."""
         embedded = self.tokens(ids)
         return embedded + self.positions(ids.shape[1], start).to(embedded.dtype)
 
-    def embed_at(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """ids (B, T) at the positions held by the tensor `positions` (T,) -> (B, T, D).
 
-        Unlike `forward`'s integer `start`, a tensor position can change between calls
-        without changing the computation (a recorded CUDA graph reads it from memory).
-        The caller keeps positions below max_len.
-        """
-        embedded = self.tokens(ids)
-        return embedded + self.positions.table.index_select(0, positions).to(embedded.dtype)
+class LogitsHead(nn.Linear):
+    """The decoder's output projection to next-token logits (a linear layer).
+
+    On a CPU in fp32, the product of a few rows (1-8: one decoding step) with a head of more
+    than 4M parameters (16 MiB) is taken as W x^T, then transposed, instead of x W^T: torch's
+    CPU product read such a head once per row (docs/lab-notes.md, 2026-11-28; 3 rows over a
+    30,000 x 256 head: 5.3 against 1.6 ms). One row goes in twice, as two columns (1.2 against
+    2.1 ms). The rule reads only the shapes and dtype, never the host; the logits equal x W^T
+    up to rounding (another summation order).
+    """
+
+    COLUMNS_FROM = 1 << 22  # parameters
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[0]
+        if (
+            x.dim() == 2 and 1 <= rows <= 8 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+            and x.device.type == "cpu" and self.weight.numel() > self.COLUMNS_FROM and not torch.is_autocast_enabled("cpu")
+        ):
+            columns = torch.cat([x, x]).t() if rows == 1 else x.t()  # (D, rows), one row twice
+            if self.bias is None:
+                logits = torch.mm(self.weight, columns)
+            else:
+                logits = torch.addmm(self.bias[:, None], self.weight, columns)
+            return logits[:, :rows].t()
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class TextTower(nn.Module):
@@ -164,5 +184,5 @@ class TextTower(nn.Module):
         """ids (B, T) -> text_tokens (B, T, D), text_padding_mask (B, T) (True = padding)."""
         if padding_mask is None:
             padding_mask = ids == self.cfg.pad_id
-        text_tokens, _ = self.encoder(self.embed(ids), key_padding_mask=padding_mask)
+        text_tokens = self.encoder(self.embed(ids), key_padding_mask=padding_mask)
         return text_tokens, padding_mask

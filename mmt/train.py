@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
+import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -44,11 +43,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mmt import checkpoint
 from mmt.config import to_dict
+from mmt.distributed import Processes, start_processes
+from mmt.errors import TrainingError
+from mmt.layers.attention import attention_kernel
+from mmt.tasks.base import Task
+from mmt.trainer_state import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -64,6 +69,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
     grad_clip: float = 1.0  # clip the global gradient norm (0 disables)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
+    # attention kernel while training (mmt.layers.attention_kernel): auto takes torch's fused kernel
+    # except on a CPU in bf16 without a score bias, where the literal formula is faster
+    attention: Literal["auto", "fused", "literal"] = "auto"
     eval_every: int = 500  # evaluate every N steps (and at the end)
     save_every: int = 500  # checkpoint every N steps (and at the end)
     keep_last: int = 2  # checkpoints kept besides the best
@@ -129,92 +137,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-# ----------------------------------------------------------------------------- trainer state
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (safetensors) and the rest (JSON)."""
-    state = optimizer.state_dict()
-    tensors, plain = {}, {}
-    for index, slots in state["state"].items():
-        for slot, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{slot}"] = value.detach().cpu().contiguous()
-            else:
-                plain[f"{index}.{slot}"] = value
-    return tensors, {"param_groups": state["param_groups"], "plain": plain}
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta["plain"].items()):
-        index, slot = key.split(".", 1)
-        state.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(
-    run_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any], keep_last: int, best: int | None,
-    rng_states: list[dict[str, torch.Tensor]] | None = None,
-) -> Path:
-    """Write checkpoints/step-N atomically (a temporary directory renamed into place).
-    `rng_states`: every process's torch RNG states ({"torch": cpu, "cuda": gpu}), by rank
-    (default: this process's CPU state)."""
-    ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"step-{step:07d}"
-    tmp = ckpt_root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save_pretrained(model, tmp)
-    tensors, meta = _optimizer_tensors(optimizer)
-    rng_states = rng_states or [{"torch": torch.get_rng_state()}]
-    for rank, states in enumerate(rng_states):
-        for kind, rng in states.items():  # rank 0's CPU state keeps its old name, "rng.torch"
-            tensors[f"rng.{kind}" + (f".rank{rank}" if rank else "")] = rng
-    checkpoint.atomic_write(tmp / "optimizer.safetensors", lambda path: save_file(tensors, path))
-    state = {
-        "step": step,
-        "optimizer": meta,
-        "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(legacy=False)},
-        **extra,
-    }
-    checkpoint.atomic_write_text(tmp / "trainer_state.json", json.dumps(state, default=_to_builtin))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    # keep the newest `keep_last` checkpoints and the best one
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").is_file())
-    keep = set(done[-keep_last:]) | ({ckpt_root / f"step-{best:07d}"} if best is not None else set())
-    for old in done:
-        if old not in keep:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
-    return complete[-1] if complete else None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (by a run that then died), so a resumed run's log
-    reads exactly like an uninterrupted one."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _to_builtin(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in trainer_state.json")
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport:
     """Load every weight of the model saved in `init` (a run or model directory) whose name
     and shape match `model`'s; the report says what was loaded, new, skipped and unused."""
@@ -228,91 +150,15 @@ def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport
 STALE_ON_FRESH_START = ("metrics.jsonl", checkpoint.TOKENIZER_NAME, "answers.json", "init_report.json", "data_report.json")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss keeps coming out NaN); the message says what to do."""
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-@dataclasses.dataclass
-class Processes:
-    """Where this process stands in a torchrun launch (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    started_group: bool = False  # this trainer initialised the process group (and ends it)
-    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL takes CUDA tensors only)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def start_processes(cfg: TrainConfig) -> Processes:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT);
-    a single process when WORLD_SIZE is unset or 1. Joining fails after cfg.dist_timeout
-    seconds instead of hanging."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Processes()
-    started = False
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():  # before the group starts, so NCCL binds each process to its own GPU
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-        started = True
-    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, started, device)
-
-
-def _all_finite(finite: bool, procs: Processes) -> bool:
-    """True when every process's step was finite (a collective under several processes)."""
-    if procs.world == 1:
-        return finite
-    flag = torch.tensor([0.0 if finite else 1.0], device=procs.device)
-    torch.distributed.all_reduce(flag)
-    return flag.item() == 0
-
-
-def _gather_rng(procs: Processes) -> list[dict[str, torch.Tensor]]:
-    """Every process's torch RNG states (CPU, and its GPU's), by rank (a collective: all processes call it)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if procs.world == 1:
-        return [state]
-    states: list[Any] = [None] * procs.world
-    torch.distributed.all_gather_object(states, state)
-    return [{k: v.cpu() for k, v in s.items()} for s in states]
-
-
-def _sum_across(values: list[float], procs: Processes) -> list[float]:
-    if procs.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=procs.device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def micro_step_scales(task, batches: list[dict[str, Any]], procs: Processes) -> list[float]:
+def micro_step_scales(task: Task, batches: list[dict[str, Any]], procs: Processes) -> list[float]:
     """What each of this process's micro-step losses is multiplied by before its backward,
     so that the step's gradient (DDP averages it over processes) is that of one batch of all
     of them: with a task that says how many terms each batch's loss averages over
     (`loss_terms`: questions, target tokens), each micro-step weighs by its share of the
     terms of every process's micro-steps; otherwise all weigh alike."""
-    terms = [float(task.loss_terms(batch)) for batch in batches] if hasattr(task, "loss_terms") else []
-    total = _sum_across([sum(terms)], procs)[0] if terms else 0.0
+    counts = [task.loss_terms(batch) for batch in batches]
+    terms = [float(c) for c in counts] if None not in counts else []
+    total = procs.sum([sum(terms)])[0] if terms else 0.0
     if total <= 0:  # no counts, or no terms anywhere (the loss is then undefined whatever the weights)
         return [1.0 / len(batches)] * len(batches)
     return [t * procs.world / total for t in terms]
@@ -321,22 +167,56 @@ def micro_step_scales(task, batches: list[dict[str, Any]], procs: Processes) -> 
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(task, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Run:
+    """What the loop works on: the task, its model (wrapped for DDP where several processes
+    run), the optimizer and schedule, and the bookkeeping of the current log window."""
+
+    task: Task
+    cfg: TrainConfig
+    run_dir: Path
+    procs: Processes
+    core: torch.nn.Module  # the model itself
+    model: torch.nn.Module  # what the steps call: the model, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    bf16: bool
+    start_step: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"metric": -math.inf, "step": None})
+    window: dict = dataclasses.field(default_factory=dict)
+    metrics: Any = None  # the open metrics.jsonl (rank 0)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def new_window(self) -> None:
+        self.window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
+
+
+def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train `task` (see mmt.tasks) into `run_dir`; returns the final evaluation."""
     cfg: TrainConfig = task.cfg.train
-    run_dir = Path(run_dir)
     if cfg.accumulate < 1:
         raise ValueError(f"train.accumulate={cfg.accumulate}: must be at least 1")
-    procs = start_processes(cfg)
+    procs = start_processes(cfg.dist_timeout)
     try:
-        return _train(task, cfg, run_dir, resume, progress, procs)
+        run = _start(task, cfg, Path(run_dir), resume, procs)
+        with attention_kernel(cfg.attention):
+            final = _loop(run, progress)
+        _finish(run)
+        return final
     finally:
         if procs.started_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, procs: Processes) -> dict[str, Any]:
-    say = print if procs.main else (lambda *a, **k: None)
+def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Processes) -> Any:
+    """Seed everything, then let the task read its data: rank 0 first, since it writes the
+    run's tokenizer and vocabularies (and run_config.json), which the other ranks then read
+    instead of racing it. Returns the model config the task asks for."""
     parts = procs.world * cfg.accumulate
     if cfg.batch_size % parts:
         raise ValueError(
@@ -353,194 +233,216 @@ def _train(task, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-
-    # data, tokenizer, vocabularies; fills model config sizes. Rank 0 first: it writes the
-    # run's tokenizer and vocabularies, which the other ranks then read instead of racing it.
+    model_cfg = None
     if procs.main:
-        task.prepare(run_dir)
-        (run_dir / "run_config.json").write_text(json.dumps({"task": task.name, **to_dict(task.cfg)}, indent=2) + "\n")
+        model_cfg = task.prepare(run_dir)
+        run_config = {"task": task.name, **to_dict(dataclasses.replace(task.cfg, model=model_cfg))}
+        (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     procs.barrier()
-    if not procs.main:
-        task.prepare(run_dir)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", procs.local_rank)
+    return model_cfg if procs.main else task.prepare(run_dir)
+
+
+def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Processes) -> _Run:
+    """Prepare the data, build the model and optimizer, start from --init or resume."""
+    model_cfg = _prepare(task, cfg, run_dir, resume, procs)
+    device = torch.device("cuda", procs.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     procs.device = device
-    model = task.build_model().to(device)
+    model = task.build_model(model_cfg).to(device)
     for module in model.modules():
-        if hasattr(module, "activation_checkpointing"):
+        if hasattr(module, "activation_checkpointing"):  # the layer stacks' switch
             module.activation_checkpointing = cfg.activation_checkpointing
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
-
-    start_step, best = 0, {"metric": -math.inf, "step": None}
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
+    run = _Run(task, cfg, run_dir, procs, model, model, optimizer, scheduler, device, bf16)
     if cfg.init and not resume:  # a resumed run's weights come from its own checkpoint
         report = init_from(model, cfg.init)
-        say(report.describe_init(cfg.init))
         if procs.main:
+            log.info(report.describe_init(cfg.init))
             (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if resume:
-        last = latest_checkpoint(run_dir)
-        if last is None:
-            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
-        checkpoint.load_weights(model, last / checkpoint.WEIGHTS_NAME)
-        tensors = load_file(str(last / "optimizer.safetensors"))
-        state = json.loads((last / "trainer_state.json").read_text())
-        rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.")]}
-        suffix = f".rank{procs.rank}" if procs.rank else ""
-        torch.set_rng_state(rng.get(f"rng.torch{suffix}", rng["rng.torch"]))
-        if torch.cuda.is_available() and f"rng.cuda{suffix}" in rng:
-            torch.cuda.set_rng_state(rng[f"rng.cuda{suffix}"])
-        _restore_optimizer(optimizer, tensors, state["optimizer"])
-        random.setstate(_tuples(state["rng"]["python"]))
-        np.random.set_state(state["rng"]["numpy"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, best = state["step"], state["best"]
-        if hasattr(task, "load_state"):
-            task.load_state(state.get("task", {}))
-        if procs.main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        say(f"resumed from {last} at step {start_step}")
-
+        _resume(run)
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"{task.name}: {n_params / 1e6:.2f}M parameters, {'bf16 autocast' if use_bf16 else 'fp32'} on {device}, "
-        f"{cfg.steps} steps of {cfg.batch_size}")
-    if parts > 1:
-        say(f"batch per optimizer step {cfg.batch_size} = {procs.world} processes x {cfg.accumulate} micro-steps x "
-            f"{cfg.batch_size // parts}; learning rate {cfg.lr:g} (set for the batch of {cfg.batch_size}, whatever the split)")
-    core = model
+    if procs.main:
+        log.info(f"{task.name}: {n_params / 1e6:.2f}M parameters, {'bf16 autocast' if bf16 else 'fp32'} on {device}, "
+                 f"{cfg.steps} steps of {cfg.batch_size}")
+        parts = procs.world * cfg.accumulate
+        if parts > 1:
+            log.info(f"batch per optimizer step {cfg.batch_size} = {procs.world} processes x {cfg.accumulate} micro-steps x "
+                     f"{cfg.batch_size // parts}; learning rate {cfg.lr:g} (set for the batch of {cfg.batch_size}, whatever the split)")
     if procs.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         # every process built the same weights from the same seed; DDP checks and broadcasts rank 0's
-        model = DistributedDataParallel(
+        run.model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(core, "leaves_parameters_unused", False),
+            find_unused_parameters=getattr(model, "leaves_parameters_unused", False),
         )
         if not resume:  # dropout and sampling differ across processes (a resumed run restored each one's state)
             torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if procs.main else None
-    data_report = run_dir / "data_report.json"
-    if metrics_file is not None and not resume and data_report.is_file():  # own data: what was read, what was skipped
-        metrics_file.write(json.dumps({"step": 0, "data": json.loads(data_report.read_text())}) + "\n")
+    if procs.main:
+        run.metrics = (run_dir / "metrics.jsonl").open("a")
+        data_report = run_dir / "data_report.json"
+        if not resume and data_report.is_file():  # own data: what was read, what was skipped
+            run.log({"step": 0, "data": json.loads(data_report.read_text())})
+    return run
 
-    def log(record: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and procs.main), dynamic_ncols=True, desc=f"train {task.name}")
-    window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
+def _resume(run: _Run) -> None:
+    last = latest_checkpoint(run.run_dir)
+    if last is None:
+        raise FileNotFoundError(f"{run.run_dir}: no complete checkpoint to resume from")
+    state = load_checkpoint(last, run.core, run.optimizer, run.scheduler, run.procs.rank)
+    run.start_step, run.best = state["step"], state["best"]
+    run.task.load_state(state.get("task", {}))
+    if run.procs.main:
+        truncate_metrics(run.run_dir / "metrics.jsonl", run.start_step)
+        log.info(f"resumed from {last} at step {run.start_step}")
+
+
+def _step(run: _Run, step: int) -> tuple[float, dict[str, float], torch.Tensor | None]:
+    """Forward and backward over every micro-step of step index `step`, gradients clipped;
+    returns (loss, each *_loss term, gradient norm)."""
+    cfg, procs = run.cfg, run.procs
+    parts = procs.world * cfg.accumulate
+    loss_value, step_losses = 0.0, {}
+    batches = [run.task.train_batch(step, procs.rank * cfg.accumulate + micro, parts) for micro in range(cfg.accumulate)]
+    for micro, (batch, scale) in enumerate(zip(batches, micro_step_scales(run.task, batches, procs))):
+        batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # gradients are averaged across processes once per step, on the last micro-step
+        last_micro = micro == cfg.accumulate - 1
+        sync = contextlib.nullcontext() if last_micro or procs.world == 1 else run.model.no_sync()
+        with sync:
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+                out = run.model(**batch)
+            losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+            loss = sum(losses.values())
+            (loss * scale).backward()
+        loss_value += loss.item() * scale
+        for k, v in losses.items():
+            step_losses[k] = step_losses.get(k, 0.0) + v.item() * scale
+        correct, count = run.task.batch_accuracy(out, batch)
+        samples = run.task.batch_samples(batch)
+        run.window["correct"] += correct
+        run.window["count"] += count
+        run.window["samples"] += count if samples is None else samples
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+    return loss_value, step_losses, grad_norm
+
+
+def _log_window(run: _Run, done: int, grad_norm: torch.Tensor | None, bar: tqdm) -> None:
+    """Write the training record of the steps since the last one: every process's share of the
+    batch, losses averaged (over the window too), counts summed."""
+    window, procs = run.window, run.procs
+    seconds = time.perf_counter() - window["start"]
+    steps_in_window = max(1, window["steps"])  # steps taken (skipped ones have no loss to average)
+    names = sorted(window["terms"])
+    totals = procs.sum([window["loss"], window["correct"], window["count"], window["samples"], *(window["terms"][k] for k in names)])
+    record = {
+        "step": done,
+        "loss": totals[0] / procs.world / steps_in_window,
+        **{k: v / procs.world / steps_in_window for k, v in zip(names, totals[4:])},
+        "train_accuracy": totals[1] / max(1, totals[2]),
+        "lr": run.scheduler.get_last_lr()[0],
+        "samples_per_s": totals[3] / seconds,
+        "grad_norm": None if grad_norm is None else grad_norm.item(),
+    }
+    record.update(run.task.observe(done, record))  # e.g. a curriculum that ends on training accuracy
+    run.log(record)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+    run.new_window()
+
+
+def _skip(run: _Run, step: int, step_losses: dict[str, float], buffers, running_stats, nonfinite: list[int]) -> None:
+    """A step whose loss or gradients were not finite anywhere: every process leaves the weights
+    and BatchNorm statistics as they were; too many in a row stop training."""
+    done = step + 1
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(running_stats, buffers):
+            b.copy_(saved)
+    run.scheduler.step()  # the schedule stays tied to the step number
+    nonfinite.append(done)
+    run.log({"step": done, "skipped": "non-finite loss or gradients", "batch_step": step, **step_losses})
+    log.warning(f"step {done}: non-finite loss or gradients (batch of step index {step}); step skipped")
+    if len(nonfinite) >= run.cfg.max_nonfinite:
+        last = latest_checkpoint(run.run_dir)
+        raise TrainingError(
+            f"{len(nonfinite)} steps in a row with a non-finite loss or gradients (steps {nonfinite[0]}-{nonfinite[-1]}); "
+            f"training stopped. The last good checkpoint is {last or 'none yet'}: lower train.lr, check the data, "
+            f"or raise train.max_nonfinite, then continue with --resume {run.run_dir}"
+        )
+
+
+def _evaluate_and_save(run: _Run, done: int, final_eval: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate (rank 0) and checkpoint when `done` steps call for it; returns the latest evaluation."""
+    cfg, procs, task = run.cfg, run.procs, run.task
+    if procs.main and (done % cfg.eval_every == 0 or done == cfg.steps):
+        final_eval = task.evaluate(run.core)
+        run.log({"step": done, "eval": final_eval})
+        log.info(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in task.headline(final_eval).items()))
+        if task.score(final_eval) > run.best["metric"]:
+            run.best = {"metric": task.score(final_eval), "step": done}
+    if done % cfg.save_every == 0 or done == cfg.steps:
+        rng_states = procs.rng_states()
+        if procs.main:
+            extra = {"best": run.best, "task": task.state()}
+            save_checkpoint(run.run_dir, run.core, run.optimizer, run.scheduler, done, extra, cfg.keep_last, run.best["step"], rng_states)
+        run.window["start"] = time.perf_counter()  # do not count checkpoint time in samples/s
+    return final_eval
+
+
+def _loop(run: _Run, progress: bool) -> dict[str, Any]:
+    """The steps from the run's start to train.steps; returns the final evaluation."""
+    cfg, procs = run.cfg, run.procs
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not (progress and procs.main), dynamic_ncols=True, desc=f"train {run.task.name}")
+    run.new_window()
     final_eval: dict[str, Any] = {}
     nonfinite: list[int] = []  # consecutive skipped steps
     # the buffers a forward pass changes: BatchNorm statistics (other buffers, e.g. fixed
     # position tables, never change)
-    norms = [m for m in core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in run.core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     running_stats = [b for m in norms for b in m.buffers()]
     momenta = [m.momentum for m in norms]
-    for step in range(start_step, cfg.steps):
-        model.train()
+    for step in range(run.start_step, cfg.steps):
+        run.model.train()
         average, restart = batchnorm_averaging(step, cfg)
         for m, momentum in zip(norms, momenta):
             if restart:
                 m.reset_running_stats()
             m.momentum = None if average else momentum  # None: torch's even (cumulative) average
-        optimizer.zero_grad(set_to_none=True)
-        # running statistics change in the forward pass: kept to undo a skipped step
-        buffers = [b.detach().clone() for b in running_stats]
-        loss_value, step_losses = 0.0, {}
-        batches = [task.train_batch(step, procs.rank * cfg.accumulate + micro, parts) for micro in range(cfg.accumulate)]
-        for micro, (batch, scale) in enumerate(zip(batches, micro_step_scales(task, batches, procs))):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            last_micro = micro == cfg.accumulate - 1
-            # gradients are averaged across processes once per step, on the last micro-step
-            sync = contextlib.nullcontext() if last_micro or procs.world == 1 else model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out = model(**batch)
-                losses = {k: v for k, v in out.items() if k.endswith("_loss")}
-                loss = sum(losses.values())
-                (loss * scale).backward()
-            loss_value += loss.item() * scale
-            for k, v in losses.items():
-                step_losses[k] = step_losses.get(k, 0.0) + v.item() * scale
-            correct, count = task.batch_accuracy(out, batch)
-            window["correct"] += correct
-            window["count"] += count
-            window["samples"] += task.batch_samples(batch) if hasattr(task, "batch_samples") else count
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        run.optimizer.zero_grad(set_to_none=True)
+        buffers = [b.detach().clone() for b in running_stats]  # changed in the forward pass: kept to undo a skipped step
+        loss_value, step_losses, grad_norm = _step(run, step)
         finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm.item()))
         done = step + 1
-        if not _all_finite(finite, procs):  # any process's loss or gradients: every process skips the step
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, saved in zip(running_stats, buffers):
-                    b.copy_(saved)
-            scheduler.step()  # the schedule stays tied to the step number
-            nonfinite.append(done)
-            log({"step": done, "skipped": "non-finite loss or gradients", "batch_step": step, **step_losses})
-            bar.write(f"step {done}: non-finite loss or gradients (batch of step index {step}); step skipped")
-            bar.update(1)
-            if len(nonfinite) >= cfg.max_nonfinite:
-                last = latest_checkpoint(run_dir)
-                raise TrainingError(
-                    f"{len(nonfinite)} steps in a row with a non-finite loss or gradients (steps {nonfinite[0]}-{nonfinite[-1]}); "
-                    f"training stopped. The last good checkpoint is {last or 'none yet'}: lower train.lr, check the data, "
-                    f"or raise train.max_nonfinite, then continue with --resume {run_dir}"
-                )
+        bar.update(1)
+        if not procs.all_finite(finite):  # any process's loss or gradients: every process skips the step
+            _skip(run, step, step_losses, buffers, running_stats, nonfinite)
             continue
         nonfinite.clear()
-        optimizer.step()
-        scheduler.step()
-
-        window["loss"] += loss_value
-        window["steps"] += 1
+        run.optimizer.step()
+        run.scheduler.step()
+        run.window["loss"] += loss_value
+        run.window["steps"] += 1
         for k, v in step_losses.items():
-            window["terms"][k] = window["terms"].get(k, 0.0) + v
-        bar.update(1)
+            run.window["terms"][k] = run.window["terms"].get(k, 0.0) + v
         if done % cfg.log_every == 0 or done == cfg.steps:
-            seconds = time.perf_counter() - window["start"]
-            steps_in_window = max(1, window["steps"])  # steps taken (skipped ones have no loss to average)
-            terms = window["terms"]
-            names = sorted(terms)
-            # every process's share of the batch: losses averaged (over the window too), counts summed
-            totals = _sum_across([window["loss"], window["correct"], window["count"], window["samples"], *(terms[k] for k in names)], procs)
-            record = {
-                "step": done,
-                "loss": totals[0] / procs.world / steps_in_window,
-                **{k: v / procs.world / steps_in_window for k, v in zip(names, totals[4:])},
-                "train_accuracy": totals[1] / max(1, totals[2]),
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": totals[3] / seconds,
-                "grad_norm": None if grad_norm is None else grad_norm.item(),
-            }
-            if hasattr(task, "observe"):  # e.g. a curriculum that ends on training accuracy
-                record.update(task.observe(done, record))
-            log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-            window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
-        if procs.main and (done % cfg.eval_every == 0 or done == cfg.steps):
-            final_eval = task.evaluate(core)
-            log({"step": done, "eval": final_eval})
-            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in task.headline(final_eval).items()))
-            if task.score(final_eval) > best["metric"]:
-                best = {"metric": task.score(final_eval), "step": done}
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            rng_states = _gather_rng(procs)
-            if procs.main:
-                extra = {"best": best, **({"task": task.state()} if hasattr(task, "state") else {})}
-                save_checkpoint(run_dir, core, optimizer, scheduler, done, extra, cfg.keep_last, best["step"], rng_states)
-            window["start"] = time.perf_counter()  # do not count checkpoint time in samples/s
+            _log_window(run, done, grad_norm, bar)
+        final_eval = _evaluate_and_save(run, done, final_eval)
     bar.close()
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
-    if procs.main:
-        metrics_file.close()
-        task.save_model(core, run_dir / "model")
-        # the run's data settings travel with the model, so `mmt eval MODEL_DIR` uses the right data
-        shutil.copyfile(run_dir / "run_config.json", run_dir / "model" / "run_config.json")
-    procs.barrier()  # the other processes end once the model is saved
     return final_eval
+
+
+def _finish(run: _Run) -> None:
+    """Rank 0 saves the final model beside a copy of the run config; the others wait for it."""
+    if run.procs.main:
+        run.metrics.close()
+        run.task.save_model(run.core, run.run_dir / "model")
+        # the run's data settings travel with the model, so `mmt eval MODEL_DIR` uses the right data
+        shutil.copyfile(run.run_dir / "run_config.json", run.run_dir / "model" / "run_config.json")
+    run.procs.barrier()  # the other processes end once the model is saved

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import VisionConfig
-from mmt.layers.transformer import Encoder, Positions2D
+from mmt.layers.positions import Positions2D
+from mmt.layers.transformer import Encoder
 
 
 def _norm(channels: int, kind: str) -> nn.Module:
@@ -26,35 +27,25 @@ def _norm(channels: int, kind: str) -> nn.Module:
 class ConvStem(nn.Module):
     """conv 7x7/2 -> norm -> ReLU -> max-pool 3x3/2 -> [conv 3x3/stride -> norm -> ReLU]* -> 1x1 to dim.
 
-    The "plain" layout (the CNN of Santoro et al. 2017) starts with a 3x3/2 conv block
-    instead of the 7x7 conv and the max-pool.
-
     Args:
         widths: channels of the first conv, then of each following 3x3 block.
         dim: token width.
         strides: stride of each 3x3 block after the first conv (len(widths) - 1 of them).
         norm: "group" or "batch".
-        layout: "resnet" or "plain".
     """
 
-    def __init__(
-        self, in_channels: int, widths: tuple[int, ...], dim: int, strides: tuple[int, ...] = (2,), norm: str = "group",
-        layout: str = "resnet",
-    ):
+    def __init__(self, in_channels: int, widths: tuple[int, ...], dim: int, strides: tuple[int, ...] = (2,), norm: str = "group"):
         super().__init__()
         if not widths:
             raise ValueError("conv stem needs at least one width (the first conv)")
         if len(strides) != len(widths) - 1:
             raise ValueError(f"conv stem: {len(widths) - 1} blocks after the first conv need as many strides, got {strides}")
-        if layout == "plain":
-            layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1, bias=False), _norm(widths[0], norm), nn.ReLU(inplace=True)]
-        else:
-            layers = [
-                nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
-                _norm(widths[0], norm),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            ]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
+            _norm(widths[0], norm),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        ]
         for c_in, c_out, stride in zip(widths[:-1], widths[1:], strides):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), _norm(c_out, norm), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
@@ -100,11 +91,10 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.encoder.dim
-        in_channels = self.stem_channels
         if cfg.stem == "conv":
-            self.stem: nn.Module = ConvStem(in_channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm, cfg.conv_layout)
+            self.stem: nn.Module = ConvStem(cfg.channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm)
         else:
-            self.stem = PatchEmbed(in_channels, cfg.patch_size, dim)
+            self.stem = PatchEmbed(cfg.channels, cfg.patch_size, dim)
         self.token_norm = nn.LayerNorm(dim) if cfg.token_norm else nn.Identity()
         rows, cols = self.grid_size(cfg.image_size)
         self.positions = Positions2D(rows, cols, dim, cfg.positions)
@@ -115,19 +105,6 @@ class VisionTower(nn.Module):
             # one table shared by the encoder's layers (as T5 shares its relative bias), zero
             # at the start; named "positions" so that weight decay leaves it alone
             self.relative_positions = nn.Parameter(torch.zeros(cfg.encoder.heads, 2 * rows - 1, 2 * cols - 1))
-
-    @property
-    def stem_channels(self) -> int:
-        return self.cfg.channels + (2 if self.cfg.coord_channels else 0)
-
-    @staticmethod
-    def with_coordinates(pixels: Tensor) -> Tensor:
-        """Append x and y planes in [-1, 1]: (B, C, H, W) -> (B, C + 2, H, W)."""
-        B, _, H, W = pixels.shape
-        ys = torch.linspace(-1, 1, H, device=pixels.device, dtype=pixels.dtype)
-        xs = torch.linspace(-1, 1, W, device=pixels.device, dtype=pixels.dtype)
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x plane, y plane
-        return torch.cat([pixels, grid.expand(B, -1, -1, -1)], dim=1)
 
     def relative_position_bias(self, rows: int, cols: int) -> Tensor:
         """(heads, N, N) attention bias between the N = rows * cols tokens: entry (h, i, j) is
@@ -142,7 +119,7 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def grid_size(self, image_size: int) -> tuple[int, int]:
         """Token grid (rows, cols) the stem makes from a square image of this size."""
-        probe = torch.zeros(1, self.stem_channels, image_size, image_size)
+        probe = torch.zeros(1, self.cfg.channels, image_size, image_size)
         was_training = self.stem.training
         self.stem.eval()  # a BatchNorm stem must not count the probe in its running statistics
         _, _, rows, cols = self.stem(probe).shape
@@ -159,8 +136,6 @@ class VisionTower(nn.Module):
         Returns:
             image_tokens (B, N, D) and image_padding_mask (B, N) bool (True = padding).
         """
-        if self.cfg.coord_channels:
-            pixels = self.with_coordinates(pixels)
         features = self.stem(pixels)  # (B, D, rows, cols)
         B, D, rows, cols = features.shape
         tokens = self.token_norm(features.flatten(2).transpose(1, 2))  # (B, N, D), row-major grid
@@ -170,5 +145,5 @@ class VisionTower(nn.Module):
         else:
             padding = token_padding_mask(pixel_mask, rows, cols)
         bias = self.relative_position_bias(rows, cols).to(tokens.dtype) if self.cfg.relative_bias else None
-        tokens, _ = self.encoder(tokens, key_padding_mask=padding if pixel_mask is not None else None, bias=bias)
+        tokens = self.encoder(tokens, key_padding_mask=padding if pixel_mask is not None else None, bias=bias)
         return tokens, padding

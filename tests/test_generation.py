@@ -1,15 +1,17 @@
 """Decoding: cached == uncached, beam width 1 == greedy, exact beam search on a toy
 distribution, per-sequence stop at [EOS], reproducible sampling, top-k / top-p filters;
-the slot step (fixed-shape cache, replayed as a CUDA graph on GPUs) == the growing cache."""
+the recorded step (a static cache, replayed as a CUDA graph on GPUs) == the growing cache."""
 
 import itertools
 
 import pytest
 import torch
 
+import mmt.cuda_graphs
+import mmt.generation
 from mmt import registry
-from mmt.generation import GenerationConfig, SlotStep, _beam_search, filter_logits, forget_graphs, generate, slot_step
-from mmt.lean_step import LeanStep
+from mmt.cuda_graphs import forget_graphs
+from mmt.generation import GenerationConfig, _beam_search, filter_logits, generate
 
 PAD, BOS, EOS = 0, 5, 6
 
@@ -26,16 +28,15 @@ def captioner():
     return model, pixels
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean step", "decoder modules"])
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "decoder modules"])
 @pytest.mark.parametrize("options", [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}])
-def test_cached_decoding_equals_recomputing_the_prefix(captioner, options, lean, monkeypatch):
-    import mmt.generation
-
+def test_cached_decoding_equals_recomputing_the_prefix(captioner, options, gathered, monkeypatch):
     model, pixels = captioner
     built = []
-    monkeypatch.setattr(mmt.generation, "LeanStep", lambda *args: built.append(args) or LeanStep(*args))
-    cached = model.generate(pixels, max_new_tokens=10, lean_step=lean, **options)
-    assert len(built) == lean  # the cached decoding took the lean step exactly when asked
+    gather = mmt.generation.gathered
+    monkeypatch.setattr(mmt.generation, "gathered", lambda module: built.append(module) or gather(module))
+    cached = model.generate(pixels, max_new_tokens=10, gathered=gathered, **options)
+    assert len(built) == 3 * gathered  # embedding, decoder, head: gathered exactly when asked
     full = model.generate(pixels, max_new_tokens=10, use_cache=False, **options)
     assert torch.equal(cached.ids, full.ids)
     assert torch.allclose(cached.scores, full.scores, atol=1e-4)
@@ -48,8 +49,7 @@ def test_greedy_token_is_the_argmax_of_a_full_forward_pass_and_rows_stop_at_eos(
     with torch.no_grad():
         for t in range(1, ids.shape[1]):
             live = (ids[:, :t] == EOS).sum(1) == 0
-            full, _ = model.next_token_logits(ids[:, :t], tokens, mask)
-            logits = full[:, -1]
+            logits = model.next_token_logits(ids[:, :t], tokens, mask)[:, -1]
             logits[:, [PAD, BOS]] = float("-inf")
             assert torch.equal(logits[live].argmax(-1), ids[live, t])
             assert (ids[~live, t] == PAD).all()  # finished captions are padded while others go on
@@ -58,15 +58,15 @@ def test_greedy_token_is_the_argmax_of_a_full_forward_pass_and_rows_stop_at_eos(
 def test_each_sequence_stops_at_its_own_eos_and_decoding_ends_when_all_have():
     calls = []
 
-    def step(ids, cache):  # row r says token 7 until it has generated r + 1 tokens, then [EOS]
+    def step(ids):  # row r says token 7 until it has generated r + 1 tokens, then [EOS]
         calls.append(ids.shape)
         generated = ids.shape[1] - 1
         logits = torch.zeros(ids.shape[0], 9)
         for r in range(ids.shape[0]):
             logits[r, EOS if generated >= r + 1 else 7] = 5.0
-        return logits, None
+        return logits
 
-    out = generate(step, 3, 0, GenerationConfig(max_new_tokens=20, use_cache=False), bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    out = generate(step, 3, GenerationConfig(max_new_tokens=20), bos_id=BOS, eos_id=EOS, pad_id=PAD)
     assert out.ids[:, 0].tolist() == [
         [BOS, 7, EOS, PAD, PAD],
         [BOS, 7, 7, EOS, PAD],
@@ -78,8 +78,9 @@ def test_each_sequence_stops_at_its_own_eos_and_decoding_ends_when_all_have():
 def test_beam_search_of_width_one_is_greedy(captioner):
     model, pixels = captioner
     greedy = model.generate(pixels, max_new_tokens=12)
-    step = model.decode_step(*model.encode_images(pixels))
-    beam = _beam_search(step, 4, 2, GenerationConfig(max_new_tokens=12), BOS, EOS, PAD, torch.device("cpu"))
+    config = GenerationConfig(max_new_tokens=12)
+    step = model.decode_step(*model.encode_images(pixels), config, rows=4)
+    beam = _beam_search(step, 4, config, BOS, EOS, PAD, torch.tensor([PAD, BOS]), torch.device("cpu"))
     assert torch.equal(beam.ids, greedy.ids)
     lengths = (greedy.ids[:, :, 1:] != PAD).sum(-1)
     assert torch.allclose(beam.scores, greedy.scores / lengths, atol=1e-5)  # length_penalty 1.0
@@ -143,11 +144,14 @@ def toy_step(seed: int):
         g = torch.Generator().manual_seed(hash((seed,) + prefix) % (2**31))
         return torch.randn(T_VOCAB, generator=g) * 2.0
 
-    def step(ids, cache):
-        assert cache is None  # driven with use_cache=False: ids hold the whole prefix
-        return torch.stack([logits_of(tuple(row.tolist())) for row in ids]), None
+    class Step:  # the whole prefix decides, so reordering keeps nothing
+        def __call__(self, ids):
+            return torch.stack([logits_of(tuple(row.tolist())) for row in ids])
 
-    return step, logits_of
+        def reorder(self, index):
+            pass
+
+    return Step(), logits_of
 
 
 def exhaustive_best(logits_of, max_new: int, alpha: float) -> tuple[tuple[int, ...], float]:
@@ -174,11 +178,11 @@ def test_wide_beam_finds_the_exhaustive_optimum_and_greedy_sometimes_does_not(al
     for seed in range(8):
         step, logits_of = toy_step(seed)
         specials = dict(bos_id=T_BOS, eos_id=T_EOS, pad_id=T_PAD)
-        beam = generate(step, 1, 0, GenerationConfig(max_new_tokens=max_new, num_beams=27, length_penalty=alpha, use_cache=False), **specials)
+        beam = generate(step, 1, GenerationConfig(max_new_tokens=max_new, num_beams=27, length_penalty=alpha), **specials)
         best, best_score = exhaustive_best(logits_of, max_new, alpha)
         assert tuple(t for t in beam.ids[0, 0].tolist() if t != T_PAD) == best
         assert beam.scores[0, 0].item() == pytest.approx(best_score, abs=1e-5)
-        greedy = generate(step, 1, 0, GenerationConfig(max_new_tokens=max_new, use_cache=False), **specials)
+        greedy = generate(step, 1, GenerationConfig(max_new_tokens=max_new), **specials)
         length = int((greedy.ids[0, 0, 1:] != T_PAD).sum())
         greedy_worse += greedy.scores[0, 0].item() / length**alpha < best_score - 1e-6
     assert greedy_worse > 0
@@ -213,8 +217,8 @@ def test_early_stopping_never_changes_the_beam_result(alpha):
     # must equal a search that always runs to the limit
     for seed in range(40):
         step, logits_of = toy_step(100 + seed)
-        cfg = GenerationConfig(max_new_tokens=6, num_beams=2, length_penalty=alpha, use_cache=False)
-        beam = generate(step, 1, 0, cfg, bos_id=T_BOS, eos_id=T_EOS, pad_id=T_PAD)
+        cfg = GenerationConfig(max_new_tokens=6, num_beams=2, length_penalty=alpha)
+        beam = generate(step, 1, cfg, bos_id=T_BOS, eos_id=T_EOS, pad_id=T_PAD)
         best, best_score = reference_beam_search(logits_of, 2, 6, alpha)
         assert tuple(t for t in beam.ids[0, 0].tolist() if t != T_PAD) == best, seed
         assert beam.scores[0, 0].item() == pytest.approx(best_score, abs=1e-5)
@@ -227,58 +231,7 @@ def test_an_empty_batch_decodes_to_nothing(captioner):
         assert out.ids.shape[0] == 0 and out.scores.shape[0] == 0
 
 
-# ----------------------------------------------------------------------------- the slot step (CUDA graphs)
-
-
-def slot_generate(model, pixels, graph=False, **options):
-    """Decode through `slot_step`, as CaptionModel.generate does on a GPU (graph=False: run eagerly)."""
-    config = GenerationConfig(max_new_tokens=10, **options)
-    tokens, padding = model.encode_images(pixels)  # an all-False padding mask: the masked path is taken
-    step = slot_step(model, model.embed, model.decoder, model.lm_head, tokens, padding, config.rows(len(pixels)), graph)
-    return generate(
-        step, len(pixels), len(model.decoder.layers), config, bos_id=BOS, eos_id=EOS, pad_id=PAD, device=pixels.device, cache=step
-    )
-
-
-SLOT_OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}, {"do_sample": True, "seed": 4, "num_return": 2}]
-
-
-@pytest.mark.parametrize("options", SLOT_OPTIONS)
-def test_slot_step_decodes_exactly_as_the_growing_cache(captioner, options):
-    model, pixels = captioner
-    with torch.no_grad():
-        expected = model.generate(pixels, max_new_tokens=10, lean_step=False, **options)
-        got = slot_generate(model, pixels, **options)
-    assert expected.ids.shape[-1] == 11  # ten tokens decoded
-    assert torch.equal(got.ids, expected.ids)
-    assert torch.allclose(got.scores, expected.scores, atol=1e-5)
-
-
-def test_models_take_the_slot_step_where_graphs_apply(captioner, monkeypatch):
-    import mmt.models.caption
-
-    model, pixels = captioner
-    with torch.no_grad():
-        expected = model.generate(pixels, max_new_tokens=10, num_beams=2)
-        model.__dict__.pop("_slot_steps", None)
-        monkeypatch.setattr(mmt.models.caption, "graphs_apply", lambda *args: True)  # as on a GPU (run eagerly here)
-        got = model.generate(pixels, max_new_tokens=10, num_beams=2)
-    assert [step.rows for step in model._slot_steps.values()] == [8]
-    assert torch.equal(got.ids, expected.ids)
-
-
-def test_slot_steps_are_kept_per_shape_and_refilled_for_new_images(captioner):
-    model, pixels = captioner
-    with torch.no_grad():
-        first = slot_generate(model, pixels[:2], num_beams=3)
-        kept = dict(model._slot_steps)
-        again = slot_generate(model, pixels[2:], num_beams=3)  # same shape: the same step, refilled
-        assert dict(model._slot_steps).keys() == kept.keys()
-        assert torch.equal(again.ids, model.generate(pixels[2:], max_new_tokens=10, num_beams=3).ids)
-        assert not torch.allclose(again.scores, first.scores)  # other images, other scores
-        for n in (1, 2, 3, 4, 1):  # other shapes add steps; only the 4 most recent stay
-            slot_generate(model, pixels[:n])
-    assert len(model._slot_steps) == 4
+# ----------------------------------------------------------------------------- recorded steps (CUDA graphs)
 
 
 class EagerGraph:
@@ -292,23 +245,23 @@ class EagerGraph:
 
 
 def eager_graphs(monkeypatch) -> list:
-    """Take the recording paths (warm-up, record once, replay, keep and refill) on the CPU,
-    each replay running eagerly; returns the list of recorded functions."""
-    import mmt.generation
-    import mmt.models.caption
-    import mmt.models.vqa
-
+    """Take the recording paths (warm-up, record once, replay, keep and refill) on the CPU, each
+    replay running eagerly; returns the list of recorded functions."""
     recordings = []
-    monkeypatch.setattr(mmt.generation, "_can_record", lambda t: True)
-    monkeypatch.setattr(mmt.generation, "_on_side_stream", lambda fn: fn())
-    monkeypatch.setattr(mmt.generation, "_record", lambda fn: recordings.append(fn) or EagerGraph(fn))
-    for module in (mmt.models.caption, mmt.models.vqa):
-        monkeypatch.setattr(module, "graphs_apply", lambda *args: True)
+
+    def record(fn):
+        fn()  # the warm-up run, as on a GPU
+        recordings.append(fn)
+        return EagerGraph(fn)
+
+    monkeypatch.setattr(mmt.cuda_graphs, "can_record", lambda t: True)
+    monkeypatch.setattr(mmt.cuda_graphs, "record", record)
     return recordings
 
 
+OPTIONS = [{}, {"num_beams": 3, "num_return": 2}, {"num_beams": 4, "length_penalty": 0.6}, {"do_sample": True, "seed": 4, "num_return": 2}]
 # eos_bias > 0 raises [EOS]'s logit until some sequences stop early (chosen per decoding mode)
-RECORDED_CASES = [(options, 0.0) for options in SLOT_OPTIONS] + list(zip(SLOT_OPTIONS, [3.0, 5.0, 6.5, 4.0]))
+RECORDED_CASES = [(options, 0.0) for options in OPTIONS] + list(zip(OPTIONS, [3.0, 5.0, 6.5, 4.0]))
 
 
 @pytest.mark.parametrize("options, eos_bias", RECORDED_CASES)
@@ -318,7 +271,7 @@ def test_recorded_decoding_gives_eager_tokens_call_after_call(captioner, monkeyp
     with torch.no_grad():
         model.lm_head.bias[EOS] += eos_bias  # > 0: some captions end early
         try:
-            expected = [model.generate(x, max_new_tokens=10, **options) for x in (first, second)]
+            expected = [model.generate(x, max_new_tokens=10, gathered=False, **options) for x in (first, second)]
             recordings = eager_graphs(monkeypatch)
             forget_graphs(model)
             got = [model.generate(first, max_new_tokens=10, **options), model.generate(second, max_new_tokens=10, **options)]
@@ -328,6 +281,7 @@ def test_recorded_decoding_gives_eager_tokens_call_after_call(captioner, monkeyp
         finally:
             model.lm_head.bias[EOS] -= eos_bias
     assert len(recordings) == 2  # the image encoder and the step, once for all four calls
+    assert expected[0].ids.shape[-1] == 11 or eos_bias > 0  # ten tokens decoded
     for result, want in zip(got, expected * 2):  # earlier results are not overwritten by later calls
         assert torch.equal(result.ids, want.ids)
         assert torch.allclose(result.scores, want.scores, atol=1e-5)
@@ -335,50 +289,58 @@ def test_recorded_decoding_gives_eager_tokens_call_after_call(captioner, monkeyp
     assert any(ended) == (eos_bias > 0)
 
 
-def test_slot_step_for_generative_vqa_with_padded_questions(monkeypatch, generative_vqa):
+def test_recorded_steps_are_kept_per_shape(captioner, monkeypatch):
+    model, pixels = captioner
+    eager_graphs(monkeypatch)
+    forget_graphs(model)
+    with torch.no_grad():
+        model.generate(pixels[:2], max_new_tokens=4, num_beams=3)
+        kept = dict(mmt.cuda_graphs.kept_graphs(model))
+        model.generate(pixels[2:], max_new_tokens=4, num_beams=3)  # same shape: the same step, refilled
+        assert mmt.cuda_graphs.kept_graphs(model).keys() == kept.keys()
+        for n in (1, 2, 3, 4, 1):  # other shapes add recordings; only the 4 most recent of each kind stay
+            model.generate(pixels[:n], max_new_tokens=4)
+    steps = [v for v in mmt.cuda_graphs.kept_graphs(model).values() if isinstance(v, mmt.cuda_graphs.GraphedStep)]
+    assert 0 < len(steps) <= 4
+
+
+def test_recorded_step_for_generative_vqa_with_padded_questions(monkeypatch, generative_vqa):
     model, pixels, questions, image_index = generative_vqa
     with torch.no_grad():
-        expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2, lean_step=False))
+        expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2, gathered=False))
         recordings = eager_graphs(monkeypatch)  # as on a GPU, each replay running eagerly here
         got = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
-    (step,) = model._slot_steps.values()
-    assert step.rows == 12 and step._padding.any()  # 6 questions x 2 beams; padded questions
-    assert len(recordings) == 1 and step.beam_graphs  # beam search's whole step
+    (step,) = [v for v in mmt.cuda_graphs.kept_graphs(model).values() if isinstance(v, mmt.cuda_graphs.GraphedStep)]
+    assert step.ids.shape == (12, 1) and step.step.context_padding.any()  # 6 questions x 2 beams; padded questions
+    assert len(recordings) == 1
     assert torch.equal(got.ids, expected.ids)
     assert torch.allclose(got.scores, expected.scores, atol=1e-5)
 
 
-def test_slot_step_refuses_misuse(captioner):
+def test_recorded_step_refuses_misuse(captioner, monkeypatch):
+    eager_graphs(monkeypatch)
     model, pixels = captioner
     tokens, padding = model.encode_images(pixels)
-    step = SlotStep(model.embed, model.decoder, model.lm_head, rows=4, capacity=3, graph=False)
-    ids = torch.full((4, 1), BOS)
-    with pytest.raises(ValueError, match="reset"):
-        step(ids, step)
-    step.reset(tokens, padding)
-    for context, mask in ((tokens[:2], padding[:2]), (tokens, None)):  # another shape, or unpadded
-        with pytest.raises(ValueError, match="decodes over contexts of shape"):
-            step.reset(context, mask)
-    with pytest.raises(ValueError, match="own cache"):
-        step(ids, None)
-    with pytest.raises(ValueError, match="4 rows"):
-        step(torch.full((2, 1), BOS), step)
-    with pytest.raises(ValueError, match="never reordered"):
-        step.select(torch.arange(4))
+    config = GenerationConfig(max_new_tokens=3)
     with torch.no_grad():
-        for _ in range(3):
-            step(ids, step)
-        with pytest.raises(ValueError, match="all 3 positions"):
-            step(ids, step)
+        step = model.decode_step(tokens, padding, config, rows=4)
+        with pytest.raises(ValueError, match="one new token"):
+            step(torch.full((4, 2), BOS))
+        ids = torch.full((4, 1), BOS)
+        for _ in range(model.embed.positions.max_len):
+            step(ids)
+            ids = torch.cat([ids, torch.full((4, 1), 7)], dim=1)
+        with pytest.raises(ValueError, match="positions of the decoder are used"):
+            step(ids)
 
 
 def test_kept_graphs_are_dropped_when_the_model_trains_or_moves(captioner, monkeypatch):
     model, pixels = captioner
     eager_graphs(monkeypatch)
-    kept = lambda: {"_slot_steps", "_replayed"} & model.__dict__.keys()
+    kept = lambda: "_graphs" in model.__dict__
     with torch.no_grad():
         model.generate(pixels[:1], max_new_tokens=3)
-        assert kept() == {"_slot_steps", "_replayed"}
+        assert kept()
         model.eval()
         assert kept()  # evaluating again keeps them
         model.train()
@@ -390,17 +352,14 @@ def test_kept_graphs_are_dropped_when_the_model_trains_or_moves(captioner, monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("options", SLOT_OPTIONS)
+@pytest.mark.parametrize("options", OPTIONS)
 def test_cuda_graph_replay_decodes_exactly_as_eager_decoding(captioner, options, monkeypatch):
-    import mmt.generation
-
     recordings = []
-    record = mmt.generation._record
-    monkeypatch.setattr(mmt.generation, "_record", lambda fn: recordings.append(fn) or record(fn))
+    record = mmt.cuda_graphs.record
+    monkeypatch.setattr(mmt.cuda_graphs, "record", lambda fn: recordings.append(fn) or record(fn))
     model, pixels = captioner
     model, pixels = model.cuda(), pixels.cuda()
-    for kept in ("_slot_steps", "_replayed"):  # graphs of earlier cases (valid where the weights
-        model.__dict__.pop(kept, None)  # landed at the same addresses again): count this case's only
+    forget_graphs(model)  # graphs of earlier cases (valid where the weights landed at the same addresses again)
     try:
         eager = model.generate(pixels, max_new_tokens=10, cuda_graph=False, **options)
         assert not recordings

@@ -1,27 +1,23 @@
-"""The Transformer's building blocks: attention and encoder/decoder layers."""
+"""The design's Transformer: attention, encoder and decoder layers, positions, the key/value cache."""
 
-from mmt.layers.attention import KV, MultiHeadAttention, reference_attention
-from mmt.layers.transformer import (
-    Decoder,
-    DecoderCache,
-    DecoderLayer,
-    Encoder,
-    EncoderLayer,
-    FeedForward,
-    Positions1D,
-    Positions2D,
-)
+from mmt.layers.attention import MultiHeadAttention, attention_kernel, reference_attention, set_attention_kernel
+from mmt.layers.cache import KV, GrowingCache, StaticCache
+from mmt.layers.positions import Positions1D, Positions2D
+from mmt.layers.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward
 
 __all__ = [
     "KV",
-    "MultiHeadAttention",
-    "reference_attention",
     "Decoder",
-    "DecoderCache",
     "DecoderLayer",
     "Encoder",
     "EncoderLayer",
     "FeedForward",
+    "GrowingCache",
+    "MultiHeadAttention",
     "Positions1D",
     "Positions2D",
+    "StaticCache",
+    "attention_kernel",
+    "reference_attention",
+    "set_attention_kernel",
 ]

@@ -1,49 +1,76 @@
-"""Multi-head attention, self or cross, with masks and an explicit key/value cache.
+"""Multi-head attention, self or cross, with masks, an additive score bias and a key/value cache.
 
-Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V                (Vaswani et al. 2017, eq. 1)
+Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + bias) V               (Vaswani et al. 2017, eq. 1)
 MultiHead(X, C) = Concat(head_1..head_h) W^O,  head_i = Attention(X W_i^Q, C W_i^K, C W_i^V)
 
-The per-head projections W_i^Q (d_model x d_k) are stored side by side as one
-d_model x d_model linear layer per role; splitting its output into h slices is exactly
-the per-head form. Self-attention is `attn(x)`, cross-modal attention is
-`attn(x, context=image_tokens)`: nothing else differs.
+The per-head projections W_i^Q (d_model x d_k) are stored side by side as one d_model x
+d_model linear layer per role; splitting its output into h slices is exactly the per-head
+form. Self-attention is `attn(x)`, cross-modal attention is `attn(x, context)`: nothing
+else differs. The bias is the generic hook for anything that scores keys by more than
+their content (a relative-position table, a model's own research); it is added before
+the softmax.
+
+The kernel is a runtime setting, not part of a model (`attention_kernel`, as timm's
+`set_fused_attn`): torch's fused `scaled_dot_product_attention`, or the formula written out
+(`reference_attention`, the reference the fused kernel is tested against).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, NamedTuple
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmt.layers.cache import KV, LayerCache
 
-class KV(NamedTuple):
-    """Projected keys and values, (B, H, S, Dh) each: what a cache stores per attention."""
-
-    k: Tensor
-    v: Tensor
+Kernel = Literal["auto", "fused", "literal"]
+KERNELS: tuple[str, ...] = ("auto", "fused", "literal")
+_kernel: Kernel = "auto"
 
 
-class SlotKV(NamedTuple):
-    """A preallocated self-attention cache: k and v (B, H, S, Dh) hold S slots, of which the
-    new tokens' keys/values are written in place at `positions` (T,); `allowed` (T, S) bool
-    says which slots each new token may see (those up to its own position). Nothing about
-    it depends on how many tokens came before, so a step using it has fixed shapes (what a
-    CUDA graph needs)."""
+def set_attention_kernel(kind: Kernel) -> Kernel:
+    """Choose the attention kernel for the whole process; returns the previous choice.
 
-    k: Tensor
-    v: Tensor
-    positions: Tensor
-    allowed: Tensor
+    "auto" (the default): torch's fused kernel, except on a CPU in bf16 without a score bias,
+    where the literal formula trains faster (its scores are still summed and normalised in
+    fp32); "fused": the fused kernel wherever it applies; "literal": always the formula.
+    """
+    global _kernel
+    if kind not in KERNELS:
+        raise ValueError(f"attention kernel {kind!r} is not one of {', '.join(KERNELS)}")
+    previous, _kernel = _kernel, kind
+    return previous
+
+
+@contextlib.contextmanager
+def attention_kernel(kind: Kernel) -> Iterator[None]:
+    """`with attention_kernel("literal"): ...` runs the block with that kernel (see `set_attention_kernel`)."""
+    previous = set_attention_kernel(kind)
+    try:
+        yield
+    finally:
+        set_attention_kernel(previous)
+
+
+def fused_applies(q: Tensor, bias: Tensor | None) -> bool:
+    """Whether attention over queries like `q` takes torch's fused kernel under the current setting."""
+    if _kernel != "auto":
+        return _kernel == "fused"
+    # on a CPU in bf16 without a bias the literal path trained a hidden-512 model and the
+    # Sort-of-CLEVR model about 1.2x as fast (docs/lab-notes.md, 2026-11-28); with a bias that
+    # needs a gradient torch runs its own fp32 path, kept as it is
+    return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None)
 
 
 def causal_allowed(q_len: int, k_len: int, device: torch.device) -> Tensor:
     """(q_len, k_len) bool, True where query i may see key j.
 
-    Bottom-right aligned: with a cache of k_len - q_len earlier keys, query i sits at
-    absolute position k_len - q_len + i and sees every key up to it.
+    Bottom-right aligned: with k_len - q_len earlier keys, query i sits at absolute position
+    k_len - q_len + i and sees every key up to it.
     """
     offset = k_len - q_len
     q_pos = torch.arange(q_len, device=device)[:, None] + offset
@@ -52,18 +79,15 @@ def causal_allowed(q_len: int, k_len: int, device: torch.device) -> Tensor:
 
 
 def build_attention_mask(
-    key_padding_mask: Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device
+    key_padding_mask: Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device,
+    allowed: Tensor | None = None,
 ) -> Tensor | None:
-    """Combine padding and causal masks into one bool mask, True = may attend.
-
-    Args:
-        key_padding_mask: (B, S) bool, True where the key is padding (torch's convention).
-        causal: block keys later than each query.
-    Returns (B, 1, T, S), (T, S) or None when nothing is masked.
-    """
-    allowed = None
+    """One bool mask, True = may attend, from padding (B, S) (True at padding, torch's
+    convention), a causal rule and a mask `allowed` (T, S) that a cache gives.
+    Returns (B, 1, T, S), (T, S) or None when nothing is masked."""
     if causal:
-        allowed = causal_allowed(q_len, k_len, device)  # (T, S)
+        causal_mask = causal_allowed(q_len, k_len, device)  # (T, S)
+        allowed = causal_mask if allowed is None else allowed & causal_mask
     if key_padding_mask is not None:
         keep = ~key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         allowed = keep if allowed is None else keep & allowed
@@ -123,9 +147,23 @@ def reference_attention(
     return weights.to(v.dtype) @ v, weights
 
 
-def _literal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
-    """`reference_attention`'s output alone, called like torch's fused kernel."""
-    return reference_attention(q, k, v, allowed)[0]
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None, causal: bool = False,
+    allowed: Tensor | None = None, bias: Tensor | None = None, dropout_p: float = 0.0,
+) -> Tensor:
+    """softmax(q k^T / sqrt(d_k) + bias) v for queries already split into heads, q (B, H, T, Dh),
+    k and v (B, H, S, Dh), through the kernel the current setting chooses. Masks as in
+    `build_attention_mask`; `bias` broadcasts to (B, H, T, S)."""
+    T, S = q.shape[-2], k.shape[-2]
+    if not fused_applies(q, bias):
+        mask = build_attention_mask(key_padding_mask, causal, T, S, q.device, allowed)
+        return reference_attention(q, k, v, mask, dropout_p, bias)[0]
+    if causal and key_padding_mask is None and allowed is None and bias is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    mask = build_attention_mask(key_padding_mask, causal and T > 1, T, S, q.device, allowed)
+    if bias is not None:  # one additive mask: the bias, -inf where attention is not allowed
+        mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class MultiHeadAttention(nn.Module):
@@ -136,160 +174,119 @@ class MultiHeadAttention(nn.Module):
         heads: number of heads h; d_k = d_v = dim // heads.
         dropout: dropout on the attention weights while training.
         context_dim: width of the context tokens for cross-attention (default dim).
-        fast: use torch's fused scaled_dot_product_attention when weights are not requested
-            (on a CPU in bf16 only with a score bias: without one its bf16 kernel is slower
-            than the literal path there).
-        fused_on_bf16_cpu: with `fast`, use the fused kernel on a CPU in bf16 as well.
     """
 
-    def __init__(
-        self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None, fast: bool = True,
-        fused_on_bf16_cpu: bool = False,
-    ):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.head_dim = dim // heads
         self.dropout = dropout
-        self.fast = fast
-        self.fused_on_bf16_cpu = fused_on_bf16_cpu
         context_dim = context_dim or dim
         self.q_proj = nn.Linear(dim, dim)  # W^Q for all heads
         self.k_proj = nn.Linear(context_dim, dim)  # W^K
         self.v_proj = nn.Linear(context_dim, dim)  # W^V
         self.out_proj = nn.Linear(dim, dim)  # W^O
 
-    def _split_heads(self, x: Tensor) -> Tensor:
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, T, H * Dh) -> (B, H, T, Dh)."""
         B, T, _ = x.shape
-        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)
 
-    def project_kv(self, source: Tensor) -> KV:
-        """Keys and values of `source` (B, S, D) -> KV of (B, H, S, Dh)."""
-        return KV(self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source)))
-
-    def looked_at(self, x: Tensor, kv: KV, key_padding_mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        """Where each head of each query in `x` (B, T, D) looks among keys `kv`: its attention
-        weights, (B, H, T, S).
-
-        The same weights as `forward` over `static_kv=kv`, without dropout, computed apart:
-        callers want them for a few rows (e.g. only [CLS]) while `forward` takes the fused path.
-        Contexts may be shared (B / g of them) as in `forward`; `bias` is then per query.
-        """
-        B, T, _ = x.shape
-        C, H, S, Dh = kv.k.shape
-        if not C or B % C:
-            raise ValueError(f"{B} query sequences cannot share {C} contexts")
-        q = self._split_heads(self.q_proj(x)).reshape(C, B // C, H, T, Dh)
-        scores = torch.einsum("cghtd,chsd->cghts", q, kv.k) / math.sqrt(Dh)  # (C, g, H, T, S)
-        if bias is not None:
-            scores = scores + bias.expand(B, H, T, S).reshape(C, B // C, H, T, S)
-        if key_padding_mask is not None:  # (C, S), one row per context
-            scores = scores.masked_fill(key_padding_mask.bool().reshape(C, 1, 1, 1, S), float("-inf"))
-        return scores.softmax(dim=-1).reshape(B, H, T, S)
-
-    def _fused(self, q: Tensor, bias: Tensor | None, need_weights: bool) -> bool:
-        """Whether attention takes torch's fused kernel (else the literal path)."""
-        # the kernel, except on a CPU in bf16 without a score bias: there the literal path (its
-        # scores in fp32, like the kernel's) trained a hidden-512 model over 161 tokens and the
-        # Sort-of-CLEVR model about 1.2x as fast; in fp32 the kernel is the faster one. With a
-        # bias that needs a gradient torch computes attention on its own fp32 path, kept as it is.
-        literal_faster = q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None
-        return self.fast and not need_weights and (self.fused_on_bf16_cpu or not literal_faster)
-
-    def kernel(self, like: Tensor) -> Callable[..., Tensor]:
-        """The attention `forward` would compute for queries of `like`'s dtype and device,
-        without dropout or bias, as a function (q, k, v, allowed=None) -> softmax(q k^T /
-        sqrt(d_k)) v of queries already projected and split into heads: q (B, H, T, Dh), k and
-        v (B, H, S, Dh), `allowed` bool broadcastable to (B, H, T, S) or None. For callers that
-        do the projections themselves and choose once per decoding (the lean decoding step)."""
-        return F.scaled_dot_product_attention if self._fused(like, None, False) else _literal_attention
+    def project_kv(self, context: Tensor) -> KV:
+        """Keys and values of `context` (B, S, Dc) -> KV of (B, H, S, Dh): what cross-attention
+        reads, computed once per image and reused by every query and decoding step."""
+        return KV(self.split_heads(self.k_proj(context)), self.split_heads(self.v_proj(context)))
 
     def forward(
         self,
         x: Tensor,
         context: Tensor | None = None,
         *,
+        kv: KV | None = None,
         key_padding_mask: Tensor | None = None,
         causal: bool = False,
-        past_kv: KV | None = None,
-        static_kv: KV | None = None,
-        need_weights: bool = False,
         bias: Tensor | None = None,
-    ) -> tuple[Tensor, KV, Tensor | None]:
-        """Attend from `x` (B, T, D) to `context` (B, S, D), or to `x` itself.
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """Attend from `x` (B, T, D) to `context` (B, S, Dc), or to `x` itself.
 
         Args:
-            key_padding_mask: (B, S_total) bool, True where a key is padding.
-            causal: mask keys that come after each query (self-attention only).
-            past_kv: self-attention keys/values of earlier steps; new ones are appended (a
-                `SlotKV`: written into its slots, and only the allowed slots are attended).
-            static_kv: precomputed context keys/values (cross-attention cache); `context`
-                is then not projected again. Contexts (given or cached) may number B / g for
-                B query sequences: then sequences g*i .. g*i+g-1 all attend to context i.
-            need_weights: also return the attention weights (takes the reference path).
-            bias: added to the attention scores before the softmax, broadcastable to
-                (B, H, T, S), e.g. a learned bias per head for each relative position. With
-                shared contexts, only a bias given per query, (B, H or 1, T, S), is allowed.
+            kv: the context's keys/values projected already (`project_kv`); `context` is then
+                not needed. Contexts (given or projected) may number B / g for B query
+                sequences: sequences g*i .. g*i+g-1 then all attend to context i (several
+                questions about one image, several beams of one caption), without copies.
+            key_padding_mask: (B or B / g, S) bool, True where a key is padding.
+            causal: mask keys that come after each query (self-attention without a cache).
+            bias: added to the scores, broadcastable to (B, H, T, S). With shared contexts,
+                only a bias given per query, (B, H or 1, T, S), is allowed.
+            cache: this layer's self-attention keys/values of earlier steps (`mmt.layers.cache`);
+                the new keys/values are stored in it and all are attended (with `causal`, each
+                new query sees the positions up to its own).
         Returns:
-            (output (B, T, D), the keys/values used (to cache), weights (B, H, T, S) or None).
+            (B, T, D).
         """
         B, T, D = x.shape
-        q = self._split_heads(self.q_proj(x))  # (B, H, T, Dh)
-        slots_allowed = None  # (T, S) or (B, 1, T, S) with a slot cache
-        if static_kv is not None:
-            kv = static_kv
-        else:
+        q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        allowed = None  # (T, S): what a cache lets each new query see
+        if kv is None:
             kv = self.project_kv(x if context is None else context)
-            if isinstance(past_kv, SlotKV):
-                past_kv.k.index_copy_(2, past_kv.positions, kv.k)
-                past_kv.v.index_copy_(2, past_kv.positions, kv.v)
-                kv = KV(past_kv.k, past_kv.v)
-                slots_allowed = past_kv.allowed if key_padding_mask is None else past_kv.allowed & ~key_padding_mask.bool()[:, None, None, :]
-                key_padding_mask, causal = None, False  # both are in slots_allowed
-            elif past_kv is not None:
-                kv = KV(torch.cat([past_kv.k, kv.k], dim=2), torch.cat([past_kv.v, kv.v], dim=2))
-        S = kv.k.shape[2]
-        dropout_p = self.dropout if self.training else 0.0
-        fused = self._fused(q, bias, need_weights)
+        if cache is not None:
+            kv, allowed = cache.update(kv)
         contexts = kv.k.shape[0]
         groups = B // contexts if contexts else 1  # (an empty batch has no contexts)
-        per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[0] == B and bias.shape[2] == T
-        if (B % contexts if contexts else B) or (groups > 1 and (causal or (bias is not None and not per_query_bias))):
-            detail = " causally" if causal else " with a score bias not given per query (B, H, T, S)" if bias is not None else ""
-            raise ValueError(f"{B} query sequences cannot share {contexts} contexts{detail}")
-        if groups > 1:
-            # Several query sequences share each context (e.g. 20 questions about one image):
-            # attention is independent per query, so each context's query sequences are laid
-            # end to end and attend once, instead of copying the keys/values per sequence.
-            q = q.view(-1, groups, self.heads, T, self.head_dim).transpose(1, 2)  # (B / g, H, g, T, Dh)
-            q = q.reshape(-1, self.heads, groups * T, self.head_dim)  # (B / g, H, g * T, Dh)
-            if bias is not None:  # laid out like the queries
-                bias = bias.expand(B, self.heads, T, S).reshape(-1, groups, self.heads, T, S).transpose(1, 2)
-                bias = bias.reshape(-1, self.heads, groups * T, S)
+        if groups == 1 and contexts == B:
+            out = attend(
+                q, kv.k, kv.v, key_padding_mask=key_padding_mask, causal=causal, allowed=allowed, bias=bias,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
+            return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+        return self._shared_contexts(q, kv, groups, key_padding_mask, causal, allowed, bias)
 
-        weights = None
-        if slots_allowed is not None:
-            if bias is not None:
-                raise ValueError("a score bias cannot be combined with a slot cache")
-            if fused:
-                out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=slots_allowed, dropout_p=dropout_p)
-            else:
-                out, weights = reference_attention(q, kv.k, kv.v, slots_allowed, dropout_p)
-        elif fused:
-            if causal and key_padding_mask is None and T == S and bias is None:
-                out = F.scaled_dot_product_attention(q, kv.k, kv.v, dropout_p=dropout_p, is_causal=True)
-            else:
-                mask = build_attention_mask(key_padding_mask, causal and T > 1, T, S, x.device)
-                if bias is not None:  # one additive mask: the bias, -inf where attention is not allowed
-                    mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
-                out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, dropout_p=dropout_p)
-        else:
-            allowed = build_attention_mask(key_padding_mask, causal, T, S, x.device)
-            out, weights = reference_attention(q, kv.k, kv.v, allowed, dropout_p, bias)
-        if groups > 1:
-            out = out.view(-1, self.heads, groups, T, self.head_dim).transpose(1, 2)  # (B / g, g, H, T, Dh)
-            out = out.reshape(B, self.heads, T, self.head_dim)
-            weights = None if weights is None else weights.view(-1, self.heads, groups, T, S).transpose(1, 2).reshape(B, self.heads, T, S)
-        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, H * Dh)
-        return self.out_proj(out), kv, weights
+    def _shared_contexts(
+        self, q: Tensor, kv: KV, groups: int, key_padding_mask: Tensor | None, causal: bool, allowed: Tensor | None,
+        bias: Tensor | None,
+    ) -> Tensor:
+        """Attention when each of B / g contexts serves g consecutive query sequences: attention is
+        independent per query, so each context's query sequences are laid end to end and attend
+        once, instead of copying the keys/values per sequence."""
+        B, H, T, Dh = q.shape
+        S, contexts = kv.k.shape[2], kv.k.shape[0]
+        per_query_bias = bias is not None and bias.dim() == 4 and bias.shape[0] == B and bias.shape[2] == T
+        if (B % contexts if contexts else B) or causal or allowed is not None or (bias is not None and not per_query_bias):
+            detail = (
+                " causally" if causal or allowed is not None
+                else " with a score bias not given per query (B, H, T, S)" if bias is not None else ""
+            )
+            raise ValueError(f"{B} query sequences cannot share {contexts} contexts{detail}")
+        q = q.view(-1, groups, H, T, Dh).transpose(1, 2).reshape(-1, H, groups * T, Dh)  # (B / g, H, g * T, Dh)
+        if bias is not None:  # laid out like the queries
+            bias = bias.expand(B, H, T, S).reshape(-1, groups, H, T, S).transpose(1, 2).reshape(-1, H, groups * T, S)
+        out = attend(q, kv.k, kv.v, key_padding_mask=key_padding_mask, bias=bias, dropout_p=self.dropout if self.training else 0.0)
+        out = out.view(-1, H, groups, T, Dh).transpose(1, 2).reshape(B, H, T, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def weights(
+        self, x: Tensor, context: Tensor | None = None, *, kv: KV | None = None, key_padding_mask: Tensor | None = None,
+        causal: bool = False, bias: Tensor | None = None,
+    ) -> Tensor:
+        """Where each head of each query in `x` (B, T, D) looks: its attention weights (B, H, T, S),
+        computed literally, without dropout. Arguments as in `forward` (contexts may be shared;
+        `bias` is then per query). Asked for apart from `forward`, so that a caller who wants the
+        weights of a few rows keeps the fused kernel for the rest."""
+        B, T, _ = x.shape
+        if kv is None:
+            kv = self.project_kv(x if context is None else context)
+        C, H, S, Dh = kv.k.shape
+        if not C or B % C:
+            raise ValueError(f"{B} query sequences cannot share {C} contexts")
+        q = self.split_heads(self.q_proj(x)).reshape(C, B // C, H, T, Dh)
+        scores = torch.einsum("cghtd,chsd->cghts", q, kv.k) / math.sqrt(Dh)  # (C, g, H, T, S)
+        if bias is not None:
+            scores = scores + bias.expand(B, H, T, S).reshape(C, B // C, H, T, S)
+        if key_padding_mask is not None:  # (C, S), one row per context
+            scores = scores.masked_fill(key_padding_mask.bool().reshape(C, 1, 1, 1, S), float("-inf"))
+        if causal:
+            scores = scores.masked_fill(~causal_allowed(T, S, x.device), float("-inf"))
+        return scores.softmax(dim=-1).reshape(B, H, T, S)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TransformerConfig, VisionConfig
-from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, StepFn, generate, graphs_apply, own_step, replayed
-from mmt.layers.transformer import Decoder, DecoderCache
+from mmt.cuda_graphs import DecodesWithGraphs, replayed
+from mmt.generation import Generated, GenerationConfig, Step, decoder_step, generate, graphs_apply
+from mmt.layers.transformer import Decoder
+from mmt.models.losses import next_token_loss
 from mmt.registry import register_model, register_preset
-from mmt.text import TokenEmbedding
+from mmt.text import LogitsHead, TokenEmbedding
 from mmt.vision import VisionTower
 
 
@@ -48,62 +49,37 @@ class CaptionModel(DecodesWithGraphs):
         self.vision = VisionTower(cfg.vision)
         self.embed = TokenEmbedding(cfg.vocab_size, dim, cfg.max_len, pad_id=cfg.pad_id)
         self.decoder = Decoder(cfg.decoder, context_dim=cfg.vision.encoder.dim)
-        self.lm_head = nn.Linear(dim, cfg.vocab_size)
+        self.lm_head = LogitsHead(dim, cfg.vocab_size)
 
     def encode_images(self, pixels: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> image_tokens (B, N, Dv), image_padding_mask (B, N)."""
         return self.vision(pixels, pixel_mask)
 
     def next_token_logits(
-        self,
-        ids: Tensor,
-        image_tokens: Tensor,
-        image_padding_mask: Tensor | None = None,
-        text_padding_mask: Tensor | None = None,
-        cache: DecoderCache | None = None,
-    ) -> tuple[Tensor, DecoderCache | None]:
-        """Logits (B, T, V) for the token after each of `ids` (B, T).
-
-        With a cache, `ids` are only the new tokens and positions continue from
-        `cache.length`; the returned cache includes them.
-        """
-        start = cache.length if cache is not None else 0
-        hidden, cache = self.decoder(
-            self.embed(ids, start),
-            image_tokens,
-            key_padding_mask=text_padding_mask,
-            context_padding_mask=image_padding_mask,
-            cache=cache,
+        self, ids: Tensor, image_tokens: Tensor, image_padding_mask: Tensor | None = None, text_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) for the token after each of `ids` (B, T) (teacher forcing)."""
+        hidden = self.decoder(
+            self.embed(ids), image_tokens, key_padding_mask=text_padding_mask, context_padding_mask=image_padding_mask
         )
-        return self.lm_head(hidden), cache
+        return self.lm_head(hidden)
 
     def forward(self, pixels: Tensor, caption_ids: Tensor) -> dict[str, Tensor]:
         """Teacher-forced loss. pixels (B, C, H, W); caption_ids (B * g, T): [BOS] words [EOS]
         [PAD]..., g captions per image, image by image. Each image is encoded once and its g
-        captions read its keys/values together (grouped cross-attention, no copies)."""
+        captions read its keys/values together (shared contexts, no copies)."""
         image_tokens, image_padding = self.encode_images(pixels)
         inputs, targets = caption_ids[:, :-1], caption_ids[:, 1:]
-        text_padding = inputs == self.config.pad_id
-        logits, _ = self.next_token_logits(inputs, image_tokens, image_padding, text_padding)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=self.config.pad_id,
-            label_smoothing=self.config.label_smoothing,
-        )
+        logits = self.next_token_logits(inputs, image_tokens, image_padding, inputs == self.config.pad_id)
+        loss = next_token_loss(logits, targets, self.config.pad_id, self.config.label_smoothing)
         with torch.no_grad():  # teacher-forced next-token accuracy, for the progress bar
             real = targets != self.config.pad_id
             correct = (logits.argmax(-1) == targets) & real
         return {"caption_loss": loss, "tokens_correct": correct.sum(), "tokens": real.sum()}
 
-    def decode_step(self, image_tokens: Tensor, image_padding_mask: Tensor | None = None) -> StepFn:
-        """The step function `mmt.generation.generate` drives, for these encoded images."""
-
-        def step(ids: Tensor, cache: DecoderCache | None) -> tuple[Tensor, DecoderCache | None]:
-            logits, cache = self.next_token_logits(ids, image_tokens, image_padding_mask, cache=cache)
-            return logits[:, -1], cache
-
-        return step
+    def decode_step(self, image_tokens: Tensor, image_padding: Tensor | None, config: GenerationConfig, rows: int) -> Step:
+        """The step `mmt.generation.generate` drives for `rows` sequences about these encoded images."""
+        return decoder_step(self, self.embed, self.decoder, self.lm_head, image_tokens, image_padding, config, rows)
 
     @torch.no_grad()
     def generate(self, pixels: Tensor, config: GenerationConfig | None = None, **options) -> Generated:
@@ -112,18 +88,15 @@ class CaptionModel(DecodesWithGraphs):
         cfg = self.config
         config = dataclasses.replace(config or GenerationConfig(max_new_tokens=cfg.max_len - 1), **options)
         config.max_new_tokens = min(config.max_new_tokens, cfg.max_len - 1)  # positions end at max_len
-        graphs = pixels.shape[0] > 0 and graphs_apply(config, pixels.device, self)
-        if graphs:  # the image encoder too is replayed (its outputs are copied into the slot step below)
+        if pixels.shape[0] > 0 and graphs_apply(config, pixels, self):  # the image encoder is replayed too
             image_tokens, image_padding = replayed(self, self.encode_images, pixels)
         else:
             image_tokens, image_padding = self.encode_images(pixels)
         if image_padding is not None and not image_padding.any():
             image_padding = None  # nothing to mask: cross-attention takes its unmasked path every step
-        rows = config.rows(pixels.shape[0])
-        fast = own_step(self, self.embed, self.decoder, self.lm_head, image_tokens, image_padding, config, rows, graphs)
+        step = self.decode_step(image_tokens, image_padding, config, config.rows(pixels.shape[0]))
         return generate(
-            fast or self.decode_step(image_tokens, image_padding), pixels.shape[0], len(self.decoder.layers), config,
-            bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device, cache=fast,
+            step, pixels.shape[0], config, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, device=pixels.device
         )
 
 

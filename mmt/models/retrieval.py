@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TextConfig, TransformerConfig, VisionConfig
+from mmt.distributed import gather_plain, gather_with_grad, rank_offset
 from mmt.layers.transformer import Decoder
+from mmt.models.losses import next_token_loss
 from mmt.registry import register_model, register_preset
-from mmt.text import TokenEmbedding, TextTower
+from mmt.text import LogitsHead, TextTower, TokenEmbedding
 from mmt.vision import VisionTower
 
 
@@ -67,60 +69,6 @@ class RetrievalConfig:
     rerank_adds_contrastive: bool = True
     mask_id: int = 4  # [MASK]
     special_ids: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)  # never masked and never drawn as random replacements
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own
-    rows (every rank's loss uses every row). Equal row counts on every rank."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        return _all_gather(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()  # all_reduce works in place
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def _all_gather(x: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate `x` from every rank (rank order), keeping the autograd graph; `x` itself
-    when not running distributed. The backward sums each rank's gradient into its slice."""
-    return _GatherWithGrad.apply(x) if _distributed() else x
-
-
-def gather_plain(x: Tensor) -> Tensor:
-    """Concatenate `x` from every rank without gradient (ids, labels)."""
-    return _all_gather(x) if _distributed() else x
-
-
-def rank_offset(n_local: int) -> int:
-    """Index of this rank's first row in the gathered batch (equal batch sizes per rank)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    return dist.get_rank() * n_local
 
 
 def contrastive_loss(
@@ -199,7 +147,7 @@ class RetrievalModel(nn.Module):
         if w.lm:  # the names CaptionModel uses
             self.embed = TokenEmbedding(cfg.text.vocab_size, cfg.decoder.dim, cfg.caption_max_len, pad_id=cfg.text.pad_id)
             self.decoder = Decoder(cfg.decoder, context_dim=vdim)
-            self.lm_head = nn.Linear(cfg.decoder.dim, cfg.text.vocab_size)
+            self.lm_head = LogitsHead(cfg.decoder.dim, cfg.text.vocab_size)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -230,15 +178,7 @@ class RetrievalModel(nn.Module):
         """Text tokens after attending to their image (row i of the text to row i of the image);
         first=1 computes only the [CLS] state in the last layer (what the matching head reads)."""
         padding = image_padding if image_padding.any() else None
-        fused, _ = self.fusion(
-            text_tokens, image_tokens, key_padding_mask=text_padding, context_padding_mask=padding, first=first
-        )
-        return fused
-
-    def match_logits(self, text_tokens: Tensor, text_padding: Tensor, image_tokens: Tensor, image_padding: Tensor) -> Tensor:
-        """(B,) ITM logit of "text i matches image i" (log-odds of match vs no match)."""
-        logits = self.itm_head(self.fuse(text_tokens, text_padding, image_tokens, image_padding, first=1)[:, 0]).float()
-        return logits[:, 1] - logits[:, 0]
+        return self.fusion(text_tokens, image_tokens, key_padding_mask=text_padding, context_padding_mask=padding, first=first)
 
     # ------------------------------------------------------------------ losses
 
@@ -292,12 +232,11 @@ class RetrievalModel(nn.Module):
                 raise ValueError("the LM term needs caption_ids ([BOS] caption [EOS])")
             inputs, targets = caption_ids[:, :-1], caption_ids[:, 1:]
             pad = self.config.text.pad_id
-            hidden, _ = self.decoder(
+            hidden = self.decoder(
                 self.embed(inputs), image_tokens, key_padding_mask=inputs == pad,
                 context_padding_mask=image_padding if image_padding.any() else None,
             )
-            logits = self.lm_head(hidden)
-            out["lm_loss"] = w.lm * F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad)
+            out["lm_loss"] = w.lm * next_token_loss(self.lm_head(hidden), targets, pad)
         return out
 
     def _itm_loss(self, image_tokens, image_padding, text_tokens, text_padding, image_emb, text_emb, image_ids) -> Tensor:

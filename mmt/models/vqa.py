@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import TextConfig, TransformerConfig, VisionConfig
-from mmt.generation import DecodesWithGraphs, Generated, GenerationConfig, generate, graphs_apply, own_step
-from mmt.layers.attention import KV
-from mmt.layers.transformer import Decoder, DecoderCache, Encoder, copy_rows, init_weights
+from mmt.cuda_graphs import DecodesWithGraphs
+from mmt.generation import Generated, GenerationConfig, decoder_step, generate
+from mmt.layers.transformer import Decoder, Encoder, init_weights
+from mmt.models.fusion import CrossFusion, copy_rows
+from mmt.models.losses import next_token_loss
 from mmt.registry import register_model, register_preset
-from mmt.text import TextTower, TokenEmbedding
+from mmt.text import LogitsHead, TextTower, TokenEmbedding
 from mmt.vision import VisionTower, token_coordinates
 
 
@@ -42,11 +44,11 @@ class VQAConfig:
     fusion_encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
     # cross fusion: from the second fusion layer on, each head's attention to the image tokens
     # is biased by -scale * (distance in tokens)^2 from where that head looked in the layer
-    # before (a learned scale per head and layer, zero at the start; see the README)
+    # before (a learned scale per head and layer, zero at the start; mmt.models.fusion)
     focus_bias: bool = False
     # with focus_bias: each question also sets its own scale per head, and how strongly each
     # head avoids (or seeks) the image tokens it looked at in the layer before (a linear map
-    # of the question's state, zero at the start; see the README)
+    # of the question's state, zero at the start; mmt.models.fusion)
     focus_per_query: bool = False
     head: Literal["classify", "generate"] = "classify"  # answer classifier, or a decoder that writes the answer
     num_answers: int = 10  # classify: size of the answer vocabulary; set from the training answers
@@ -77,7 +79,7 @@ class VQAModel(DecodesWithGraphs):
             self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
             self.fusion = Encoder(cfg.fusion_encoder)
         else:
-            self.fusion = Decoder(cfg.fusion_encoder, causal=False, focus_bias=cfg.focus_bias, focus_per_query=cfg.focus_per_query)
+            self.fusion = CrossFusion(cfg.fusion_encoder, cfg.focus_bias, cfg.focus_per_query)
         if cfg.focus_bias:
             if cfg.fusion != "cross":
                 raise ValueError("model.focus_bias needs model.fusion='cross' (it biases the question's attention to the image)")
@@ -91,7 +93,7 @@ class VQAModel(DecodesWithGraphs):
             text = cfg.text
             self.answer_embed = TokenEmbedding(text.vocab_size, cfg.answer_decoder.dim, cfg.answer_max_len, pad_id=text.pad_id)
             self.answer_decoder = Decoder(cfg.answer_decoder, context_dim=dim)
-            self.lm_head = nn.Linear(cfg.answer_decoder.dim, text.vocab_size)
+            self.lm_head = LogitsHead(cfg.answer_decoder.dim, text.vocab_size)
         if cfg.init == "trunc_normal":
             init_weights(self)
 
@@ -137,20 +139,14 @@ class VQAModel(DecodesWithGraphs):
                 [self.cls.expand(Q, -1, -1), text_tokens + self.modality[0], image_tokens + self.modality[1]], dim=1
             )  # (Q, 1 + T + N, D)
             padding = torch.cat([text_padding.new_zeros(Q, 1), text_padding, image_padding], dim=1)
-            fused, _ = self.fusion(tokens, key_padding_mask=padding, first=first)
+            fused = self.fusion(tokens, key_padding_mask=padding, first=first)
             return fused, padding[:, :first]
         # cross: project each image's keys/values once per layer. When each image's questions
-        # are consecutive and equally many, attention takes them grouped (no copies at all);
+        # are consecutive and equally many, attention takes them shared (no copies at all);
         # otherwise each question gets its image's keys/values.
-        cross_kv, padding = [], image_padding
-        for layer in self.fusion.layers:
-            kv = layer.cross_attn.project_kv(image_tokens)
-            if image_index is not None and not shared:
-                kv = KV(kv.k.index_select(0, image_index), kv.v.index_select(0, image_index))
-            cross_kv.append(kv)
+        image_kv, padding = self.fusion.project_context(image_tokens), image_padding
         if image_index is not None and not shared:
-            padding = image_padding[image_index]
-        cache = DecoderCache([None] * len(cross_kv), cross_kv)
+            image_kv, padding = [kv.select(image_index) for kv in image_kv], image_padding[image_index]
         positions = None
         if self.config.focus_bias:
             positions = self.image_positions
@@ -159,9 +155,9 @@ class VQAModel(DecodesWithGraphs):
                     f"focus bias: {image_tokens.shape[1]} image tokens, but the model's {self.config.vision.image_size}-pixel "
                     f"images make {len(positions)}"
                 )
-        fused, _ = self.fusion(
-            text_tokens, None, key_padding_mask=text_padding, context_padding_mask=padding, cache=cache, first=first,
-            context_positions=positions, row_index=inverse,
+        fused = self.fusion(
+            text_tokens, image_kv, text_padding=text_padding, image_padding=padding, first=first, row_index=inverse,
+            positions=positions,
         )
         if inverse is not None:
             text_padding = text_padding[inverse]
@@ -175,13 +171,10 @@ class VQAModel(DecodesWithGraphs):
         fused, _ = self.fuse(image_tokens, image_padding, question_ids, image_index, first=1)
         return self.head(fused[:, 0])
 
-    def answer_token_logits(self, answer_ids: Tensor, fused: Tensor, fused_padding: Tensor, cache: DecoderCache | None = None):
-        """Generative head: logits (Q, T, V) of each next answer token, attending to the fused states."""
-        start = cache.length if cache is not None else 0
-        hidden, cache = self.answer_decoder(
-            self.answer_embed(answer_ids, start), fused, context_padding_mask=fused_padding, cache=cache
-        )
-        return self.lm_head(hidden), cache
+    def answer_token_logits(self, answer_ids: Tensor, fused: Tensor, fused_padding: Tensor) -> Tensor:
+        """Generative head: logits (Q, T, V) of each next answer token, attending to the fused states
+        (teacher forcing)."""
+        return self.lm_head(self.answer_decoder(self.answer_embed(answer_ids), fused, context_padding_mask=fused_padding))
 
     def forward(
         self, pixels: Tensor, question_ids: Tensor, answers: Tensor, image_index: Tensor | None = None
@@ -194,8 +187,8 @@ class VQAModel(DecodesWithGraphs):
         if self.config.head == "generate":
             pad = self.config.text.pad_id
             inputs, targets = answers[:, :-1], answers[:, 1:]
-            logits, _ = self.answer_token_logits(inputs, fused, fused_padding)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad)
+            logits = self.answer_token_logits(inputs, fused, fused_padding)
+            loss = next_token_loss(logits, targets, pad)
             # an answer counts as right when every token is the argmax given the true prefix:
             # exactly the case where greedy decoding writes it
             right = ((logits.argmax(-1) == targets) | (targets == pad)).all(1)
@@ -220,17 +213,10 @@ class VQAModel(DecodesWithGraphs):
         config = dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, self.config.answer_max_len - 1))
         image_tokens, image_padding = self.vision(pixels)
         fused, fused_padding = self.fuse(image_tokens, image_padding, question_ids, image_index)
-
-        def step(ids: Tensor, cache: DecoderCache | None) -> tuple[Tensor, DecoderCache | None]:
-            logits, cache = self.answer_token_logits(ids, fused, fused_padding, cache)
-            return logits[:, -1], cache
-
-        graphs = graphs_apply(config, pixels.device, self.answer_decoder)
         rows = config.rows(len(question_ids))
-        fast = own_step(self, self.answer_embed, self.answer_decoder, self.lm_head, fused, fused_padding, config, rows, graphs)
+        step = decoder_step(self, self.answer_embed, self.answer_decoder, self.lm_head, fused, fused_padding, config, rows)
         return generate(
-            fast or step, len(question_ids), len(self.answer_decoder.layers), config,
-            bos_id=bos_id, eos_id=eos_id, pad_id=self.config.text.pad_id, device=pixels.device, cache=fast,
+            step, len(question_ids), config, bos_id=bos_id, eos_id=eos_id, pad_id=self.config.text.pad_id, device=pixels.device
         )
 
 
@@ -297,11 +283,6 @@ def vqa_fast() -> VQAConfig:
         focus_per_query=True,
         head_hidden=256,
     )
-    # its accuracy was established with torch's fused attention kernel; on a bf16 CPU the
-    # faster literal path scored 97.30-98.45% relational in three runs against 97.95-98.60%
-    # in five (the README's VQA notes), so it keeps the kernel
-    for layers in (cfg.vision.encoder, cfg.text.encoder, cfg.fusion_encoder):
-        layers.fused_on_bf16_cpu = True
     return cfg
 
 

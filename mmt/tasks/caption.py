@@ -1,18 +1,17 @@
-"""Image captioning on the built-in shapes world: batches, evaluation, saving.
+"""Image captioning on the built-in shapes world or your own data: batches, evaluation, saving
+(the `Task` protocol, `mmt.tasks.base`).
 
 Training is teacher-forced on each image's 5 reference captions at once (the image is
-encoded once, its captions attend to it together). Evaluation captions every image of a split and scores
-the captions two ways: against the references with the COCO caption metrics (BLEU,
+encoded once, its captions attend to it together). Evaluation captions every image of a split
+and scores the captions two ways: against the references with the COCO caption metrics (BLEU,
 ROUGE-L, CIDEr-D, METEOR when Java is present), and against the scene itself, since the
 world is synthetic: fact precision (share of stated facts that are true) and fact recall
 (share of the scene's objects the caption mentions).
-
-The trainer (`mmt.train`) calls: prepare, build_model, train_batch, batch_accuracy,
-evaluate, headline, score, save_model.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from mmt.data.transforms import to_pixels
 from mmt.generation import GenerationConfig
 from mmt.metrics.captions import score_captions
 from mmt.models.caption import CaptionConfig, CaptionModel
+from mmt.tasks.base import Task
 from mmt.tasks.common import (
     ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
 )
@@ -82,14 +82,12 @@ def score_references(
     return {k: v if isinstance(v, str) else float(v) for k, v in scores.items()}
 
 
-class CaptionTask:
+class CaptionTask(Task):
     name = "caption"
+    cfg: CaptionRunConfig
 
-    def __init__(self, cfg: CaptionRunConfig):
-        self.cfg = cfg
-
-    def prepare(self, run_dir: Path) -> None:
-        cfg, model = self.cfg, self.cfg.model
+    def prepare(self, run_dir: Path) -> CaptionConfig:
+        cfg, model = self.cfg, copy.deepcopy(self.cfg.model)
         if cfg.captions_per_image < 1:
             raise ValueError(f"captions_per_image={cfg.captions_per_image}: must be at least 1")
         if cfg.source.train:  # your own data: reference captions only (no scene graphs to check truth against)
@@ -119,9 +117,11 @@ class CaptionTask:
         self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])
         self.train_ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
         model.max_len = max(model.max_len, self.train_ids.shape[1])
+        self.model_cfg = model
+        return model
 
-    def build_model(self) -> CaptionModel:
-        return CaptionModel(self.cfg.model)
+    def build_model(self, model_cfg: CaptionConfig) -> CaptionModel:
+        return CaptionModel(model_cfg)
 
     def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
         """B images of seeded epoch permutations, each with `captions_per_image` (g) of its captions;
@@ -144,7 +144,7 @@ class CaptionTask:
             images = images[mine]
             rows = (self.start[images][:, None] + which[mine]).reshape(-1)
         ids = self.train_ids[torch.as_tensor(rows)]
-        ids = ids[:, : int((ids != self.cfg.model.pad_id).sum(1).max())]  # drop all-padding columns
+        ids = ids[:, : int((ids != self.model_cfg.pad_id).sum(1).max())]  # drop all-padding columns
         return {"pixels": self.train_pixels[torch.as_tensor(images)], "caption_ids": ids}
 
     def _streamed_batch(self, step: int, part: int, parts: int) -> dict[str, torch.Tensor]:
@@ -158,21 +158,19 @@ class CaptionTask:
             rng = np.random.default_rng([self.cfg.train.seed, 1_000_003, step, part])
             which = [np.resize(rng.permutation(len(caps)), g) for caps in captions]
         texts = [caps[i] for caps, rows in zip(captions, which) for i in rows]
-        ids, _ = self.tokenizer.batch(texts, self.cfg.model.max_len, wrap="bos_eos")
+        ids, _ = self.tokenizer.batch(texts, self.model_cfg.max_len, wrap="bos_eos")
         return {"pixels": pixels, "caption_ids": ids}
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
         """Target tokens in a batch, what its loss is the mean of (the trainer weighs
         micro-steps by it)."""
-        return int((batch["caption_ids"][:, 1:] != self.cfg.model.pad_id).sum())
+        return int((batch["caption_ids"][:, 1:] != self.model_cfg.pad_id).sum())
 
-    @staticmethod
-    def batch_samples(batch: dict[str, torch.Tensor]) -> int:
+    def batch_samples(self, batch: dict[str, torch.Tensor]) -> int:
         """Captions in a batch: what samples/s counts."""
         return len(batch["caption_ids"])
 
-    @staticmethod
-    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def batch_accuracy(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """Teacher-forced next-token accuracy over non-padding tokens."""
         return out["tokens_correct"].item(), int(out["tokens"].item())
 
@@ -184,12 +182,10 @@ class CaptionTask:
             return score_references(captions, self.val_captions)
         return evaluate_captions(captions, self.val_split)
 
-    @staticmethod
-    def headline(result: dict[str, float]) -> dict[str, float]:
+    def headline(self, result: dict[str, float]) -> dict[str, float]:
         return {k: result[k] for k in ("BLEU-4", "CIDEr-D", "fact_precision", "fact_recall") if k in result}
 
-    @staticmethod
-    def score(result: dict[str, float]) -> float:
+    def score(self, result: dict[str, float]) -> float:
         return result.get("CIDEr-D", 0.0)
 
     def save_model(self, model: CaptionModel, directory: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -13,6 +14,8 @@ import torch
 from mmt import checkpoint
 from mmt.data import shapes
 from mmt.text import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -221,6 +224,6 @@ def own_image_texts(
 def _report(run_dir: Path, train: ImageTexts | StreamedShards, val: ImageTexts) -> tuple[ImageTexts | StreamedShards, ImageTexts]:
     report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
     if train.skipped or val.skipped:
-        print(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")
+        log.warning(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")
     checkpoint.atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
     return train, val

@@ -12,12 +12,12 @@ contrastive similarity alone, then with the top `rerank_k` candidates re-ordered
 matching head: by its log-odds plus the contrastive logit (`rerank_adds_contrastive`, the
 default), or by its log-odds alone.
 
-The trainer (`mmt.train`) calls: prepare, build_model, train_batch, batch_accuracy,
-evaluate, headline, score, save_model.
+Batches, evaluation and saving follow the `Task` protocol (`mmt.tasks.base`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -27,9 +27,8 @@ import torch
 from mmt import checkpoint, registry
 from mmt.data import shapes
 from mmt.data.transforms import to_pixels
-from mmt.layers.attention import KV
-from mmt.layers.transformer import DecoderCache
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
+from mmt.tasks.base import Task
 from mmt.tasks.common import (
     ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
 )
@@ -115,8 +114,7 @@ def match_scores(
     cross-attention keys/values are projected once and shared by all its pairs."""
     model.eval()
     device = next(model.parameters()).device
-    images = image_tokens.to(device)
-    image_kv = [layer.cross_attn.project_kv(images) for layer in model.fusion.layers]
+    image_kv = model.fusion.project_context(image_tokens.to(device))
     scores = torch.empty(len(pairs))
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -129,8 +127,7 @@ def match_scores(
         for r, (t, p) in enumerate(zip(texts, pads)):
             tok[r, : len(t)], pad[r, : len(p)] = t, p
         which = chunk[:, 1].to(device)
-        cache = DecoderCache([None] * len(image_kv), [KV(kv.k.index_select(0, which), kv.v.index_select(0, which)) for kv in image_kv])
-        fused, _ = model.fusion(tok.to(device), None, key_padding_mask=pad.to(device), cache=cache)
+        fused = model.fusion(tok.to(device), [kv.select(which) for kv in image_kv], key_padding_mask=pad.to(device))
         logits = model.itm_head(fused[:, 0]).float()
         scores[start : start + len(chunk)] = (logits[:, 1] - logits[:, 0]).cpu()
     return scores
@@ -234,14 +231,12 @@ def format_recall(result: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------- the task
 
 
-class RetrievalTask:
+class RetrievalTask(Task):
     name = "retrieval"
+    cfg: RetrievalRunConfig
 
-    def __init__(self, cfg: RetrievalRunConfig):
-        self.cfg = cfg
-
-    def prepare(self, run_dir: Path) -> None:
-        cfg, model = self.cfg, self.cfg.model
+    def prepare(self, run_dir: Path) -> RetrievalConfig:
+        cfg, model = self.cfg, copy.deepcopy(self.cfg.model)
         if cfg.source.train:
             train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir, cfg.train)
             self.groups = None
@@ -272,9 +267,11 @@ class RetrievalTask:
         if model.losses.lm:
             self.caption_ids, _ = self.tokenizer.batch(flat, 10_000, wrap="bos_eos")
             model.caption_max_len = max(model.caption_max_len, self.caption_ids.shape[1])
+        self.model_cfg = model
+        return model
 
-    def build_model(self) -> RetrievalModel:
-        return RetrievalModel(self.cfg.model)
+    def build_model(self, model_cfg: RetrievalConfig) -> RetrievalModel:
+        return RetrievalModel(model_cfg)
 
     def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
         """B images of seeded epoch permutations, one of each image's captions (seeded); share
@@ -289,7 +286,7 @@ class RetrievalTask:
         images, rows = torch.as_tensor(images[share_of]), rows[share_of]
         ids = self.text_ids[rows]
         batch = {"pixels": self.train_pixels[images], "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
-        if self.cfg.model.losses.lm:
+        if self.model_cfg.losses.lm:
             caps = self.caption_ids[rows]
             batch["caption_ids"] = caps[:, : int((caps != 0).sum(1).max())]
         return batch
@@ -300,26 +297,23 @@ class RetrievalTask:
         pixels, captions, records = self.stream.samples(step, part, parts)
         rng = np.random.default_rng([self.cfg.train.seed, 2_000_003, step, part])
         texts = [caps[int(rng.integers(len(caps)))] for caps in captions]
-        ids, _ = self.tokenizer.batch(texts, self.cfg.model.text.max_len)
+        ids, _ = self.tokenizer.batch(texts, self.model_cfg.text.max_len)
         batch = {"pixels": pixels, "text_ids": ids, "image_ids": records}
-        if self.cfg.model.losses.lm:
-            batch["caption_ids"], _ = self.tokenizer.batch(texts, self.cfg.model.caption_max_len, wrap="bos_eos")
+        if self.model_cfg.losses.lm:
+            batch["caption_ids"], _ = self.tokenizer.batch(texts, self.model_cfg.caption_max_len, wrap="bos_eos")
         return batch
 
-    @staticmethod
-    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def batch_accuracy(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """In-batch text -> image accuracy of the contrastive embeddings."""
         return (out["pairs_correct"].item() if "pairs_correct" in out else 0.0), len(batch["image_ids"])
 
     def evaluate(self, model: RetrievalModel) -> dict[str, float]:
         return retrieval_scores(model, self.tokenizer, self.val_pixels, self.val_captions, caption_groups=self.groups)
 
-    @staticmethod
-    def headline(result: dict[str, float]) -> dict[str, float]:
+    def headline(self, result: dict[str, float]) -> dict[str, float]:
         return {k: result[k] for k in ("t2i_R@1", "i2t_R@1", "t2i_R@1_rerank", "i2t_R@1_rerank") if k in result}
 
-    @staticmethod
-    def score(result: dict[str, float]) -> float:
+    def score(self, result: dict[str, float]) -> float:
         return result.get("mean_recall", 0.0)
 
     def save_model(self, model: RetrievalModel, directory: Path) -> None:

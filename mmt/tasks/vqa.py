@@ -1,22 +1,22 @@
-"""VQA on a built-in world (Sort-of-CLEVR, or the shapes world's QA): data -> batches,
-per-question-type evaluation, saving. Works with both answer heads: the classifier over an
-answer vocabulary and the decoder that writes the answer (exact match counts).
-
-The trainer (`mmt.train`) calls: prepare, build_model, train_batch, batch_accuracy,
-evaluate, headline, score, save_model; and observe, state, load_state (the curriculum).
+"""VQA on a built-in world (Sort-of-CLEVR, or the shapes world's QA) or your own data: data ->
+batches, per-question-type evaluation, saving (the `Task` protocol, `mmt.tasks.base`). Works
+with both answer heads: the classifier over an answer vocabulary and the decoder that writes
+the answer (exact match counts). A curriculum (question types trained alone first) follows the
+training through `observe`, and its end is kept in checkpoints (`state`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmt import checkpoint, registry
 from mmt.data import shapes, sort_of_clevr
@@ -24,9 +24,12 @@ from mmt.data.answers import AnswerVocab
 from mmt.data.shards import is_shard_dir
 from mmt.data.transforms import to_pixels
 from mmt.models.vqa import VQAConfig, VQAModel
-from mmt.text import Tokenizer
+from mmt.tasks.base import Task
 from mmt.tasks.common import ShapesConfig, SourceConfig, StreamedShards, check_packed, epoch_order, init_tokenizer, shapes_splits, share
+from mmt.text import Tokenizer
 from mmt.train import TrainConfig
+
+log = logging.getLogger(__name__)
 
 ANSWERS_NAME = "answers.json"
 UNKNOWN_ANSWER = -100  # F.cross_entropy's default ignore_index
@@ -63,8 +66,13 @@ class VQARunConfig:
     # How soon a run learns its curriculum questions varies with the seed: a fixed length
     # wastes steps on a quick run and lets the rest in too early on a slow one.
     curriculum_until: float = 0.97
+    # the Sort-of-CLEVR recipe trains with torch's fused attention kernel everywhere: its accuracy
+    # was established with it (docs/lab-notes.md, 2026-11-28), though on a CPU in bf16 the
+    # literal formula is faster where attention has no score bias
     train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(steps=6800, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250)
+        default_factory=lambda: TrainConfig(
+            steps=6800, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250, attention="fused"
+        )
     )
 
 
@@ -121,7 +129,7 @@ def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
     report = check_dataset(source, load=True, skip_bad=src.skip_bad)
     records = report.records
     if report.bad.total:
-        print(f"{path}: skipped bad records (source.skip_bad): {dict(report.bad.counts)}")
+        log.warning(f"{path}: skipped bad records (source.skip_bad): {dict(report.bad.counts)}")
     if not records or not all(isinstance(r, VQARecord) for r in records):
         raise DataError(path, "records", "needs question-answer records (VQA v2 questions + annotations, or JSON Lines with question and answer)")
     image_of: dict[str, int] = {}
@@ -231,14 +239,12 @@ class QuestionSet:
         }
 
 
-class VQATask:
+class VQATask(Task):
     name = "vqa"
+    cfg: VQARunConfig
 
-    def __init__(self, cfg: VQARunConfig):
-        self.cfg = cfg
-
-    def prepare(self, run_dir: Path) -> None:
-        cfg, model = self.cfg, self.cfg.model
+    def prepare(self, run_dir: Path) -> VQAConfig:
+        cfg, model = self.cfg, copy.deepcopy(self.cfg.model)
         size = cfg.shapes.image_size if cfg.dataset == "shapes" else sort_of_clevr.IMAGE_SIZE
         if model.vision.image_size != size and not cfg.source.train:  # own data is resized to the model
             key = "shapes.image_size" if cfg.dataset == "shapes" else "the Sort-of-CLEVR image size"
@@ -270,13 +276,14 @@ class VQATask:
         if model.head == "generate":  # the decoder's positions must cover the longest training answer
             answer_ids, _ = self.tokenizer.batch(sorted({q.answer for q in train.questions}), 10_000, wrap="bos_eos")
             model.answer_max_len = max(model.answer_max_len, answer_ids.shape[1])
+        self.model_cfg = model
         self.train_set = None if self.stream else QuestionSet(train, self.tokenizer, self.vocab, model)
         self.curriculum_rows = None  # each image's curriculum questions, while the curriculum lasts
         self.curriculum_end = cfg.curriculum_steps  # the first step that trains on all questions
         if not 0 <= cfg.curriculum_until <= 1:
             raise ValueError(f"curriculum_until={cfg.curriculum_until}: a training accuracy, from 0 (off) to 1")
         if cfg.curriculum_steps > 0 and cfg.curriculum and self.stream is not None:
-            print("curriculum: not applied to data streamed from shards; training on all questions from the start")
+            log.info("curriculum: not applied to data streamed from shards; training on all questions from the start")
         elif cfg.curriculum_steps > 0 and cfg.curriculum:
             present = {t for q in self.train_set.split.questions for t in q.types}
             missing = [t for t in cfg.curriculum if t not in present]  # a curriculum for other data
@@ -287,16 +294,17 @@ class VQATask:
                 kinds = f"{count:,} {'/'.join(cfg.curriculum)} questions"
                 early = f"; it ends early if their training accuracy reaches {cfg.curriculum_until:g}" if cfg.curriculum_until else ""
                 if cfg.curriculum_steps >= cfg.train.steps:  # a run shorter than the curriculum never leaves it
-                    print(f"curriculum: all {cfg.train.steps} steps train on {kinds} (curriculum_steps={cfg.curriculum_steps}){early}")
+                    log.info(f"curriculum: all {cfg.train.steps} steps train on {kinds} (curriculum_steps={cfg.curriculum_steps}){early}")
                 else:
-                    print(f"curriculum: steps 1-{cfg.curriculum_steps} train on {kinds}, then on all{early}")
+                    log.info(f"curriculum: steps 1-{cfg.curriculum_steps} train on {kinds}, then on all{early}")
             else:
-                print(f"curriculum: no training question has type {'/'.join(missing)}; training on all questions from the start")
+                log.info(f"curriculum: no training question has type {'/'.join(missing)}; training on all questions from the start")
         which = "val" if cfg.dataset == "shapes" or cfg.source.train else "test"
         self.eval_set = QuestionSet(load_split(cfg, which), self.tokenizer, self.vocab, model)
+        return model
 
-    def build_model(self) -> VQAModel:
-        return VQAModel(self.cfg.model)
+    def build_model(self, model_cfg: VQAConfig) -> VQAModel:
+        return VQAModel(model_cfg)
 
     def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
         """Images of seeded epoch permutations, each with all its questions (during the
@@ -305,7 +313,7 @@ class VQATask:
         if self.stream is not None:
             taken = self.stream.take(step, part, parts)
             split = VQASplit(np.stack([image for image, _ in taken]), [packed_question(i, meta) for i, (_, meta) in enumerate(taken)])
-            return QuestionSet(split, self.tokenizer, self.vocab, self.cfg.model).batch(np.arange(len(taken)))
+            return QuestionSet(split, self.tokenizer, self.vocab, self.model_cfg).batch(np.arange(len(taken)))
         images = epoch_order(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.train_set.questions_of_image))
         rows = self.curriculum_rows if self.curriculum_rows is not None and step < self.curriculum_end else None
         return self.train_set.batch(share(images, part, parts), rows)
@@ -318,7 +326,7 @@ class VQATask:
         if self.curriculum_rows is None or not until or step >= self.curriculum_end or record["train_accuracy"] < until:
             return {}
         self.curriculum_end = step
-        tqdm.write(f"curriculum: training accuracy {record['train_accuracy']:.4f} reached {until:g} at step {step}; all questions from here")
+        log.info(f"curriculum: training accuracy {record['train_accuracy']:.4f} reached {until:g} at step {step}; all questions from here")
         return {"curriculum_end": step}
 
     def state(self) -> dict:
@@ -332,12 +340,11 @@ class VQATask:
         """How many terms the batch's loss is the mean of: its questions, or with a generative
         head its answer tokens (the trainer weighs micro-steps by it)."""
         answers = batch["answers"]
-        if self.cfg.model.head == "generate":
-            return int((answers[:, 1:] != self.cfg.model.text.pad_id).sum())
+        if self.model_cfg.head == "generate":
+            return int((answers[:, 1:] != self.model_cfg.text.pad_id).sum())
         return len(answers)
 
-    @staticmethod
-    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def batch_accuracy(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         if "answers_correct" in out:  # generative head
             return out["answers_correct"].item(), len(batch["answers"])
         predicted = out["answer_logits"].argmax(-1)
@@ -385,12 +392,10 @@ class VQATask:
             order = ["overall", *shapes.QTYPES, *sorted(k for k in groups if k != "overall" and k not in shapes.QTYPES)]
         return {k: float(np.mean(groups[k])) for k in order if k in groups}
 
-    @staticmethod
-    def headline(result: dict[str, float]) -> dict[str, float]:
+    def headline(self, result: dict[str, float]) -> dict[str, float]:
         return {k: result[k] for k in ("overall", "non-relational", "relational") if k in result}
 
-    @staticmethod
-    def score(result: dict[str, float]) -> float:
+    def score(self, result: dict[str, float]) -> float:
         return result.get("overall", 0.0)
 
     def save_model(self, model: VQAModel, directory: Path) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmt.layers.attention import MultiHeadAttention, causal_allowed
+from mmt.layers.attention import MultiHeadAttention, attention_kernel, causal_allowed, fused_applies, set_attention_kernel
 from tests.peers import copy_attention
 
 B, T, S, D, H = 3, 7, 5, 32, 4
@@ -19,46 +19,49 @@ def pair():
     return ours, theirs
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_self_attention_matches_torch_multihead_attention(fast):
+KERNELS = ["fused", "literal"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_self_attention_matches_torch_multihead_attention(kernel):
     ours, theirs = pair()
-    ours.fast = fast
     x = torch.randn(B, T, D)
     pad = padding([7, 4, 2], T)
     expected, _ = theirs(x, x, x, key_padding_mask=pad, need_weights=False)
-    got, _, _ = ours(x, key_padding_mask=pad)
+    with attention_kernel(kernel):
+        got = ours(x, key_padding_mask=pad)
     assert (got - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_causal_self_attention_matches_torch(fast):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_causal_self_attention_matches_torch(kernel):
     ours, theirs = pair()
-    ours.fast = fast
     x = torch.randn(B, T, D)
     pad = padding([7, 6, 3], T)
     mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)  # True = blocked
     expected, _ = theirs(x, x, x, attn_mask=mask, key_padding_mask=pad, need_weights=False)
-    got, _, _ = ours(x, key_padding_mask=pad, causal=True)
+    with attention_kernel(kernel):
+        got = ours(x, key_padding_mask=pad, causal=True)
+        got_no_pad = ours(x, causal=True)  # the is_causal fast path
     assert (got - expected).abs().max() <= 1e-5
-    got_no_pad, _, _ = ours(x, causal=True)  # the is_causal fast path
     expected_no_pad, _ = theirs(x, x, x, attn_mask=mask, need_weights=False)
     assert (got_no_pad - expected_no_pad).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_cross_attention_matches_torch(fast):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cross_attention_matches_torch(kernel):
     ours, theirs = pair()
-    ours.fast = fast
     x, context = torch.randn(B, T, D), torch.randn(B, S, D)
     pad = padding([5, 3, 1], S)
     expected, expected_weights = theirs(x, context, context, key_padding_mask=pad, average_attn_weights=False)
-    got, _, _ = ours(x, context, key_padding_mask=pad)
+    with attention_kernel(kernel):
+        got = ours(x, context, key_padding_mask=pad)
     assert (got - expected).abs().max() <= 1e-5
-    _, _, weights = ours(x, context, key_padding_mask=pad, need_weights=True)
+    weights = ours.weights(x, context, key_padding_mask=pad)
     assert (weights - expected_weights).abs().max() <= 1e-5
 
 
-def test_fast_path_equals_reference_path():
+def test_fused_kernel_equals_the_formula():
     attn = MultiHeadAttention(D, H).eval()
     x, context = torch.randn(B, T, D), torch.randn(B, S, D)
     cases = [
@@ -68,41 +71,56 @@ def test_fast_path_equals_reference_path():
         dict(context=context, key_padding_mask=padding([5, 2, 4], S)),
     ]
     for kwargs in cases:
-        attn.fast = True
-        fast, _, _ = attn(x, **kwargs)
-        attn.fast = False
-        reference, _, weights = attn(x, **kwargs, need_weights=True)
+        with attention_kernel("fused"):
+            fast = attn(x, **kwargs)
+        with attention_kernel("literal"):
+            reference = attn(x, **kwargs)
         assert (fast - reference).abs().max() <= 1e-5, kwargs
+        weights = attn.weights(x, **kwargs)
         assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-6)
+
+
+def test_the_kernel_setting_is_checked_and_restored():
+    q = torch.randn(1, 1, 1, 8)
+    assert fused_applies(q, None)
+    with attention_kernel("literal"):
+        assert not fused_applies(q, None)
+    assert fused_applies(q, None)
+    assert not fused_applies(q.bfloat16(), None) and fused_applies(q.bfloat16(), torch.zeros(1))  # "auto" on a bf16 CPU
+    with attention_kernel("fused"):
+        assert fused_applies(q.bfloat16(), None)
+    with pytest.raises(ValueError, match="not one of"):
+        set_attention_kernel("flash")
 
 
 def test_weights_are_zero_on_padding_and_future():
     attn = MultiHeadAttention(D, H).eval()
     x = torch.randn(B, T, D)
     pad = padding([7, 4, 2], T)
-    _, _, weights = attn(x, key_padding_mask=pad, causal=True, need_weights=True)  # (B, H, T, T)
+    weights = attn.weights(x, key_padding_mask=pad, causal=True)  # (B, H, T, T)
     assert weights[1, :, :, 4:].abs().max() == 0
     assert weights[:, :, ~causal_allowed(T, T, x.device)].abs().max() == 0
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_padded_batch_equals_each_sample_alone(fast):
-    attn = MultiHeadAttention(D, H, fast=fast).eval()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_padded_batch_equals_each_sample_alone(kernel):
+    attn = MultiHeadAttention(D, H).eval()
     lengths = [7, 4, 2]
     x = torch.randn(B, T, D)
-    batched, _, _ = attn(x, key_padding_mask=padding(lengths, T), causal=True)
-    for i, n in enumerate(lengths):
-        alone, _, _ = attn(x[i : i + 1, :n], causal=True)
-        assert (batched[i, :n] - alone[0]).abs().max() <= 1e-5
+    with attention_kernel(kernel):
+        batched = attn(x, key_padding_mask=padding(lengths, T), causal=True)
+        for i, n in enumerate(lengths):
+            alone = attn(x[i : i + 1, :n], causal=True)
+            assert (batched[i, :n] - alone[0]).abs().max() <= 1e-5
 
 
 def test_causal_mask_blocks_the_future():
     attn = MultiHeadAttention(D, H).eval()
     x = torch.randn(1, T, D)
-    before, _, _ = attn(x, causal=True)
+    before = attn(x, causal=True)
     changed = x.clone()
     changed[:, 4] += 10.0
-    after, _, _ = attn(changed, causal=True)
+    after = attn(changed, causal=True)
     assert torch.equal(before[:, :4], after[:, :4])
     assert (before[:, 4:] - after[:, 4:]).abs().max() > 1e-3  # and the change is seen from there on
 
@@ -112,9 +130,9 @@ def test_heads_must_divide_width():
         MultiHeadAttention(30, 4)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_query_sequences_can_share_a_context(fast):
-    attn = MultiHeadAttention(D, H, fast=fast).eval()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_query_sequences_can_share_a_context(kernel):
+    attn = MultiHeadAttention(D, H).eval()
     x, context = torch.randn(6, T, D), torch.randn(2, S, D)
     pad = padding([5, 3], S)
     kv = attn.project_kv(context)
@@ -122,37 +140,39 @@ def test_query_sequences_can_share_a_context(fast):
     unbiased = None
     # a score bias is allowed when given per query: per head, or one for all heads
     for bias in (None, torch.randn(6, H, T, S), torch.randn(6, 1, T, S)):
-        shared, _, weights = attn(x, static_kv=kv, key_padding_mask=pad, need_weights=not fast, bias=bias)
-        copied, _, copied_weights = attn(x, context[repeat], key_padding_mask=pad[repeat], need_weights=not fast, bias=bias)
+        with attention_kernel(kernel):
+            shared = attn(x, kv=kv, key_padding_mask=pad, bias=bias)
+            copied = attn(x, context[repeat], key_padding_mask=pad[repeat], bias=bias)
         assert (shared - copied).abs().max() <= 1e-5
-        if not fast:
-            assert (weights - copied_weights).abs().max() <= 1e-6
+        weights = attn.weights(x, kv=kv, key_padding_mask=pad, bias=bias)
+        copied_weights = attn.weights(x, context[repeat], key_padding_mask=pad[repeat], bias=bias)
+        assert (weights - copied_weights).abs().max() <= 1e-6
         if bias is None:
             unbiased = shared
         else:
             assert (shared - unbiased).abs().max() > 1e-3  # the bias was applied
     for uneven in (5, 3):  # 3 // 2 == 1 must not pass as "one query per context"
         with pytest.raises(ValueError, match="cannot share"):
-            attn(torch.randn(uneven, T, D), static_kv=kv)
+            attn(torch.randn(uneven, T, D), kv=kv)
 
 
-def test_score_bias_is_added_before_the_softmax_on_both_paths():
+def test_score_bias_is_added_before_the_softmax_on_both_kernels():
     attn = MultiHeadAttention(D, H).eval()
     x = torch.randn(B, T, D)
     bias = torch.randn(H, T, T)
     pad = padding([7, 5, 2], T)
-    attn.fast = False
-    _, _, plain = attn(x, need_weights=True)
-    _, _, biased = attn(x, need_weights=True, bias=bias)
+    plain = attn.weights(x)
+    biased = attn.weights(x, bias=bias)
     # softmax(s + b) is softmax(s) reweighted by exp(b)
     expected = plain * bias.exp()
     assert torch.allclose(biased, expected / expected.sum(-1, keepdim=True), atol=1e-5)
-    reference, _, weights = attn(x, key_padding_mask=pad, need_weights=True, bias=bias)
-    assert (weights[1, :, :, 5:] == 0).all()  # padding still masked under a bias
-    attn.fast = True
-    fast, _, _ = attn(x, key_padding_mask=pad, bias=bias)
+    assert (attn.weights(x, key_padding_mask=pad, bias=bias)[1, :, :, 5:] == 0).all()  # padding still masked under a bias
+    with attention_kernel("literal"):
+        reference = attn(x, key_padding_mask=pad, bias=bias)
+    with attention_kernel("fused"):
+        fast = attn(x, key_padding_mask=pad, bias=bias)
     assert (fast - reference).abs().max() <= 1e-5
-    assert (attn(x, bias=torch.zeros(H, T, T))[0] - attn(x)[0]).abs().max() <= 1e-6
+    assert (attn(x, bias=torch.zeros(H, T, T)) - attn(x)).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="score bias"):
         attn(torch.randn(4, T, D), torch.randn(2, S, D), bias=torch.zeros(H, T, S))
 
@@ -161,34 +181,28 @@ def test_score_bias_is_added_before_the_softmax_on_both_paths():
 def test_cpu_bf16_takes_the_literal_path_unless_scores_are_biased(monkeypatch):
     # on a CPU torch's fused kernel is slower than the literal product in bf16, faster in fp32;
     # with a score bias that needs a gradient torch runs its own fp32 path, kept as it is
-    calls = []
-    fused = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    import mmt.layers.attention as attention
+
+    fused, literal = [], []
+    sdpa, reference = torch.nn.functional.scaled_dot_product_attention, attention.reference_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: fused.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(attention, "reference_attention", lambda *a, **k: literal.append(1) or reference(*a, **k))
     torch.manual_seed(0)
     attn = MultiHeadAttention(32, 4).eval()
     x, pad = torch.randn(2, 5, 32), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
-    out32, _, _ = attn(x, key_padding_mask=pad)
-    assert len(calls) == 1
+    out32 = attn(x, key_padding_mask=pad)
+    assert (len(fused), len(literal)) == (1, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out16, _, weights = attn(x, key_padding_mask=pad)
-    assert len(calls) == 1 and out16.dtype == torch.bfloat16
-    assert weights is not None and (weights[1, :, :, 3:] == 0).all()  # the literal path, masks applied
+        out16 = attn(x, key_padding_mask=pad)
+    assert (len(fused), len(literal)) == (1, 1) and out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), out32, atol=3e-2, rtol=3e-2)
     bias = torch.zeros(4, 5, 5, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, _, weights = attn(x, key_padding_mask=pad, bias=bias)
-    assert len(calls) == 2 and weights is None
-    attn.fused_on_bf16_cpu = True  # asked for the kernel there too (the Sort-of-CLEVR preset)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, _, weights = attn(x, key_padding_mask=pad)
-    assert len(calls) == 3 and weights is None
-    from mmt import registry
-    from mmt.layers.transformer import Decoder, Encoder
-
-    preset = registry.preset("vqa-fast")
-    for layers in (preset.vision.encoder, preset.text.encoder, preset.fusion_encoder):
-        stack = Encoder(layers) if layers is not preset.fusion_encoder else Decoder(layers, causal=False)
-        assert all(m.fused_on_bf16_cpu for m in stack.modules() if isinstance(m, MultiHeadAttention))
+        attn(x, key_padding_mask=pad, bias=bias)
+    assert (len(fused), len(literal)) == (2, 1)
+    with attention_kernel("fused"), torch.autocast("cpu", dtype=torch.bfloat16):  # the Sort-of-CLEVR recipe's setting
+        attn(x, key_padding_mask=pad)
+    assert (len(fused), len(literal)) == (3, 1)
 
 
 def test_literal_path_takes_scores_and_softmax_in_fp32_under_bf16_autocast():

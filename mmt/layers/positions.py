@@ -1,0 +1,67 @@
+"""Position embeddings: for a token sequence (1-D) and for an image token grid (2-D)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def sincos_1d(positions: Tensor, dim: int) -> Tensor:
+    """Fixed sinusoidal embedding of integer `positions` (L,) -> (L, dim) (Vaswani et al. sec. 3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None, :]  # (L, half)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return nn.functional.pad(emb, (0, dim - 2 * half))  # odd dim: one zero channel
+
+
+class Positions1D(nn.Module):
+    """Position embedding for a token sequence: learned table or fixed sinusoids."""
+
+    def __init__(self, max_len: int, dim: int, kind: str = "learned"):
+        super().__init__()
+        self.max_len = max_len
+        if kind == "learned":
+            self.table = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        else:  # fixed: a buffer that follows the module's device but is not saved
+            self.register_buffer("table", sincos_1d(torch.arange(max_len), dim), persistent=False)
+
+    def forward(self, length: int, start: int | Tensor = 0) -> Tensor:
+        """Embeddings of positions start..start+length-1, (length, dim). `start` may be a (1,) tensor
+        (a static cache's position, read from memory by a recorded step); the caller then keeps
+        the positions below max_len."""
+        if isinstance(start, Tensor):
+            return self.table.index_select(0, start if length == 1 else start + torch.arange(length, device=start.device))
+        if start + length > self.max_len:
+            raise ValueError(f"sequence of {start + length} tokens exceeds max_len={self.max_len}")
+        return self.table[start : start + length]
+
+
+class Positions2D(nn.Module):
+    """Position embedding for an image token grid: emb(row) + emb(col), learned or sinusoidal.
+
+    The sinusoidal form spends half the channels on the row and half on the column (as in
+    MAE); the learned form keeps one table per axis.
+    """
+
+    def __init__(self, max_rows: int, max_cols: int, dim: int, kind: str = "learned"):
+        super().__init__()
+        self.dim = dim
+        if kind == "learned":
+            self.rows = nn.Parameter(torch.randn(max_rows, dim) * 0.02)
+            self.cols = nn.Parameter(torch.randn(max_cols, dim) * 0.02)
+        else:  # zero-padded halves, so that row + col concatenates [row code, col code]
+            half = dim // 2
+            rows = nn.functional.pad(sincos_1d(torch.arange(max_rows), half), (0, dim - half))
+            cols = nn.functional.pad(sincos_1d(torch.arange(max_cols), dim - half), (half, 0))
+            self.register_buffer("rows", rows, persistent=False)
+            self.register_buffer("cols", cols, persistent=False)
+
+    def forward(self, rows: int, cols: int) -> Tensor:
+        """(rows * cols, dim), row-major like a flattened (rows, cols) grid."""
+        if rows > self.rows.shape[0] or cols > self.cols.shape[0]:
+            raise ValueError(f"token grid {rows}x{cols} exceeds {self.rows.shape[0]}x{self.cols.shape[0]}")
+        grid = self.rows[:rows, None, :] + self.cols[None, :cols, :]  # (rows, cols, dim)
+        return grid.reshape(rows * cols, self.dim)

@@ -1,0 +1,131 @@
+"""Training checkpoints: everything a resumed run restores, without pickle.
+
+    checkpoints/step-0000500/
+      config.json, model.safetensors   the model (`mmt.checkpoint.save_pretrained`)
+      optimizer.safetensors            optimizer tensors and every process's torch RNG states
+      trainer_state.json               step, scheduler, optimizer settings, Python/numpy RNG
+                                       state, the best evaluation so far, the task's own state
+
+A checkpoint is written under a temporary name and renamed into place (each file fsynced),
+so a crash mid-save leaves the earlier checkpoints intact; the newest `keep_last` and the best
+are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmt import checkpoint
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (safetensors) and the rest (JSON)."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{slot}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{index}.{slot}"] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["plain"].items()):
+        index, slot = key.split(".", 1)
+        state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in {STATE_NAME}")
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def save_checkpoint(
+    run_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any], keep_last: int, best: int | None,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write checkpoints/step-N atomically (a temporary directory renamed into place).
+    `rng_states`: every process's torch RNG states ({"torch": cpu, "cuda": gpu}), by rank
+    (default: this process's CPU state)."""
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save_pretrained(model, tmp)
+    tensors, meta = _optimizer_tensors(optimizer)
+    rng_states = rng_states or [{"torch": torch.get_rng_state()}]
+    for rank, states in enumerate(rng_states):
+        for kind, rng in states.items():  # rank 0's CPU state keeps its old name, "rng.torch"
+            tensors[f"rng.{kind}" + (f".rank{rank}" if rank else "")] = rng
+    checkpoint.atomic_write(tmp / OPTIMIZER_NAME, lambda path: save_file(tensors, path))
+    state = {
+        "step": step,
+        "optimizer": meta,
+        "scheduler": scheduler.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(legacy=False)},
+        **extra,
+    }
+    checkpoint.atomic_write_text(tmp / STATE_NAME, json.dumps(state, default=_to_builtin))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    # keep the newest `keep_last` checkpoints and the best one
+    done = sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file())
+    keep = set(done[-keep_last:]) | ({ckpt_root / f"step-{best:07d}"} if best is not None else set())
+    for old in done:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE_NAME).is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(last: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:
+    """Restore the model, optimizer, scheduler and every RNG state of this process (`rank`)
+    from checkpoint `last`; returns its trainer state (step, best, task)."""
+    checkpoint.load_weights(model, last / checkpoint.WEIGHTS_NAME)
+    tensors = load_file(str(last / OPTIMIZER_NAME))
+    state = json.loads((last / STATE_NAME).read_text())
+    rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.")]}
+    suffix = f".rank{rank}" if rank else ""
+    torch.set_rng_state(rng.get(f"rng.torch{suffix}", rng["rng.torch"]))
+    if torch.cuda.is_available() and f"rng.cuda{suffix}" in rng:
+        torch.cuda.set_rng_state(rng[f"rng.cuda{suffix}"])
+    _restore_optimizer(optimizer, tensors, state["optimizer"])
+    random.setstate(_tuples(state["rng"]["python"]))
+    np.random.set_state(state["rng"]["numpy"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after `step` (by a run that then died), so a resumed run's log reads
+    exactly like an uninterrupted one."""
+    if path.is_file():
+        kept = [line for line in path.read_text().split("\n") if line.strip() and json.loads(line)["step"] <= step]
+        checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
