@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmt.data import sort_of_clevr
-from mmt.data.sort_of_clevr import SceneObject
-from mmt.tasks.vqa import Question, QuestionSet, VQASplit, VQATask, load_for_inference, question_types
+import mmt
+from mmt.data.worlds import sort_of_clevr
+from mmt.data.worlds.sort_of_clevr import SceneObject
+from mmt.tasks.vqa import Question, QuestionSet, VQASplit, VQATask, question_types
 
 BANDS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)  # px; the last band is open
 
@@ -73,9 +74,9 @@ def main() -> None:
     data = json.loads(config_path.read_text())["data"] if config_path.is_file() else {"num_test": 200, "seed": 0}
     _, test = sort_of_clevr.splits(0, data["num_test"], data["seed"])
 
-    model, tokenizer, vocab = load_for_inference(run_dir)
+    vqa = mmt.load(run_dir)
     split = VQASplit(test.images, [Question(q.image_index, q.text, q.answer, question_types(q)) for q in test.questions])
-    right = VQATask.predictions_correct(model, QuestionSet(split, tokenizer, vocab, model.config))
+    right = VQATask.predictions_correct(vqa.model, QuestionSet(split, vqa.tokenizer, vqa.answers, vqa.model.config))
 
     measured = [pixel_centres(image, objects) for image, objects in zip(test.images, test.scenes)]
     print(f"{'question':<10} {'margin':<12} {'questions':>9} {'model':>8} {'pixel ceiling':>14}")

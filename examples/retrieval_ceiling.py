@@ -3,7 +3,7 @@
 Every shapes caption names every object of its scene, but scenes with the same objects share
 their plain listings, and a relation or superlative may hold in several of them. An oracle
 that ranks first exactly the scenes a caption is true of and whose every object it names
-(checked against the scene graphs by mmt.data.shapes_truth), ties in random order, gets
+(checked against the scene graphs by mmt.data.worlds.shapes_truth), ties in random order, gets
 text -> image R@1 = 1 / (number of such scenes) on each caption; the mean is a ceiling on
 R@1 for a model that reads captions as statements of fact.
 
@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 
-from mmt.data import shapes
-from mmt.data.shapes_truth import scenes_described
+from mmt.data.worlds import shapes
+from mmt.data.worlds.shapes_truth import scenes_described
 from mmt.tasks.retrieval import SHAPES_CAPTION_GROUPS
 
 

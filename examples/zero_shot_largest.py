@@ -10,29 +10,25 @@ object are left out). Chance is 1/32.
 
 import sys
 
-import torch
-
-from mmt.data import shapes
-from mmt.data.transforms import to_pixels
-from mmt.tasks.retrieval import load_for_inference, zero_shot
+import mmt
+from mmt.data.worlds import shapes
 
 
 def main(run_dir: str, num_test: int = 1000) -> None:
-    model, tokenizer = load_for_inference(run_dir)
-    _, _, test = shapes.splits(0, 0, num_test, image_size=model.config.vision.image_size)
+    retrieval = mmt.load(run_dir)
+    _, _, test = shapes.splits(0, 0, num_test, image_size=retrieval.image_size)
     labels = [f"{colour} {shape}" for colour in shapes.COLOURS for shape in shapes.SHAPES]
-    probs = zero_shot(model, tokenizer, to_pixels(test.images), labels, template="the largest object is a {}")
+    ranked = retrieval.classify(list(test.images), labels, template="the largest object is a {}")
     right = total = 0
-    for scene, row in zip(test.scenes, probs):
+    for scene, result in zip(test.scenes, ranked):
         largest = scene.superlative("largest")
         if largest is None:
             continue
         o = scene.objects[largest]
-        right += labels[int(row.argmax())] == f"{o.colour} {o.shape}"
+        right += result["label"] == f"{o.colour} {o.shape}"
         total += 1
     print(f"zero-shot 'largest object' accuracy: {right / total:.2%} on {total} test scenes (chance {1 / len(labels):.2%})")
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main(*sys.argv[1:2])

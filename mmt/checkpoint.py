@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,36 +24,12 @@ from torch import nn
 
 from mmt import config as config_lib
 from mmt.errors import CheckpointError
+from mmt.files import atomic_write, atomic_write_text
 from mmt.text import Tokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,12 +169,14 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
 
 
-def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu", cfg: Any = None) -> nn.Module:
     """Rebuild the model saved in `directory` and load its weights (strictly), in eval mode
-    (dropout off: what predicting and decoding want; call `.train()` to fine-tune it)."""
+    (dropout off: what predicting and decoding want; call `.train()` to fine-tune it). `cfg`:
+    the saved config with changes (they must leave the weights' names and shapes as they are)."""
     from mmt import registry
 
-    model_type, cfg = read_config(directory)
+    model_type, saved = read_config(directory)
+    cfg = saved if cfg is None else cfg
     model = registry.model_class(model_type)(cfg)
     load_weights(model, Path(directory) / WEIGHTS_NAME, strict=True)
     return model.to(map_location).eval()
@@ -224,10 +200,10 @@ def model_directory(run_dir: str | Path) -> Path:
     return directory / "model" if (directory / "model" / CONFIG_NAME).is_file() else directory
 
 
-def load_for_inference(run_dir: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
+def load_for_inference(run_dir: str | Path, cfg: Any = None) -> tuple[nn.Module, Tokenizer, Path]:
     """(model in eval mode, its tokenizer, the model directory) of a training run or model directory."""
     directory = model_directory(run_dir)
-    model = from_pretrained(directory)
+    model = from_pretrained(directory, cfg=cfg)
     tokenizer = load_tokenizer(directory)
     if tokenizer is None:
         raise CheckpointError(f"{directory}: no tokenizer.json beside the model")

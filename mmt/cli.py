@@ -1,4 +1,11 @@
-"""The `mmt` command line. Each sub-command is a small function over the library."""
+"""The `mmt` command line: parses, calls the library, prints. Nothing here imports torch until a
+command needs it, so that `mmt --help` answers at once.
+
+Conventions, the same for every command: the run directory (or model directory) is the first
+argument after the command (after the task for `mmt train`); `--set key=value` changes a setting
+of whatever a command builds or loads; `--out` is where a command writes its result; the
+decoding flags (`--beam`, `--sample`, `--top-k`, ...) mean the same for `eval` and `predict`.
+"""
 
 from __future__ import annotations
 
@@ -8,53 +15,77 @@ import logging
 import sys
 from pathlib import Path
 
-from mmt.checkpoint import CheckpointError
-from mmt.config import ConfigError
-from mmt.train import TrainingError
+from mmt import __version__
+from mmt.errors import CheckpointError, ConfigError, TrainingError
+
+log = logging.getLogger("mmt")
+
+# ----------------------------------------------------------------------------- helpers
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from mmt import demo
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: stores into the new one's destination and says so once."""
 
-    result = demo.run(steps=args.steps, out_dir=args.out, overrides=args.set)
-    return 0 if result["identical_after_reload"] else 1
+    def __init__(self, option_strings, dest, instead: str, **kwargs):
+        self.instead = instead
+        super().__init__(option_strings, dest, **kwargs)
 
-
-def _inspect(args: argparse.Namespace) -> int:
-    from mmt import checkpoint
-
-    model = checkpoint.from_pretrained(args.model_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model_dir}: {model.model_type} model, {n_params:,} parameters, weights load cleanly")
-    return 0
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"mmt: {option_string} is deprecated and will be removed in the next release; {self.instead}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
-def _tasks() -> dict:
-    """Trainable tasks: name -> (run config class, task class)."""
-    from mmt.tasks.caption import CaptionRunConfig, CaptionTask
-    from mmt.tasks.retrieval import PretrainRunConfig, PretrainTask, RetrievalRunConfig, RetrievalTask
-    from mmt.tasks.vqa import VQARunConfig, VQATask
-
-    return {
-        "vqa": (VQARunConfig, VQATask),
-        "caption": (CaptionRunConfig, CaptionTask),
-        "retrieval": (RetrievalRunConfig, RetrievalTask),
-        "pretrain": (PretrainRunConfig, PretrainTask),
-    }
+def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"change a setting, repeatable, e.g. {example}")
 
 
-def _run_config(args: argparse.Namespace):
+def _add_decoding(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags of `eval` and `predict`; unset ones keep the run's own settings."""
+    group = parser.add_argument_group(
+        "decoding (captioning, generative VQA)", "unset flags keep the run's settings (generation.* in its run_config.json)"
+    )
+    group.add_argument("--beam", type=int, metavar="N", help="beam search of width N (1: greedy)")
+    group.add_argument("--length-penalty", type=float, metavar="A", help="beam score = log p / length ** A")
+    group.add_argument("--sample", action="store_true", default=None, help="sample instead of greedy/beam decoding")
+    group.add_argument("--temperature", type=float, help="sampling: logits / temperature")
+    group.add_argument("--top-k", type=int, metavar="K", help="sampling: keep the K most likely tokens (0: all)")
+    group.add_argument("--top-p", type=float, metavar="P", help="sampling: nucleus threshold")
+    group.add_argument("--num-return", type=int, metavar="N", help="texts returned per input (beams or samples)")
+    group.add_argument("--seed", type=int, help="sampling seed")
+    group.add_argument("--max-new-tokens", type=int, metavar="N", help="at most N tokens (also capped by the model)")
+
+
+_DECODING = {
+    "beam": "num_beams", "length_penalty": "length_penalty", "sample": "do_sample", "temperature": "temperature",
+    "top_k": "top_k", "top_p": "top_p", "num_return": "num_return", "seed": "seed", "max_new_tokens": "max_new_tokens",
+}
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    """GenerationConfig fields the decoding flags set."""
+    return {field: getattr(args, flag) for flag, field in _DECODING.items() if getattr(args, flag) is not None}
+
+
+def _decoding_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"generation.{field}={json.dumps(value)}" for field, value in _decoding(args).items()]
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _run_config(args: argparse.Namespace, run_dir: Path):
     """The run config: the run's own when resuming, else defaults <- preset <- --config <- --set."""
     from mmt import config, registry
+    from mmt.tasks import task_class
 
-    config_class = _tasks()[args.task][0]
+    config_class = task_class(args.task).run_config
     if args.resume:
-        path = Path(args.run_dir) / "run_config.json"
+        path = run_dir / "run_config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found; --resume needs a run directory made by `mmt train`")
         data = json.loads(path.read_text())
         if data.pop("task", args.task) != args.task:
-            raise ConfigError(f"{path}: this run trained another task; use `mmt train <its task> --resume`")
+            raise ConfigError(f"{path}: this run trained another task; use `mmt train <its task> {run_dir} --resume`")
         return config.apply_overrides(config.from_dict(config_class, data), args.set)
     cfg = config_class()
     if args.preset:
@@ -74,194 +105,127 @@ def _run_config(args: argparse.Namespace):
     return cfg
 
 
-def _print_result(task: str, result: dict) -> None:
-    if task == "vqa":
-        from mmt.tasks.vqa import format_table
-
-        print(format_table(result))
-    elif task in ("retrieval", "pretrain"):
-        from mmt.tasks.retrieval import format_recall
-
-        print(format_recall(result))
-    else:
-        from mmt.metrics.captions import format_scores
-
-        print(format_scores(result))
-
-
 def _train(args: argparse.Namespace) -> int:
+    from mmt.tasks import TASKS, task_class
     from mmt.train import train
 
-    tasks = _tasks()
-    if args.task not in tasks:
-        print(f"mmt train: task {args.task!r} is not available yet (available: {', '.join(tasks)})", file=sys.stderr)
-        return 2
-    if args.resume:
-        args.run_dir = args.resume
-    elif not args.run_dir:
-        args.run_dir = f"runs/{args.task}"
-    cfg = _run_config(args)
-    if not args.resume and Path(args.run_dir, "checkpoints").exists():
-        raise ConfigError(f"{args.run_dir} already holds a run; use --resume {args.run_dir} or another --run-dir")
-    result = train(tasks[args.task][1](cfg), args.run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if args.task not in TASKS:
+        raise ConfigError(f"task {args.task!r} is not available (available: {', '.join(TASKS)})")
+    if isinstance(args.resume, str):  # the old spelling, --resume RUN_DIR
+        print(f"mmt: --resume RUN_DIR is deprecated; write mmt train {args.task} {args.resume} --resume", file=sys.stderr)
+        args.run_dir = args.run_dir or args.resume
+    run_dir = Path(args.run_dir or f"runs/{args.task}")
+    cfg = _run_config(args, run_dir)
+    if not args.resume and (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with `mmt train {args.task} {run_dir} --resume` or choose another directory")
+    task = task_class(args.task)(cfg)
+    result = train(task, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if result:
-        _print_result(args.task, result)
-    print(f"run directory: {args.run_dir}")
+        print(task.format_result(result))
+    print(f"run directory: {run_dir}")
     return 0
 
 
-def _saved_run_config(run_dir: Path, cfg, args: argparse.Namespace):
-    """`cfg` with the run's own data (and generation) settings, then --set."""
-    from mmt import config
+# ----------------------------------------------------------------------------- eval, predict, inspect
 
-    from mmt.checkpoint import model_directory
 
-    found = [p for p in (run_dir / "run_config.json", model_directory(run_dir) / "run_config.json") if p.is_file()]
-    if found:  # evaluate on the test split the run was made with
-        saved = json.loads(found[0].read_text())
-        cfg = config.merge(cfg, {k: saved[k] for k in ("dataset", "data", "shapes", "generation", "source") if k in saved})
+def _saved_task(run_dir: Path, overrides: list[str]):
+    """(the task with the run's own settings and `overrides`, the model, its tokenizer, the model
+    directory) of a saved run or model directory."""
+    from mmt import checkpoint, config
+    from mmt.api import run_settings
+    from mmt.tasks import TASK_OF_MODEL, task_class
+
+    directory = checkpoint.model_directory(run_dir)
+    model_type, model_cfg = checkpoint.read_config(directory)
+    settings = run_settings(run_dir)
+    name = TASK_OF_MODEL[model_type]
+    if model_type == "retrieval" and settings.get("task") == "pretrain":
+        name = "pretrain"
+    cls = task_class(name)
+    if settings:  # the data and decoding the run was made with; the weights' own model config
+        cfg = config.from_dict(cls.run_config, {k: v for k, v in settings.items() if k != "task"})
     else:
-        print(f"mmt eval: no run_config.json in {run_dir}: evaluating on the default data settings", file=sys.stderr)
-    return config.apply_overrides(cfg, args.set)
+        log.warning(f"no run_config.json in {run_dir}: testing on the default data settings")
+        cfg = cls.run_config()
+    cfg.model = model_cfg
+    cfg = config.apply_overrides(cfg, overrides)
+    model, tokenizer, _ = checkpoint.load_for_inference(directory, cfg.model)
+    return cls(cfg), model, tokenizer, directory
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mmt import checkpoint
-
     run_dir = Path(args.run_dir)
-    model_type, _ = checkpoint.read_config(checkpoint.model_directory(run_dir))
-    out = Path(args.out) if args.out else (run_dir / "eval.json")
-    if model_type == "caption":
-        return _eval_caption(run_dir, out, args)
-    if model_type == "retrieval":
-        return _eval_retrieval(run_dir, out, args)
-    from mmt.tasks.vqa import QuestionSet, VQARunConfig, VQATask, counts_by_type, format_table, load_for_inference, load_split
-
-    model, tokenizer, vocab = load_for_inference(run_dir)
-    cfg = _saved_run_config(run_dir, VQARunConfig(model=model.config), args)
-    test = load_split(cfg, "test")
-    result = VQATask(cfg).evaluate(model, QuestionSet(test, tokenizer, vocab, model.config))
-    print(format_table(result, counts_by_type(test.questions)))
+    overrides = args.set + _decoding_overrides(args) + ([f"model.rerank_k={args.rerank_k}"] if args.rerank_k else [])
+    task, model, tokenizer, directory = _saved_task(run_dir, overrides)
+    out = Path(args.out) if args.out else run_dir / "eval.json"
+    result, report = task.test(model, tokenizer, directory, out)
+    print(report)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0
-
-
-def _eval_caption(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
-    import time
-
-    from mmt.metrics.captions import format_scores, write_coco_references, write_coco_results
-    from mmt.tasks.caption import CaptionRunConfig, caption_images, evaluate_captions, load_for_inference, score_references
-
-    model, tokenizer = load_for_inference(run_dir)
-    cfg = _saved_run_config(run_dir, CaptionRunConfig(model=model.config), args)
-    pixels, references, test = _test_image_texts(cfg, model.config.vision.image_size)
-    started = time.perf_counter()
-    captions = caption_images(model, tokenizer, pixels, cfg.generation)
-    seconds = time.perf_counter() - started
-    # METEOR and PTB tokens when Java is present; truth only where there are scene graphs
-    if test is None:
-        result = score_references(captions, references, meteor=None, tokenize=None)
-    else:
-        result = evaluate_captions(captions, test, meteor=None, tokenize=None)
-    print(f"{len(captions)} test images captioned in {seconds:.1f}s ({_decoding(cfg.generation)})")
-    print(format_scores(result))
-    results_path = out.with_name(out.stem + "_captions.json")
-    write_coco_results(results_path, dict(enumerate(captions)))
-    write_coco_references(out.with_name(out.stem + "_references.json"), dict(enumerate(references)))
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}; captions (COCO results format) in {results_path}")
-    return 0
-
-
-def _eval_retrieval(run_dir: Path, out: Path, args: argparse.Namespace) -> int:
-    import time
-
-    from mmt.tasks.retrieval import SHAPES_CAPTION_GROUPS, RetrievalRunConfig, format_recall, load_for_inference, retrieval_scores
-
-    model, tokenizer = load_for_inference(run_dir)
-    cfg = _saved_run_config(run_dir, RetrievalRunConfig(model=model.config), args)
-    model.config.rerank_adds_contrastive = cfg.model.rerank_adds_contrastive  # --set model.rerank_adds_contrastive=false
-    pixels, captions, shapes_test = _test_image_texts(cfg, model.config.vision.image_size)
-    groups = SHAPES_CAPTION_GROUPS if shapes_test is not None else None
-    started = time.perf_counter()
-    result = retrieval_scores(model, tokenizer, pixels, captions, rerank_k=args.rerank_k, caption_groups=groups)
-    seconds = time.perf_counter() - started
-    texts = sum(len(c) for c in captions)
-    print(f"{len(captions)} test images, {texts} captions, scored in {seconds:.1f}s")
-    print(format_recall(result))
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
-    return 0
-
-
-def _test_image_texts(cfg, size: int):
-    """(pixels, captions per image, the shapes split or None) a caption or retrieval run is
-    tested on: source.test (else source.val) for a run on its own data, else the shapes
-    world's test split."""
-    import dataclasses
-
-    from mmt.data.transforms import to_pixels
-    from mmt.tasks.common import load_image_texts, shapes_splits
-
-    source = cfg.source
-    if not source.train:
-        _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
-        return to_pixels(test.images), test.captions, test
-    path = source.test or source.val
-    if not path:
-        raise ConfigError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
-    own = load_image_texts(path, source, size, source.test_split if source.test else source.val_split)
-    return own.pixels, own.captions, None
-
-
-def _decoding(generation) -> str:
-    if generation.num_beams > 1:
-        return f"beam search, width {generation.num_beams}"
-    return "sampling" if generation.do_sample else "greedy"
-
-
-def _generation_config(args: argparse.Namespace):
-    from mmt.generation import GenerationConfig
-
-    cfg = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.beam,
-        length_penalty=args.length_penalty,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_return=args.num_return,
-        seed=args.seed,
-    )
-    cfg.validate()
-    return cfg
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from mmt.predict import predict_file, predict_one
+    from mmt.api import load
 
-    generation = _generation_config(args)
+    predictor = load(args.run_dir, overrides=args.set)
+    decoding = _decoding(args)
     labels = args.labels.split(",") if args.labels else None
     if args.input:
-        if not args.output:
-            raise ConfigError("--input needs --output (where the answers go)")
-        return predict_file(args.run_dir, args.input, args.output, generation, labels, args.template)
+        from mmt.predict import predict_file
+
+        if not args.out:
+            raise ConfigError("--input needs --out (the JSON Lines file the results go to)")
+        summary = predict_file(predictor, args.input, args.out, labels, args.template, decoding)
+        for error in summary.errors:
+            print(error, file=sys.stderr)
+        failed = f"; {len(summary.errors)} failed" if summary.errors else ""
+        print(f"answered {summary.answered} of {summary.lines} lines into {args.out}{failed}")
+        return 1 if summary.errors else 0
     if not args.image:
-        raise ConfigError("give --image IMG (and --question TEXT for VQA), or --input IN.jsonl --output OUT.jsonl")
-    result = predict_one(args.run_dir, args.image, args.question, generation, labels, args.template)
+        raise ConfigError("give --image IMG (and --question TEXT for VQA), or --input IN.jsonl --out OUT.jsonl")
+    if predictor.task == "vqa":
+        if not args.question:
+            raise ConfigError("a VQA model answers a question: give --question TEXT")
+        result = predictor.answer(args.image, args.question, **decoding)
+    elif predictor.task == "caption":
+        result = predictor.caption(args.image, **decoding)
+    else:
+        if not labels:
+            raise ConfigError(f"{predictor.directory} is a retrieval model: give --labels \"a,b,c\" to classify the image among them")
+        result = predictor.classify(args.image, labels, args.template)
     if args.json:
         print(json.dumps(result))
-    elif "label" in result:
+    elif "labels" in result:
         for item in result["labels"]:
             print(f"{item['score']:.4f}  {item['label']}")
     elif "caption" in result:
         for item in result.get("captions", [result]):
             print(f"{item['caption']}  (score {item['score']:.3f})")
     else:
-        print(f"{result['answer']}  (score {result['score']:.3f})")
+        for item in result.get("answers", [result]):
+            print(f"{item['answer']}  (score {item['score']:.3f})")
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from mmt.api import load
+
+    predictor = load(args.run_dir, overrides=args.set)
+    n_params = sum(p.numel() for p in predictor.model.parameters())
+    print(f"{predictor.directory}: {predictor.task} model, {n_params:,} parameters, weights load cleanly")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mmt import demo
+
+    result = demo.run(steps=args.steps, out_dir=args.out, overrides=args.set)
+    return 0 if result["identical_after_reload"] else 1
+
+
+# ----------------------------------------------------------------------------- score, index, search
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -288,7 +252,8 @@ def _index(args: argparse.Namespace) -> int:
     from mmt.search import build_index
 
     summary = build_index(
-        args.run_dir, args.images, args.out, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress
+        args.run_dir, args.images, args.out, batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
+        overrides=args.set,
     )
     resumed = f", {summary['resumed']} already there from an interrupted run" if summary["resumed"] else ""
     skipped = f"; {summary['skipped']} unreadable images skipped" if summary["skipped"] else ""
@@ -305,7 +270,8 @@ def _search(args: argparse.Namespace) -> int:
     index = SearchIndex.load(args.index_dir)
     if args.nprobe:
         index.nprobe = args.nprobe
-    hits = index.search_text(args.text, args.k) if args.text is not None else index.search_image(args.image, args.k)
+    n = args.num_results
+    hits = index.search_text(args.text, n) if args.text is not None else index.search_image(args.image, n)
     if args.json:
         print(json.dumps(hits))
     else:
@@ -314,11 +280,14 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- data
+
+
 def _data_check(args: argparse.Namespace) -> int:
-    from mmt.data.records import check_dataset, format_report, load_source
+    from mmt.data.formats import check_dataset, format_report, load_source
 
     source = load_source(
-        args.source, image_root=args.images, kind=args.kind, skip_bad=args.skip_bad, annotations=args.annotations, split=args.split
+        args.source, image_root=args.image_root, kind=args.kind, skip_bad=args.skip_bad, annotations=args.annotations, split=args.split
     )
     report = check_dataset(source, load=not args.headers_only, skip_bad=args.skip_bad)
     print(format_report(report))
@@ -328,9 +297,9 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_pack(args: argparse.Namespace) -> int:
-    from mmt.data.shards import pack
+    from mmt.data.formats.shards import pack
 
-    summary = pack(args.source, args.out, image_root=args.images, kind=args.kind, shard_size=args.shard_size, skip_bad=args.skip_bad)
+    summary = pack(args.source, args.out, image_root=args.image_root, kind=args.kind, shard_size=args.shard_size, skip_bad=args.skip_bad)
     skipped = summary["skipped"]["total"]
     print(f"packed {summary['num_samples']} records into {summary['num_shards']} shards in {args.out}"
           + (f"; {skipped} bad records skipped" if skipped else ""))
@@ -338,8 +307,7 @@ def _data_pack(args: argparse.Namespace) -> int:
 
 
 def _data_preview(args: argparse.Namespace) -> int:
-    from mmt.data.preview import preview_sort_of_clevr
-    from mmt.data.shapes_preview import preview_shapes
+    from mmt.data.worlds.preview import preview_shapes, preview_sort_of_clevr
 
     previews = {"sort-of-clevr": preview_sort_of_clevr, "shapes": preview_shapes}
     if args.dataset not in previews:
@@ -349,61 +317,62 @@ def _data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmt", description="Transformer-based multimodal learning.")
-    commands = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------- the parser
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser("train", help="train a task model (built-in data or your own)")
+    train.add_argument("task", help="vqa, caption, retrieval or pretrain")
+    train.add_argument("run_dir", nargs="?", help="where the run is written (default runs/TASK)")
+    train.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+        help="continue the run from its last checkpoint (`--resume RUN_DIR`, without the positional run directory, is the old spelling)",
+    )
+    train.add_argument("--preset", help="named model preset, e.g. vqa-small, seed-vqa, caption-small")
+    train.add_argument("--config", help="JSON/YAML file with model/data/train sections")
+    _add_set(train, "train.steps=500")
+    train.add_argument("--init", metavar="RUN_DIR", help="start from the weights of another run (e.g. pretrain) where names and shapes match")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--run-dir", dest="run_dir", action=_Deprecated, instead="give the run directory after the task: mmt train TASK RUN_DIR", help=argparse.SUPPRESS)
+    train.set_defaults(run=_train)
+
+
+def _add_use(commands) -> None:
+    evaluate = commands.add_parser("eval", help="score a run on its test data (VQA: accuracy per question type; captioning: caption metrics and truth; retrieval: Recall@K)")
+    evaluate.add_argument("run_dir", help="a run directory or a model directory")
+    evaluate.add_argument("--out", help="JSON file for the scores (default RUN_DIR/eval.json)")
+    _add_set(evaluate, "data.num_test=50, source.test=test.jsonl, model.rerank_adds_contrastive=false")
+    evaluate.add_argument("--rerank-k", type=int, metavar="K", help="retrieval: re-rank K contrastive candidates with the matching head (default: the model's)")
+    _add_decoding(evaluate)
+    evaluate.set_defaults(run=_eval)
+
+    predict = commands.add_parser("predict", help="answer questions about images, caption images, or classify them zero-shot")
+    predict.add_argument("run_dir", help="a run directory or a model directory")
+    predict.add_argument("--image", help="an image file")
+    predict.add_argument("--question", help="the question (VQA)")
+    predict.add_argument("--input", help='JSON Lines of {"image": PATH} (+ "question": TEXT for VQA); paths relative to the file')
+    predict.add_argument("--out", help="with --input: the JSON Lines file of results, one line per input line")
+    predict.add_argument("--labels", help='retrieval / pretrain runs: classify zero-shot among these comma-separated labels, e.g. "red,blue,green"')
+    predict.add_argument("--template", default="{}", help='prompt each label is put into, e.g. "the largest object is {}" (default "{}")')
+    predict.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_set(predict, "generation.max_new_tokens=10")
+    _add_decoding(predict)
+    predict.add_argument("--output", dest="out", action=_Deprecated, instead="use --out", help=argparse.SUPPRESS)
+    predict.set_defaults(run=_predict)
+
+    inspect = commands.add_parser("inspect", help="load a saved run or model directory and report on it")
+    inspect.add_argument("run_dir")
+    _add_set(inspect, "model.rerank_k=32")
+    inspect.set_defaults(run=_inspect)
 
     demo = commands.add_parser("demo", help="train a tiny captioner, save, reload and caption new images")
     demo.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     demo.add_argument("--out", help="directory for the saved model (default: a new temporary directory)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    _add_set(demo, "decoder.depth=3")
     demo.set_defaults(run=_demo)
 
-    train = commands.add_parser("train", help="train a task model on built-in data")
-    train.add_argument("task", help="vqa, caption, retrieval or pretrain")
-    train.add_argument("--run-dir", help="where the run is written (default runs/<task>)")
-    train.add_argument("--preset", help="named model preset, e.g. vqa-small, seed-vqa, caption-small")
-    train.add_argument("--config", help="JSON/YAML file with model/data/train sections")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=500")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--init", metavar="RUN_DIR", help="start from the weights of another run (e.g. pretrain) where names and shapes match")
-    train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="score a run on its test split (VQA: accuracy per question type; captioning: caption metrics and truth; retrieval: Recall@K)")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--out", help="JSON file for the results (default RUN_DIR/eval.json)")
-    evaluate.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="e.g. data.num_test=50 (Sort-of-CLEVR VQA), shapes.num_test=100 (shapes VQA), data.num_test=100 or generation.num_beams=3 (captioning)",
-    )
-    evaluate.add_argument("--rerank-k", type=int, help="retrieval: re-rank this many contrastive candidates with the matching head (default: the model's)")
-    evaluate.set_defaults(run=_eval)
-
-    predict = commands.add_parser("predict", help="answer questions about images, or caption images")
-    predict.add_argument("run_dir")
-    predict.add_argument("--image")
-    predict.add_argument("--question", help="the question (VQA runs)")
-    predict.add_argument("--json", action="store_true", help="print the result as JSON")
-    predict.add_argument("--labels", help='retrieval / pretrain runs: classify zero-shot among these comma-separated labels, e.g. "red,blue,green"')
-    predict.add_argument("--template", default="{}", help='prompt each label is put into, e.g. "the largest object is {}" (default "{}")')
-    predict.add_argument("--input", help="JSON Lines of {\"image\": PATH} (+ \"question\": TEXT for VQA)")
-    predict.add_argument("--output", help="JSON Lines of results, one per input line")
-    decoding = predict.add_argument_group(
-        "decoding (captioning, generative VQA)",
-        "score: summed log-probability of the text; with beam search divided by length ** length-penalty",
-    )
-    decoding.add_argument("--beam", type=int, default=1, metavar="N", help="beam search of width N (default 1: greedy)")
-    decoding.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length ** this")
-    decoding.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
-    decoding.add_argument("--temperature", type=float, default=1.0)
-    decoding.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    decoding.add_argument("--num-return", type=int, default=1, metavar="N", help="captions per image (beams or samples)")
-    decoding.add_argument("--seed", type=int, help="sampling seed")
-    decoding.add_argument("--max-new-tokens", type=int, default=100, help="at most this many tokens (also capped by the model)")
-    predict.set_defaults(run=_predict)
-
+def _add_score(commands) -> None:
     score = commands.add_parser("score", help="score any system's output files")
     score_commands = score.add_subparsers(dest="score_command", required=True)
     captions = score_commands.add_parser("captions", help="BLEU, ROUGE-L, CIDEr-D (+ METEOR with Java) of COCO-format files")
@@ -420,56 +389,69 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--out", help="also write the scores to this JSON file")
     vqa.set_defaults(run=_score_vqa)
 
+
+def _add_search(commands) -> None:
     index = commands.add_parser("index", help="embed a gallery of images with a retrieval run, for `mmt search` (resumable)")
     index.add_argument("run_dir", help="a retrieval or pretrain run (or its model directory)")
-    index.add_argument("--images", required=True, help='a folder of images (searched recursively) or JSON Lines of {"image": PATH}')
-    index.add_argument("--out", required=True, help="index directory; running again after an interruption continues it")
+    index.add_argument("--images", required=True, help='the gallery: a folder of images (searched recursively) or JSON Lines of {"image": PATH}')
+    index.add_argument("--out", required=True, help="the index folder; running again after an interruption continues it")
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--skip-bad", action="store_true", help="skip and count unreadable images instead of stopping")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_set(index, "model.rerank_k=32")
     index.set_defaults(run=_index)
 
     search = commands.add_parser("search", help="find the images of an index that best match a text or an image")
-    search.add_argument("index_dir")
-    search.add_argument("--text", help="query text, e.g. \"a red circle left of a blue square\"")
+    search.add_argument("index_dir", help="an index folder made by `mmt index` (it names the model it was made with)")
+    search.add_argument("--text", help='query text, e.g. "a red circle left of a blue square"')
     search.add_argument("--image", help="query image")
-    search.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    search.add_argument("--num-results", "-n", type=int, default=10, metavar="N", help="results to return (default 10)")
     search.add_argument("--nprobe", type=int, help="large indexes: inverted lists scanned per query (more: slower, better recall)")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument("-k", dest="num_results", type=int, action=_Deprecated, instead="use --num-results N (-n N)", help=argparse.SUPPRESS)
     search.set_defaults(run=_search)
 
-    data = commands.add_parser("data", help="built-in datasets; checking your own")
+
+def _add_data(commands) -> None:
+    data = commands.add_parser("data", help="built-in datasets; checking and packing your own")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    preview = data_commands.add_parser("preview", help="draw scenes with their questions and answers")
+    preview = data_commands.add_parser("preview", help="draw scenes with their captions, questions and answers")
     preview.add_argument("dataset", help="sort-of-clevr or shapes")
     preview.add_argument("--out", required=True, help="PNG file to write")
     preview.add_argument("--scenes", type=int, default=6)
     preview.add_argument("--seed", type=int, default=0)
     preview.set_defaults(run=_data_preview)
-    check = data_commands.add_parser(
-        "check", help="validate a data set (COCO captions, Karpathy split, VQA v2, JSON Lines): records and every image"
-    )
+    check = data_commands.add_parser("check", help="validate a data set (COCO captions, Karpathy split, VQA v2, JSON Lines): records and every image")
     check.add_argument("source", help="captions_*.json, dataset_coco.json, VQA v2 questions or annotations JSON, or a .jsonl file")
-    check.add_argument("--images", help="image root (COCO, Karpathy, VQA v2; JSON Lines paths are relative to the file)")
+    check.add_argument("--image-root", help="the folder the data set's image paths are relative to (COCO, Karpathy, VQA v2; JSON Lines paths are relative to the file)")
     check.add_argument("--kind", help="skip format detection: coco, karpathy, vqa or jsonl")
     check.add_argument("--annotations", help="VQA v2: the annotations file, when not beside the questions under its official name")
     check.add_argument("--split", help="Karpathy: which split (train, val, test; default train with restval)")
     check.add_argument("--skip-bad", action="store_true", help="count bad records instead of stopping at the first (exit code 1 if any)")
     check.add_argument("--headers-only", action="store_true", help="check image headers and sizes without decoding every image (fast)")
     check.add_argument("--out", help="also write the report to this JSON file")
+    check.add_argument("--images", dest="image_root", action=_Deprecated, instead="use --image-root DIR", help=argparse.SUPPRESS)
     check.set_defaults(run=_data_check)
     pack = data_commands.add_parser("pack", help="write a data set as tar shards in the webdataset layout, for streaming")
     pack.add_argument("source", help="anything `mmt data check` reads")
     pack.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and index.json")
-    pack.add_argument("--images", help="image root (COCO, Karpathy, VQA v2)")
+    pack.add_argument("--image-root", help="the folder the data set's image paths are relative to (COCO, Karpathy, VQA v2)")
     pack.add_argument("--kind", help="skip format detection: coco, karpathy, vqa or jsonl")
     pack.add_argument("--shard-size", type=int, default=1000, help="records per shard (default 1000)")
     pack.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
+    pack.add_argument("--images", dest="image_root", action=_Deprecated, instead="use --image-root DIR", help=argparse.SUPPRESS)
     pack.set_defaults(run=_data_pack)
 
-    inspect = commands.add_parser("inspect", help="load a saved model directory and report on it")
-    inspect.add_argument("model_dir")
-    inspect.set_defaults(run=_inspect)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmt", description="Transformer-based multimodal (vision + language) learning.")
+    parser.add_argument("--version", action="version", version=f"mmt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    _add_use(commands)
+    _add_score(commands)
+    _add_search(commands)
+    _add_data(commands)
     return parser
 
 
@@ -484,10 +466,9 @@ class _Console(logging.Handler):
 
 
 def _console_logging() -> None:
-    logger = logging.getLogger("mmt")
-    if not any(isinstance(h, _Console) for h in logger.handlers):
-        logger.addHandler(_Console())
-    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _Console) for h in log.handlers):
+        log.addHandler(_Console())
+    log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     _console_logging()
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, TrainingError) as e:
+    except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, TrainingError) as e:  # (ImageError, DataError: ValueErrors)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mmt {args.command}: error: {message}", file=sys.stderr)
         return 2

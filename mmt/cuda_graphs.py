@@ -68,9 +68,9 @@ def forget_graphs(owner: nn.Module) -> None:
     owner.__dict__.pop("_graphs", None)
 
 
-def kept_graphs(owner: nn.Module) -> dict:
-    """The graphs kept on `owner`, by what they were recorded for."""
-    return owner.__dict__.setdefault("_graphs", {})
+def kept_graphs(owner: nn.Module, kind: str) -> dict:
+    """The graphs of one kind ("steps", "functions") kept on `owner`, by what they were recorded for."""
+    return owner.__dict__.setdefault("_graphs", {}).setdefault(kind, {})
 
 
 class DecodesWithGraphs(nn.Module):
@@ -99,7 +99,7 @@ def replayed(owner: nn.Module, fn: Callable[..., object], *inputs: Tensor, keep:
     if not can_record(inputs[0]):
         return fn(*inputs)
     key = (fn.__name__, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs), addresses(owner))
-    graphs = kept_graphs(owner)
+    graphs = kept_graphs(owner, "functions")
     entry = graphs.get(key)
     if entry is None:
         with torch.inference_mode(False):  # ordinary tensors: refilled in and out of inference mode

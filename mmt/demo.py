@@ -6,6 +6,7 @@ right), so the demo needs no files and finishes in under a minute on a laptop CP
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from mmt.text import Tokenizer
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
 SHAPES = ("square", "disc")
 SIDES = ("left", "right")
+log = logging.getLogger(__name__)
 
 
 def draw(colour: str, shape: str, side: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,7 +61,7 @@ def run(steps: int = 150, out_dir: str | None = None, overrides: list[str] | Non
     cfg = apply_overrides(cfg, overrides or [])
     model = registry.build(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: caption-tiny, {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}")
+    log.info(f"model: caption-tiny, {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     size = cfg.vision.image_size
@@ -74,7 +76,7 @@ def run(steps: int = 150, out_dir: str | None = None, overrides: list[str] | Non
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step == 1 or step % 25 == 0:
-            print(f"step {step:4d}  caption_loss {loss.item():.4f}")
+            log.info(f"step {step:4d}  caption_loss {loss.item():.4f}")
     train_seconds = time.perf_counter() - started
 
     out = Path(out_dir or tempfile.mkdtemp(prefix="mmt-demo-"))
@@ -88,9 +90,9 @@ def run(steps: int = 150, out_dir: str | None = None, overrides: list[str] | Non
         same = torch.equal(model(pixels, ids)["caption_loss"], reloaded(pixels, ids)["caption_loss"])
     generated = [reloaded_tokenizer.decode(row) for row in reloaded.generate(pixels).ids[:, 0]]
     exact = sum(g == c for g, c in zip(generated, captions)) / len(captions)
-    print(f"saved to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
-    print(f"reloaded model gives identical loss: {same}")
+    log.info(f"saved to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    log.info(f"reloaded model gives identical loss: {same}")
     for g, c in list(zip(generated, captions))[:4]:
-        print(f"  generated: {g!r:40s} truth: {c!r}")
-    print(f"exact-match captions on 64 new images: {exact:.1%}  (trained {steps} steps in {train_seconds:.1f}s)")
+        log.info(f"  generated: {g!r:40s} truth: {c!r}")
+    log.info(f"exact-match captions on 64 new images: {exact:.1%}  (trained {steps} steps in {train_seconds:.1f}s)")
     return {"identical_after_reload": same, "exact_match": exact, "directory": str(out)}

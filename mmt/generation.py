@@ -157,8 +157,9 @@ def decoder_step(
     capacity = embed.positions.max_len
     projected = decoder.project_context(context)
     if rows and graphs_apply(cfg, context, decoder):
-        key = (rows, tuple(context.shape), context.dtype, str(context.device), context_padding is not None, cuda_graphs.addresses(owner))
-        graphs = cuda_graphs.kept_graphs(owner)
+        padded = context_padding is not None
+        key = (rows, tuple(context.shape), context.dtype, str(context.device), padded, cuda_graphs.addresses(owner))
+        graphs = cuda_graphs.kept_graphs(owner, "steps")
         step = graphs.get(key)
         if step is None:
             with torch.inference_mode(False):  # buffers the recording reads, refilled by later calls

@@ -22,25 +22,22 @@ another model, and queries are never embedded by a model other than the gallery'
 
 Search structure (faiss). Embeddings are unit-length, so inner product is cosine similarity.
 - Fewer than `exact_below` vectors (default 50,000): `IndexFlatIP`, exact brute force; at that
-  size a query reads 50k x E floats (~2 ms on one core at E = 128) and nothing needs training.
+  size a query reads 50k x E floats and nothing needs training.
 - From `exact_below` on: `IndexIVFFlat` with inner product (inverted file; Jegou et al. 2011,
   "Product quantization for nearest neighbor search", without the quantisation). Spherical
   k-means, trained on a seeded sample of 64 vectors per cell, cuts the space into
   nlist ~ 4 sqrt(N) cells; each vector is stored uncompressed in the list of its nearest
   centroid, and a query scans only the `nprobe` cells (default 32) whose centroids are
-  closest. Measured at 1M vectors of dimension 128 (nlist 4000, one shared CPU core,
-  benchmarks/search_latency.py): a single query takes ~0.6 ms at p50 and ~1 ms at p99,
-  against ~50-60 ms for exact brute force; the index builds in ~70-85 s.
+  closest. Latency, build time and recall at 1M vectors: docs/results/retrieval.md
+  (benchmarks/search_latency.py).
   Recall trade-off: a true neighbour is missed only when it sits in a cell beyond the
-  `nprobe` probed ones. On clustered vectors (as embeddings are) recall@10 against exact
-  search was 0.98-1.00, and the top-1 always agreed; on structureless uniform vectors,
-  the worst case for any partitioning, it falls to 0.23 (the top-1 still agreed). Raising
-  `nprobe` buys recall with latency, which grows about linearly with it (nprobe = nlist is
-  exact search).
+  `nprobe` probed ones; clustered vectors (as embeddings are) lose little, structureless
+  uniform vectors (the worst case for any partitioning) lose much. Raising `nprobe` buys
+  recall with latency, which grows about linearly with it (nprobe = nlist is exact search).
   Scores of what is found are exact cosines, since vectors are not compressed: 4E bytes
-  per image (0.5 GB for 1M at E = 128). HNSW, the usual alternative, was not chosen: its
-  graph took 50 s of one core to build for 100k vectors (well over 10 minutes at 1M), needs
-  ~50% more memory, and IVF already answers far inside the 10 ms budget.
+  per image. HNSW, the usual alternative, was not chosen: its graph builds far more slowly
+  and needs more memory, and IVF already answers inside the latency budget
+  (docs/lab-notes.md).
 """
 
 from __future__ import annotations
@@ -52,7 +49,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -60,7 +57,12 @@ import torch
 from tqdm import tqdm
 
 from mmt import checkpoint
-from mmt.data.transforms import ImageError, load_image, to_pixels
+from mmt.api import load
+from mmt.data.formats.jsonl import iter_lines
+from mmt.data.formats.records import DataError
+from mmt.data.images import ImageError, load_image, to_pixels
+from mmt.errors import CheckpointError
+from mmt.files import atomic_write, atomic_write_text
 from mmt.tasks.retrieval import embed_texts, load_for_inference
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -104,20 +106,14 @@ def list_gallery(images: str | Path) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SearchIndexError(f"{path}: cannot read the gallery list ({e})") from None
     paths: list[str] = []
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, record in iter_lines(path):
+        if isinstance(record, DataError):
+            raise SearchIndexError(f"{path}:{number}: {record.detail}")
+        if record is None:
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SearchIndexError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-        image = record.get("image") if isinstance(record, dict) else None
+        image = record.get("image")
         if not isinstance(image, str) or not image.strip():
             raise SearchIndexError(f'{path}:{number}: expected an object with an "image" path, like {{"image": "cats/1.jpg"}}')
         image = os.path.abspath(path.parent / image)  # an absolute path stays as it is
@@ -249,7 +245,7 @@ def _check_or_start_manifest(out: Path, identity: dict[str, Any]) -> None:
     elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise SearchIndexError(f"{out}: not empty and has no {MANIFEST_NAME}; choose an empty or new folder for the index")
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(path, json.dumps({**identity, "status": "building"}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({**identity, "status": "building"}, indent=2) + "\n")
 
 
 @torch.inference_mode()
@@ -264,7 +260,7 @@ def _embed_chunk(model, paths: list[str], size: int, batch_size: int, skip_bad: 
                 kept.append(path)
             except ImageError as e:
                 if not skip_bad:
-                    raise ImageError(f"{e} (pass skip_bad=True to index the gallery without it)") from None
+                    raise ImageError(e.name, f"{e.detail} (index with --skip-bad, skip_bad=True, to leave it out)", e.kind) from None
                 skipped.append({"path": path, "error": str(e)})
         if images:
             pixels = to_pixels(np.stack(images)).to(device)  # (B, 3, H, W)
@@ -286,6 +282,7 @@ def build_index(
     nlist: int | None = None,
     nprobe: int = NPROBE,
     device: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Embed the gallery `images` with the retrieval model of `run_dir` into the index folder `out`.
 
@@ -300,6 +297,7 @@ def build_index(
             ImageError naming the first one.
         exact_below, nlist, nprobe: choice of search structure, see `make_faiss_index`.
         device: where to embed ("cpu", "cuda", ...); default cuda when available.
+        overrides: model.* settings changed, as `--set` does (the weights stay the run's).
 
     Returns a report: count (images in the index), gallery (images listed), embedded (by this
     call), resumed (found done), skipped and skipped_paths, index (faiss type and settings),
@@ -311,7 +309,10 @@ def build_index(
     out = Path(out)
     gallery = list_gallery(images)
     model_dir = checkpoint.model_directory(run_dir)
-    model, _ = load_for_inference(model_dir)  # its errors name what is wrong with run_dir
+    predictor = load(model_dir, overrides=overrides)  # its errors name what is wrong with run_dir
+    if predictor.task != "retrieval":
+        raise CheckpointError(f"{run_dir}: a {predictor.task} model; indexing needs a retrieval or pretrain run")
+    model = predictor.model
     fingerprint = model_fingerprint(model_dir)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(target)
@@ -337,25 +338,11 @@ def build_index(
     slices = [gallery[c * chunk_size : (c + 1) * chunk_size] for c in range(num_chunks)]
     chunks = [_finished_chunk(out, c, slices[c], dim) for c in range(num_chunks)]
     resumed = sum(len(slices[c]) for c, meta in enumerate(chunks) if meta is not None)
-    embedded = 0
     with tqdm(total=len(gallery), initial=resumed, disable=not progress, desc="index", unit="img", dynamic_ncols=True) as bar:
-        for c, meta in enumerate(chunks):
-            if meta is not None:
-                continue
-            vectors, kept, skipped = _embed_chunk(model, slices[c], size, batch_size, skip_bad, target, bar)
-
-            def write_array(tmp: str, vectors: np.ndarray = vectors) -> None:
-                with open(tmp, "wb") as fh:  # np.save(name) would append ".npy" to the temporary name
-                    np.save(fh, vectors.astype(np.float32))
-
-            checkpoint.atomic_write(out / f"{_stem(c)}.npy", write_array)
-            chunks[c] = {"chunk": c, "start": c * chunk_size, "paths": kept, "skipped": skipped}
-            checkpoint.atomic_write_text(out / f"{_stem(c)}.json", json.dumps(chunks[c], indent=1) + "\n")
-            embedded += len(kept)
-
+        embedded = _embed_missing(model, out, slices, chunks, chunk_size, batch_size, skip_bad, target, bar)
     vectors = np.concatenate([np.load(out / f"{_stem(c)}.npy") for c in range(num_chunks)])  # (N, E)
     index = make_faiss_index(vectors, exact_below=exact_below, nlist=nlist, nprobe=nprobe)
-    checkpoint.atomic_write(out / FAISS_NAME, lambda tmp: faiss.write_index(index, tmp))
+    atomic_write(out / FAISS_NAME, lambda tmp: faiss.write_index(index, tmp))
     skipped_paths = [item["path"] for meta in chunks for item in meta["skipped"]]
     report = {
         "count": int(index.ntotal),
@@ -367,8 +354,31 @@ def build_index(
         "index": {"file": FAISS_NAME, **_describe_faiss(index)},
     }
     manifest = {**identity, "status": "complete", **{k: report[k] for k in ("count", "skipped", "skipped_paths", "index")}}
-    checkpoint.atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return {"out": str(out), **report, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _embed_missing(
+    model, out: Path, slices: list[list[str]], chunks: list[dict | None], chunk_size: int, batch_size: int, skip_bad: bool,
+    device: torch.device, bar: tqdm,
+) -> int:
+    """Embed and write every chunk not finished yet (`chunks[c]` None), filling in its record;
+    returns how many images were embedded. A chunk's .json is written after its .npy."""
+    embedded = 0
+    for c, meta in enumerate(chunks):
+        if meta is not None:
+            continue
+        vectors, kept, skipped = _embed_chunk(model, slices[c], model.config.vision.image_size, batch_size, skip_bad, device, bar)
+
+        def write_array(tmp: str, vectors: np.ndarray = vectors) -> None:
+            with open(tmp, "wb") as fh:  # np.save(name) would append ".npy" to the temporary name
+                np.save(fh, vectors.astype(np.float32))
+
+        atomic_write(out / f"{_stem(c)}.npy", write_array)
+        chunks[c] = {"chunk": c, "start": c * chunk_size, "paths": kept, "skipped": skipped}
+        atomic_write_text(out / f"{_stem(c)}.json", json.dumps(chunks[c], indent=1) + "\n")
+        embedded += len(kept)
+    return embedded
 
 
 # ----------------------------------------------------------------------------- searching

@@ -148,10 +148,10 @@ class LogitsHead(nn.Linear):
 
     On a CPU in fp32, the product of a few rows (1-8: one decoding step) with a head of more
     than 4M parameters (16 MiB) is taken as W x^T, then transposed, instead of x W^T: torch's
-    CPU product read such a head once per row (docs/lab-notes.md, 2026-11-28; 3 rows over a
-    30,000 x 256 head: 5.3 against 1.6 ms). One row goes in twice, as two columns (1.2 against
-    2.1 ms). The rule reads only the shapes and dtype, never the host; the logits equal x W^T
-    up to rounding (another summation order).
+    CPU product read such a head once per row, W x^T reads it once (docs/lab-notes.md,
+    2026-11-28). One row goes in twice, as two columns, which ran faster than one vector. The
+    rule reads only the shapes and dtype, never the host; the logits equal x W^T up to
+    rounding (another summation order).
     """
 
     COLUMNS_FROM = 1 << 22  # parameters

@@ -114,8 +114,8 @@ def batchnorm_averaging(step: int, cfg: TrainConfig) -> tuple[bool, bool]:
 
     torch's running statistics are an exponential average over about the last 10 batches,
     computed with weights that have since moved on. On Sort-of-CLEVR a checkpoint
-    evaluated at 79.5% with them and at 89.5% with statistics recomputed from 5 training
-    batches (count questions 38% vs 98%). An even average over the last steps before an
+    evaluated about ten points higher with statistics recomputed from 5 training batches
+    (docs/lab-notes.md). An even average over the last steps before an
     evaluation is that recomputation without extra forward passes. A pure function of the
     step, so a resumed run averages the same batches.
     """

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmt import checkpoint
+from mmt.files import atomic_write, atomic_write_text
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
@@ -79,7 +80,7 @@ def save_checkpoint(
     for rank, states in enumerate(rng_states):
         for kind, rng in states.items():  # rank 0's CPU state keeps its old name, "rng.torch"
             tensors[f"rng.{kind}" + (f".rank{rank}" if rank else "")] = rng
-    checkpoint.atomic_write(tmp / OPTIMIZER_NAME, lambda path: save_file(tensors, path))
+    atomic_write(tmp / OPTIMIZER_NAME, lambda path: save_file(tensors, path))
     state = {
         "step": step,
         "optimizer": meta,
@@ -87,7 +88,7 @@ def save_checkpoint(
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(legacy=False)},
         **extra,
     }
-    checkpoint.atomic_write_text(tmp / STATE_NAME, json.dumps(state, default=_to_builtin))
+    atomic_write_text(tmp / STATE_NAME, json.dumps(state, default=_to_builtin))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     # keep the newest `keep_last` checkpoints and the best one
@@ -128,4 +129,4 @@ def truncate_metrics(path: Path, step: int) -> None:
     exactly like an uninterrupted one."""
     if path.is_file():
         kept = [line for line in path.read_text().split("\n") if line.strip() and json.loads(line)["step"] <= step]
-        checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmt.data import shapes
+from mmt.data.worlds import shapes
 
 
 def shapes_images(folder: Path, n: int, seed: int) -> shapes.ShapesSplit:

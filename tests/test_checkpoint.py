@@ -25,7 +25,7 @@ def batch(seed=0):
 def logits(model, pixels, ids):
     with torch.no_grad():
         tokens, mask = model.encode_images(pixels)
-        return model.next_token_logits(ids, tokens, mask)[0]
+        return model.next_token_logits(ids, tokens, mask)
 
 
 def test_save_load_gives_identical_outputs_twice(tmp_path):

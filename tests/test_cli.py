@@ -1,9 +1,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from mmt.cli import main
 
 
+@pytest.mark.e2e
 def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     assert main(["demo", "--steps", "60", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
@@ -12,6 +15,7 @@ def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "demo")]) == 0
 
 
+@pytest.mark.multiprocess
 def test_bad_override_and_bad_checkpoint_are_clear_errors(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mmt", "demo", "--steps", "1", "--set", "decoder.depht=2"], capture_output=True, text=True
@@ -21,3 +25,42 @@ def test_bad_override_and_bad_checkpoint_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = subprocess.run([sys.executable, "-m", "mmt", "inspect", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and "missing the 'model_type' key" in result.stderr
+
+
+@pytest.mark.multiprocess
+def test_version_and_help_load_no_torch():
+    code = "import sys; from mmt.cli import build_parser; build_parser(); import mmt; print(mmt.__version__, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == [__import__("mmt").__version__, "False"]
+    version = subprocess.run([sys.executable, "-m", "mmt", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"mmt {__import__('mmt').__version__}"
+
+
+def test_old_spellings_still_work_and_say_what_to_write_instead(tmp_path, capsys):
+    from mmt.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "vqa", "--run-dir", str(tmp_path)])
+    assert args.run_dir == str(tmp_path)
+    assert "mmt train TASK RUN_DIR" in capsys.readouterr().err
+    args = parser.parse_args(["predict", "runs/x", "--input", "a.jsonl", "--output", "b.jsonl"])
+    assert args.out == "b.jsonl" and "use --out" in capsys.readouterr().err
+    args = parser.parse_args(["search", "idx", "--text", "a", "-k", "3"])
+    assert args.num_results == 3 and "--num-results" in capsys.readouterr().err
+    for command in (["data", "check", "x.json"], ["data", "pack", "x.json", "--out", "o"]):
+        args = parser.parse_args([*command, "--images", "root"])
+        assert args.image_root == "root" and "--image-root" in capsys.readouterr().err
+    args = parser.parse_args(["train", "vqa", "runs/v", "--resume"])
+    assert args.run_dir == "runs/v" and args.resume is True
+
+
+def test_decoding_flags_mean_the_same_on_eval_and_predict():
+    from mmt.cli import _decoding, build_parser
+
+    parser = build_parser()
+    flags = ["--beam", "3", "--length-penalty", "0.6", "--num-return", "2", "--max-new-tokens", "9"]
+    for command in (["eval", "runs/x"], ["predict", "runs/x"]):
+        assert _decoding(parser.parse_args([*command, *flags])) == {
+            "num_beams": 3, "length_penalty": 0.6, "num_return": 2, "max_new_tokens": 9
+        }
+        assert _decoding(parser.parse_args(command)) == {}  # unset: the run's own settings

@@ -67,6 +67,8 @@ def _train_in_two_processes(run_dir: Path, task: str) -> None:
                 p.kill()
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 def test_two_gloo_processes_reach_the_weights_of_one_process(tmp_path):
     together, split = tmp_path / "one", tmp_path / "two"
     train_lib.train(RetrievalTask(retrieval_cfg()), together, progress=False)
@@ -105,9 +107,9 @@ def _initial_weights() -> dict[str, torch.Tensor]:
 
     task = RetrievalTask(retrieval_cfg())
     with tempfile.TemporaryDirectory() as directory:
-        task.prepare(Path(directory))
+        model_cfg = task.prepare(Path(directory))
     torch.manual_seed(0)
-    return task.build_model().state_dict()
+    return task.build_model(model_cfg).state_dict()
 
 
 def _assert_same_weights(plain: Path, other: Path) -> None:
@@ -132,6 +134,7 @@ VQA = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("extra", [["train.accumulate=2"], ["train.accumulate=4"], ["train.activation_checkpointing=true"]])
 def test_accumulation_and_activation_checkpointing_match_the_plain_step(tmp_path, extra):
     plain, other = tmp_path / "plain", tmp_path / "other"
@@ -147,6 +150,7 @@ CAPTION = [
 ]
 
 
+@pytest.mark.e2e
 def test_caption_accumulation_weighs_micro_steps_by_target_tokens(tmp_path):
     # captions differ in length, so micro-steps hold unequal numbers of target tokens
     from mmt import registry
@@ -163,6 +167,8 @@ def test_caption_accumulation_weighs_micro_steps_by_target_tokens(tmp_path):
     _assert_same_weights(plain, other)
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 def test_two_processes_weigh_their_shares_by_questions(tmp_path):
     # during the curriculum each process's share holds its own number of questions: the two
     # processes' step must still be the plain step over all of them
@@ -176,6 +182,7 @@ def test_two_processes_weigh_their_shares_by_questions(tmp_path):
     assert _shares_differ(task)  # unequal shares, so the weighing is exercised
 
 
+@pytest.mark.e2e
 def test_batch_must_split_evenly(tmp_path):
     with pytest.raises(ValueError, match="train.accumulate=3"):
         train_lib.train(VQATask(apply_overrides(VQARunConfig(), [*VQA, "train.accumulate=3"])), tmp_path / "r", progress=False)

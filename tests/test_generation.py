@@ -295,13 +295,13 @@ def test_recorded_steps_are_kept_per_shape(captioner, monkeypatch):
     forget_graphs(model)
     with torch.no_grad():
         model.generate(pixels[:2], max_new_tokens=4, num_beams=3)
-        kept = dict(mmt.cuda_graphs.kept_graphs(model))
+        kept = dict(mmt.cuda_graphs.kept_graphs(model, "steps"))
         model.generate(pixels[2:], max_new_tokens=4, num_beams=3)  # same shape: the same step, refilled
-        assert mmt.cuda_graphs.kept_graphs(model).keys() == kept.keys()
-        for n in (1, 2, 3, 4, 1):  # other shapes add recordings; only the 4 most recent of each kind stay
+        assert mmt.cuda_graphs.kept_graphs(model, "steps") == kept
+        for n in (1, 2, 3, 4, 1):  # other shapes add recordings; only the 4 most recent stay
             model.generate(pixels[:n], max_new_tokens=4)
-    steps = [v for v in mmt.cuda_graphs.kept_graphs(model).values() if isinstance(v, mmt.cuda_graphs.GraphedStep)]
-    assert 0 < len(steps) <= 4
+    assert len(mmt.cuda_graphs.kept_graphs(model, "steps")) == 4
+    assert len(mmt.cuda_graphs.kept_graphs(model, "functions")) == 4  # the image encoder's, per shape
 
 
 def test_recorded_step_for_generative_vqa_with_padded_questions(monkeypatch, generative_vqa):
@@ -310,7 +310,7 @@ def test_recorded_step_for_generative_vqa_with_padded_questions(monkeypatch, gen
         expected = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2, gathered=False))
         recordings = eager_graphs(monkeypatch)  # as on a GPU, each replay running eagerly here
         got = model.generate_answers(pixels, questions, image_index, GenerationConfig(num_beams=2))
-    (step,) = [v for v in mmt.cuda_graphs.kept_graphs(model).values() if isinstance(v, mmt.cuda_graphs.GraphedStep)]
+    (step,) = mmt.cuda_graphs.kept_graphs(model, "steps").values()
     assert step.ids.shape == (12, 1) and step.step.context_padding.any()  # 6 questions x 2 beams; padded questions
     assert len(recordings) == 1
     assert torch.equal(got.ids, expected.ids)

@@ -13,8 +13,8 @@ from PIL import Image
 import mmt.search as search_lib
 from mmt import checkpoint
 from mmt.cli import main
-from mmt.data import shapes
-from mmt.data.transforms import ImageError, to_pixels
+from mmt.data.worlds import shapes
+from mmt.data.images import ImageError, to_pixels
 from mmt.search import SearchIndex, SearchIndexError, build_index, list_gallery, make_faiss_index, search
 from mmt.tasks.retrieval import embed_texts, load_for_inference
 
@@ -47,7 +47,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("retrieval") / "run"
-    args = ["train", "retrieval", "--run-dir", str(directory), "--preset", "retrieval-tiny", "--no-progress"]
+    args = ["train", "retrieval", str(directory), "--preset", "retrieval-tiny", "--no-progress"]
     assert main(args + sum((["--set", s] for s in TINY_RETRIEVAL), [])) == 0
     return directory
 
@@ -85,6 +85,7 @@ def test_gallery_folder_is_listed_recursively_sorted_by_extension(gallery):
     assert set(paths) == {scene_path(gallery, i) for i in range(NUM_IMAGES)}
 
 
+@pytest.mark.e2e
 def test_search_finds_images_by_caption_and_by_themselves(run, gallery, scenes, tmp_path):
     out = tmp_path / "index"
     report = build_index(run, gallery, out, batch_size=5, chunk_size=6, progress=False)
@@ -122,6 +123,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.e2e
 def test_interrupted_build_resumes_without_duplicates(run, gallery, tmp_path, monkeypatch):
     real_load = search_lib.load_image
     calls = []
@@ -166,6 +168,7 @@ def test_interrupted_build_resumes_without_duplicates(run, gallery, tmp_path, mo
         build_index(run, smaller, fresh, chunk_size=4, progress=False)
 
 
+@pytest.mark.e2e
 def test_changed_weights_are_refused(run, gallery, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(checkpoint.model_directory(run), model_dir)
@@ -188,7 +191,7 @@ def test_jsonl_gallery_resolves_paths_and_names_a_bad_line(gallery, tmp_path):
     listing.write_text("\n".join(lines) + "\n")
     assert list_gallery(listing) == [first, second]  # relative to the file's folder; a repeat kept once
     listing.write_text("\n".join([*lines, "{oops"]) + "\n")
-    with pytest.raises(SearchIndexError, match=r"gallery\.jsonl:5: not valid JSON"):
+    with pytest.raises(SearchIndexError, match=r"gallery\.jsonl:5: invalid JSON"):
         list_gallery(listing)
     listing.write_text("\n".join([lines[0], json.dumps({"picture": "x.png"})]) + "\n")
     with pytest.raises(SearchIndexError, match=r'gallery\.jsonl:2: expected an object with an "image" path'):
@@ -196,6 +199,7 @@ def test_jsonl_gallery_resolves_paths_and_names_a_bad_line(gallery, tmp_path):
     listing.unlink()
 
 
+@pytest.mark.e2e
 def test_missing_image_is_named_or_skipped_and_counted(run, gallery, tmp_path):
     listing = tmp_path / "gallery.jsonl"
     missing = tmp_path / "gone" / "lost.png"
@@ -233,6 +237,7 @@ def test_approximate_index_agrees_with_exact_search():
     assert recall > 0.8, f"recall@10 {recall:.3f} with nprobe 4 of {approximate.nlist}"
 
 
+@pytest.mark.e2e
 def test_build_index_above_the_threshold_saves_an_ivf_index(run, gallery, tmp_path):
     out = tmp_path / "index"
     report = build_index(run, gallery, out, exact_below=8, nprobe=2, progress=False)
@@ -247,16 +252,17 @@ def test_build_index_above_the_threshold_saves_an_ivf_index(run, gallery, tmp_pa
     assert [p[0] for p in paths] == index.paths[:3] and scores.shape == (3, 1)
 
 
+@pytest.mark.e2e
 def test_index_and_search_from_the_command_line(run, gallery, scenes, tmp_path, capsys):
     out = tmp_path / "index"
     assert main(["index", str(run), "--images", str(gallery), "--out", str(out), "--no-progress"]) == 0
     assert f"indexed {NUM_IMAGES} images" in capsys.readouterr().out
     assert main(["index", str(run), "--images", str(gallery), "--out", str(out), "--no-progress"]) == 0  # nothing left to do
     assert f"(0 embedded now, {NUM_IMAGES} already there" in capsys.readouterr().out
-    assert main(["search", str(out), "--text", scenes.captions[5][0], "-k", "3", "--json"]) == 0
+    assert main(["search", str(out), "--text", scenes.captions[5][0], "--num-results", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert [h["rank"] for h in hits] == [1, 2, 3] and scene_path(gallery, 5) in [h["path"] for h in hits]
-    assert main(["search", str(out), "--image", scene_path(gallery, 2), "-k", "1"]) == 0
+    assert main(["search", str(out), "--image", scene_path(gallery, 2), "--num-results", "1"]) == 0
     assert scene_path(gallery, 2) in capsys.readouterr().out
-    assert main(["search", str(out), "-k", "1"]) == 2
+    assert main(["search", str(out), "--num-results", "1"]) == 2
     assert "exactly one of --text" in capsys.readouterr().err

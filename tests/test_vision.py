@@ -15,20 +15,12 @@ def test_conv_stem_follows_the_design():
     assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 48, 8, 8)  # 64 -conv-> 32 -pool-> 16 -block-> 8
 
 
-def test_plain_conv_stem_is_the_relation_network_cnn():
-    stem = ConvStem(3, (24, 24, 24, 24), dim=48, strides=(2, 2, 2), norm="batch", layout="plain")
-    convs = [m for m in stem.body if isinstance(m, torch.nn.Conv2d)]
-    assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (2, 2))] * 4
-    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in stem.body)
-    assert stem(torch.randn(2, 3, 75, 75)).shape == (2, 48, 5, 5)  # 75 -> 38 -> 19 -> 10 -> 5
-
-
 def test_patch_embed_grid():
     assert PatchEmbed(3, 8, 48)(torch.randn(2, 3, 64, 64)).shape == (2, 48, 8, 8)
 
 
 @pytest.mark.parametrize("stem", ["conv", "patch"])
-@pytest.mark.parametrize("positions", ["learned", "sincos", "xy"])
+@pytest.mark.parametrize("positions", ["learned", "sincos"])
 def test_vision_tower_tokens_and_mask(stem, positions):
     tower = VisionTower(VisionConfig(stem=stem, image_size=64, conv_widths=(16, 32), positions=positions, encoder=SMALL))
     tokens, mask = tower(torch.randn(2, 3, 64, 64))
@@ -58,15 +50,6 @@ def test_conv_strides_must_match_blocks():
     with pytest.raises(ValueError, match="need as many strides"):
         ConvStem(3, (16, 32, 64), dim=32, strides=(2,))
     assert ConvStem(3, (16, 32, 64), dim=32, strides=(1, 2))(torch.randn(1, 3, 64, 64)).shape == (1, 32, 8, 8)
-
-
-def test_coordinate_planes():
-    pixels = VisionTower.with_coordinates(torch.zeros(2, 3, 4, 5))
-    assert pixels.shape == (2, 5, 4, 5)
-    assert torch.equal(pixels[0, 3, 0], torch.linspace(-1, 1, 5))  # x grows to the right
-    assert torch.equal(pixels[0, 4, :, 0], torch.linspace(-1, 1, 4))  # y grows downwards
-    tower = VisionTower(VisionConfig(coord_channels=True, conv_widths=(16, 32), encoder=SMALL))
-    assert tower(torch.randn(1, 3, 64, 64))[0].shape == (1, 64, 32)
 
 
 def test_relative_position_bias_depends_only_on_the_offset():

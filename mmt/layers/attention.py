@@ -60,9 +60,8 @@ def fused_applies(q: Tensor, bias: Tensor | None) -> bool:
     """Whether attention over queries like `q` takes torch's fused kernel under the current setting."""
     if _kernel != "auto":
         return _kernel == "fused"
-    # on a CPU in bf16 without a bias the literal path trained a hidden-512 model and the
-    # Sort-of-CLEVR model about 1.2x as fast (docs/lab-notes.md, 2026-11-28); with a bias that
-    # needs a gradient torch runs its own fp32 path, kept as it is
+    # on a CPU in bf16 without a bias the literal path trains faster (docs/lab-notes.md,
+    # 2026-11-28); with a bias that needs a gradient torch runs its own fp32 path, kept as it is
     return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and bias is None)
 
 

@@ -41,7 +41,7 @@ from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmt.checkpoint import atomic_write_text
+from mmt.files import atomic_write_text
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor

@@ -237,7 +237,7 @@ def _transformer(dim: int, depth: int, heads: int, dropout: float) -> Transforme
 def _conv_vision(dim: int, depth: int, heads: int, dropout: float, widths: tuple[int, ...]) -> VisionConfig:
     # BatchNorm in the stem and fixed 2-D sinusoidal positions: on Sort-of-CLEVR a GroupNorm
     # stem left shape questions at chance for thousands of steps, and learned positions
-    # were slower to pick up left/top (see the README's VQA notes).
+    # were slower to pick up left/top (docs/lab-notes.md).
     return VisionConfig(
         image_size=75,
         conv_widths=widths,
@@ -270,7 +270,7 @@ def vqa_fast() -> VQAConfig:
     cross-fusion layers, the second with a focus bias (each head drawn towards or away from
     where it looked in the first, by a scale each question sets, and kept off or on the
     tokens it looked at there): cheap steps, so that a CPU run can take thousands of them
-    (see the README's VQA notes)."""
+    (docs/lab-notes.md)."""
     dim = 64
     vision = _conv_vision(dim, 1, 4, 0.0, (24, 24))
     vision.relative_bias = True

@@ -12,6 +12,8 @@ in this order:
     each checkpoint: task.state()  (and task.load_state(...) when resuming)
     at the end:     task.save_model(model, run_dir / "model")
 
+`mmt eval` calls `task.test(model, tokenizer, directory, out)` on the saved model.
+
 Batches are a pure function of (seed, step, part): a resumed run sees exactly the batches an
 uninterrupted one would, whatever the number of processes.
 """
@@ -19,7 +21,7 @@ uninterrupted one would, whatever the number of processes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -29,6 +31,7 @@ class Task:
     raise NotImplementedError. The others have defaults that suit most tasks."""
 
     name: str = ""
+    run_config: ClassVar[type]  # the dataclass of the task's run config (model, data, train, ...)
 
     def __init__(self, cfg: Any):
         self.cfg = cfg  # the run config (model, data, train, ...); never changed by the task
@@ -64,8 +67,17 @@ class Task:
         """The one number that picks the best checkpoint (higher is better)."""
         raise NotImplementedError
 
+    def format_result(self, result: dict[str, Any]) -> str:
+        """An evaluation as a text table (what `mmt train` prints at the end)."""
+        raise NotImplementedError
+
     def save_model(self, model: nn.Module, directory: Path) -> None:
         """Write the final model and what predicting needs beside it (tokenizer, answers)."""
+        raise NotImplementedError
+
+    def test(self, model: nn.Module, tokenizer: Any, directory: Path, out: Path) -> tuple[dict[str, Any], str]:
+        """Score a saved model (from `directory`) on the run's test data: (scores, a report to
+        print). Files besides the scores (e.g. the captions written) go beside `out`."""
         raise NotImplementedError
 
     def loss_terms(self, batch: dict[str, Tensor]) -> int | None:

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmt import checkpoint, registry
-from mmt.data import shapes
-from mmt.data.shapes_truth import fact_scores
-from mmt.data.transforms import to_pixels
+from mmt.data.worlds import shapes
+from mmt.data.worlds.shapes_truth import fact_scores
+from mmt.data.images import to_pixels
 from mmt.generation import GenerationConfig
-from mmt.metrics.captions import score_captions
+from mmt.metrics.captions import format_scores, score_captions, write_coco_references, write_coco_results
 from mmt.models.caption import CaptionConfig, CaptionModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import (
     ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+    test_image_texts,
 )
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
@@ -84,6 +86,7 @@ def score_references(
 
 class CaptionTask(Task):
     name = "caption"
+    run_config = CaptionRunConfig
     cfg: CaptionRunConfig
 
     def prepare(self, run_dir: Path) -> CaptionConfig:
@@ -166,11 +169,13 @@ class CaptionTask(Task):
         micro-steps by it)."""
         return int((batch["caption_ids"][:, 1:] != self.model_cfg.pad_id).sum())
 
-    def batch_samples(self, batch: dict[str, torch.Tensor]) -> int:
+    @staticmethod
+    def batch_samples(batch: dict[str, torch.Tensor]) -> int:
         """Captions in a batch: what samples/s counts."""
         return len(batch["caption_ids"])
 
-    def batch_accuracy(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    @staticmethod
+    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """Teacher-forced next-token accuracy over non-padding tokens."""
         return out["tokens_correct"].item(), int(out["tokens"].item())
 
@@ -182,17 +187,41 @@ class CaptionTask(Task):
             return score_references(captions, self.val_captions)
         return evaluate_captions(captions, self.val_split)
 
-    def headline(self, result: dict[str, float]) -> dict[str, float]:
+    @staticmethod
+    def headline(result: dict[str, float]) -> dict[str, float]:
         return {k: result[k] for k in ("BLEU-4", "CIDEr-D", "fact_precision", "fact_recall") if k in result}
 
-    def score(self, result: dict[str, float]) -> float:
+    @staticmethod
+    def score(result: dict[str, float]) -> float:
         return result.get("CIDEr-D", 0.0)
+
+    def format_result(self, result: dict[str, float]) -> str:
+        return format_scores(result)
 
     def save_model(self, model: CaptionModel, directory: Path) -> None:
         checkpoint.save_pretrained(model, directory, self.tokenizer)
 
+    def test(self, model: CaptionModel, tokenizer: Tokenizer, directory: Path, out: Path) -> tuple[dict, str]:
+        """Caption the test images and score them: the COCO caption metrics (METEOR and the PTB
+        tokenizer where Java is present) and, on the shapes world, truth against the scenes.
+        The captions and references go beside `out` in COCO's formats."""
+        pixels, references, test = test_image_texts(self.cfg, model.config.vision.image_size)
+        started = time.perf_counter()
+        captions = caption_images(model, tokenizer, pixels, self.cfg.generation)
+        seconds = time.perf_counter() - started
+        if test is None:
+            result = score_references(captions, references, meteor=None, tokenize=None)
+        else:
+            result = evaluate_captions(captions, test, meteor=None, tokenize=None)
+        results_path = out.with_name(out.stem + "_captions.json")
+        write_coco_results(results_path, dict(enumerate(captions)))
+        write_coco_references(out.with_name(out.stem + "_references.json"), dict(enumerate(references)))
+        report = [f"{len(captions)} test images captioned in {seconds:.1f}s ({describe(self.cfg.generation)})", format_scores(result)]
+        return result, "\n".join(report + [f"captions (COCO results format) in {results_path}"])
 
-def load_for_inference(run_dir: str | Path) -> tuple[CaptionModel, Tokenizer]:
-    """The model a caption run saved (run_dir/model, or a model directory itself)."""
-    model, tokenizer, _ = checkpoint.load_for_inference(run_dir)
-    return model, tokenizer
+
+def describe(generation: GenerationConfig) -> str:
+    """How a decoding chooses its tokens, in words."""
+    if generation.num_beams > 1:
+        return f"beam search, width {generation.num_beams}"
+    return "sampling" if generation.do_sample else "greedy"

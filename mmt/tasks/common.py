@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from mmt import checkpoint
-from mmt.data import shapes
+from mmt.data.worlds import shapes
 from mmt.text import Tokenizer
+from mmt.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +113,16 @@ def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> Ima
     """Read a captions source, check every record and image, and load the images at the
     model's size (the same loader `mmt predict` and `mmt index` use). A shard folder
     (`mmt data pack`) is read whole, in shard order; its images were checked when packed."""
-    from mmt.data.records import CaptionRecord, DataError, check_dataset, load_source
-    from mmt.data.shards import INDEX_NAME, is_shard_dir, iter_packed, read_index
-    from mmt.data.transforms import decode_image, load_image, to_pixels
+    from mmt.data.formats import check_dataset, load_source
+    from mmt.data.formats.records import CaptionRecord, DataError
+    from mmt.data.formats.shards import INDEX_NAME, is_shard_dir, iter_packed, read_index
+    from mmt.data.images import load_image, to_pixels
 
     if is_shard_dir(path):
         images, captions = [], []
         for meta, data in iter_packed(path):
             check_packed(path, meta, "caption")
-            images.append(decode_image(data, size, f"{path}: sample {meta.get('index')}"))
+            images.append(load_image(data, size, f"{path}: sample {meta.get('index')}"))
             captions.append(list(meta["captions"]))
         if not images:
             raise DataError(Path(path) / INDEX_NAME, "shards", "no samples")
@@ -138,7 +140,7 @@ def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> Ima
 
 def check_packed(path: str, meta: dict, kind: str) -> None:
     """A packed record (`iter_packed`) is of `kind`: "caption" with captions, or "vqa" with answers."""
-    from mmt.data.records import DataError
+    from mmt.data.formats.records import DataError
 
     if kind == "caption" and (meta.get("kind") != "caption" or not meta.get("captions")):
         raise DataError(path, f"sample {meta.get('index')}", "is not an image with captions; image-text training needs a captions pack")
@@ -153,7 +155,7 @@ class StreamedShards:
     (`ShardStream`)."""
 
     def __init__(self, src: SourceConfig, size: int, train_cfg, kind: str):
-        from mmt.data.shards import iter_packed, read_index
+        from mmt.data.formats.shards import iter_packed, read_index
 
         self.src, self.size, self.train_cfg = src, size, train_cfg
         self.records = []
@@ -175,7 +177,7 @@ class StreamedShards:
         step) of step `step`: (uint8 image, record) pairs. Process r reads its own shards;
         micro-steps take consecutive samples of its stream, so a step's position in the
         stream follows from its number."""
-        from mmt.data.shards import ShardStream
+        from mmt.data.formats.shards import ShardStream
 
         cfg = self.train_cfg
         n = len(share(np.arange(cfg.batch_size), part, parts))  # (which also checks that the batch splits evenly)
@@ -188,7 +190,7 @@ class StreamedShards:
     def samples(self, step: int, part: int, parts: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:
         """`take` for image-text training: images (n, 3, H, W), their captions, and their
         record indices (unique across processes)."""
-        from mmt.data.transforms import to_pixels
+        from mmt.data.images import to_pixels
 
         taken = self.take(step, part, parts)
         pixels = to_pixels(np.stack([image for image, _ in taken]))
@@ -202,7 +204,7 @@ def own_image_texts(
     images), checked and loaded; what was skipped goes to run_dir/data_report.json. A shard
     folder as source.train streams (`StreamedShards`, with train_cfg's seed, batch size
     and accumulation) and needs source.val."""
-    from mmt.data.shards import is_shard_dir
+    from mmt.data.formats.shards import is_shard_dir
 
     if is_shard_dir(src.train):
         if not src.val:
@@ -225,5 +227,22 @@ def _report(run_dir: Path, train: ImageTexts | StreamedShards, val: ImageTexts) 
     report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
     if train.skipped or val.skipped:
         log.warning(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")
-    checkpoint.atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
     return train, val
+
+
+def test_image_texts(cfg, size: int) -> tuple[torch.Tensor, list[list[str]], shapes.ShapesSplit | None]:
+    """(pixels, captions per image, the shapes split or None) a caption or retrieval run is tested
+    on: source.test (else source.val) for a run on its own data, else the shapes world's test split."""
+    from mmt.data.images import to_pixels
+    from mmt.errors import ConfigError
+
+    source = cfg.source
+    if not source.train:
+        _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+        return to_pixels(test.images), test.captions, test
+    path = source.test or source.val
+    if not path:
+        raise ConfigError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
+    own = load_image_texts(path, source, size, source.test_split if source.test else source.val_split)
+    return own.pixels, own.captions, None

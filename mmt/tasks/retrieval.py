@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmt import checkpoint, registry
-from mmt.data import shapes
-from mmt.data.transforms import to_pixels
+from mmt.data.worlds import shapes
+from mmt.data.images import to_pixels
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import (
     ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+    test_image_texts,
 )
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
@@ -233,6 +235,7 @@ def format_recall(result: dict[str, float]) -> str:
 
 class RetrievalTask(Task):
     name = "retrieval"
+    run_config = RetrievalRunConfig
     cfg: RetrievalRunConfig
 
     def prepare(self, run_dir: Path) -> RetrievalConfig:
@@ -303,25 +306,44 @@ class RetrievalTask(Task):
             batch["caption_ids"], _ = self.tokenizer.batch(texts, self.model_cfg.caption_max_len, wrap="bos_eos")
         return batch
 
-    def batch_accuracy(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    @staticmethod
+    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """In-batch text -> image accuracy of the contrastive embeddings."""
         return (out["pairs_correct"].item() if "pairs_correct" in out else 0.0), len(batch["image_ids"])
 
     def evaluate(self, model: RetrievalModel) -> dict[str, float]:
         return retrieval_scores(model, self.tokenizer, self.val_pixels, self.val_captions, caption_groups=self.groups)
 
-    def headline(self, result: dict[str, float]) -> dict[str, float]:
+    @staticmethod
+    def headline(result: dict[str, float]) -> dict[str, float]:
         return {k: result[k] for k in ("t2i_R@1", "i2t_R@1", "t2i_R@1_rerank", "i2t_R@1_rerank") if k in result}
 
-    def score(self, result: dict[str, float]) -> float:
+    @staticmethod
+    def score(result: dict[str, float]) -> float:
         return result.get("mean_recall", 0.0)
+
+    def format_result(self, result: dict[str, float]) -> str:
+        return format_recall(result)
 
     def save_model(self, model: RetrievalModel, directory: Path) -> None:
         checkpoint.save_pretrained(model, directory, self.tokenizer)
 
 
+    def test(self, model: RetrievalModel, tokenizer: Tokenizer, directory: Path, out: Path) -> tuple[dict, str]:
+        """Recall@1/5/10 both ways on the test images and their captions, contrastive and, with a
+        matching head, re-ranked (the model's rerank_k candidates)."""
+        pixels, captions, shapes_test = test_image_texts(self.cfg, model.config.vision.image_size)
+        groups = SHAPES_CAPTION_GROUPS if shapes_test is not None else None
+        started = time.perf_counter()
+        result = retrieval_scores(model, tokenizer, pixels, captions, caption_groups=groups)
+        seconds = time.perf_counter() - started
+        texts = sum(len(c) for c in captions)
+        return result, f"{len(captions)} test images, {texts} captions, scored in {seconds:.1f}s\n{format_recall(result)}"
+
+
 class PretrainTask(RetrievalTask):
     name = "pretrain"
+    run_config = PretrainRunConfig
 
 
 def load_for_inference(run_dir: str | Path) -> tuple[RetrievalModel, Tokenizer]:

@@ -19,15 +19,17 @@ import numpy as np
 import torch
 
 from mmt import checkpoint, registry
-from mmt.data import shapes, sort_of_clevr
+from mmt.data.worlds import shapes, sort_of_clevr
 from mmt.data.answers import AnswerVocab
-from mmt.data.shards import is_shard_dir
-from mmt.data.transforms import to_pixels
+from mmt.data.formats.shards import is_shard_dir
+from mmt.data.images import to_pixels
+from mmt.generation import GenerationConfig
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import ShapesConfig, SourceConfig, StreamedShards, check_packed, epoch_order, init_tokenizer, shapes_splits, share
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
+from mmt.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,10 @@ class VQARunConfig:
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)  # your own data (source.train=...) instead of `dataset`
     # curriculum: for the first curriculum_steps steps, train only on questions of these types
     # (rows of the accuracy table); off unless the training questions have every one of them.
-    # On Sort-of-CLEVR, all questions from the start stall near 68% for thousands of steps;
+    # On Sort-of-CLEVR, all questions from the start stall on a plateau for thousands of steps;
     # the non-relational ones first teach the model to find the named object, and "count"
     # ones learned beside them keep it finding that object when the other relational
-    # questions arrive (without them, some seeds unlearned it there and stalled; README).
+    # questions arrive (without them, some seeds unlearned it there and stalled; docs/lab-notes.md).
     curriculum: tuple[str, ...] = ("non-relational", "count")
     curriculum_steps: int = 3000  # the curriculum's length (with curriculum_until: its longest)
     # end the curriculum early, at the first training log (every train.log_every steps) whose
@@ -74,6 +76,8 @@ class VQARunConfig:
             steps=6800, batch_size=32, lr=6e-4, warmup_steps=200, eval_every=250, save_every=250, attention="fused"
         )
     )
+    # decoding of the generative head (model.head=generate) in evaluation; greedy by default
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +100,7 @@ class VQASplit:
 def own_question(image_index: int, question: str, answers: list[str], consensus: str | None, answer_type: str) -> Question:
     """A question of your own data: answered by the official consensus answer, else the most
     frequent human answer; typed by answer type ("yes/no", "number", "other")."""
-    from mmt.data.vqa_v2 import most_frequent
+    from mmt.data.formats.vqa_v2 import most_frequent
 
     return Question(image_index, question, consensus or most_frequent(answers), ("overall", answer_type or "other"), tuple(answers))
 
@@ -109,9 +113,10 @@ def packed_question(image_index: int, meta: dict) -> Question:
 def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
     """A VQA v2 or JSON Lines source, or a shard folder of one (`mmt data pack`), as a split:
     images in order of first use, questions as `own_question` makes them."""
-    from mmt.data.records import DataError, VQARecord, check_dataset, load_source
-    from mmt.data.shards import is_shard_dir, iter_packed
-    from mmt.data.transforms import decode_image, load_image
+    from mmt.data.formats import check_dataset, load_source
+    from mmt.data.formats.records import DataError, VQARecord
+    from mmt.data.formats.shards import is_shard_dir, iter_packed
+    from mmt.data.images import load_image
 
     if is_shard_dir(path):  # images were checked when packed; each is decoded once
         image_of: dict[str, int] = {}
@@ -120,7 +125,7 @@ def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
             check_packed(path, meta, "vqa")
             if meta["image_path"] not in image_of:
                 image_of[meta["image_path"]] = len(images)
-                images.append(decode_image(data, size, f"{path}: sample {meta['index']}"))
+                images.append(load_image(data, size, f"{path}: sample {meta['index']}"))
             questions.append(packed_question(image_of[meta["image_path"]], meta))
         if not images:
             raise DataError(path, "shards", "no samples")
@@ -202,7 +207,7 @@ class QuestionSet:
             # several human answers (VQA v2): soft targets min(1, k/3) for an answer k humans
             # gave; the classifier trains on them with binary cross-entropy, and a prediction
             # scores its answer's target (the usual VQA accuracy)
-            from mmt.data.vqa_v2 import soft_scores
+            from mmt.data.formats.vqa_v2 import soft_scores
 
             self.answers = torch.zeros(len(split.questions), len(vocab))
             for i, q in enumerate(split.questions):
@@ -241,6 +246,7 @@ class QuestionSet:
 
 class VQATask(Task):
     name = "vqa"
+    run_config = VQARunConfig
     cfg: VQARunConfig
 
     def prepare(self, run_dir: Path) -> VQAConfig:
@@ -256,7 +262,7 @@ class VQATask(Task):
             self.stream = StreamedShards(cfg.source, model.vision.image_size, cfg.train, "vqa")
             train = VQASplit(np.zeros((0, 1, 1, 3), np.uint8), [packed_question(0, meta) for meta in self.stream.records])
             report = {"train_questions": len(train.questions), "skipped_train": self.stream.skipped}
-            checkpoint.atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
+            atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
         else:
             train = load_split(cfg, "train")
         answers_path = run_dir / ANSWERS_NAME
@@ -344,7 +350,8 @@ class VQATask(Task):
             return int((answers[:, 1:] != self.model_cfg.text.pad_id).sum())
         return len(answers)
 
-    def batch_accuracy(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    @staticmethod
+    def batch_accuracy(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         if "answers_correct" in out:  # generative head
             return out["answers_correct"].item(), len(batch["answers"])
         predicted = out["answer_logits"].argmax(-1)
@@ -354,9 +361,12 @@ class VQATask(Task):
 
     @staticmethod
     @torch.no_grad()
-    def predictions_correct(model: VQAModel, questions: QuestionSet, images_per_batch: int = 50) -> np.ndarray:
+    def predictions_correct(
+        model: VQAModel, questions: QuestionSet, images_per_batch: int = 50, generation: GenerationConfig | None = None
+    ) -> np.ndarray:
         """How right the model answers each question of the split: 1 or 0 (generative: exact
-        text), or with soft targets the predicted answer's score min(1, k/3)."""
+        text, decoded with `generation`, greedy by default), or with soft targets the predicted
+        answer's score min(1, k/3)."""
         model.eval()
         device = next(model.parameters()).device
         correct = np.zeros(len(questions.split.questions), dtype=float)
@@ -366,7 +376,8 @@ class VQATask(Task):
             batch = {k: v.to(device) for k, v in questions.batch(images).items()}
             rows = torch.cat([questions.questions_of_image[i] for i in images]).numpy()
             if model.config.head == "generate":
-                ids = model.generate_answers(batch["pixels"], batch["question_ids"], batch["image_index"]).ids[:, 0].cpu()
+                out = model.generate_answers(batch["pixels"], batch["question_ids"], batch["image_index"], generation)
+                ids = out.ids[:, 0].cpu()
                 correct[rows] = [questions.tokenizer.decode(row) == questions.answer_texts[r] for row, r in zip(ids, rows)]
             else:
                 logits = model.answer_logits(batch["pixels"], batch["question_ids"], batch["image_index"])
@@ -381,7 +392,7 @@ class VQATask(Task):
     def evaluate(self, model: VQAModel, questions: QuestionSet | None = None) -> dict[str, float]:
         """Accuracy overall and per question type."""
         questions = questions or self.eval_set
-        correct = self.predictions_correct(model, questions)
+        correct = self.predictions_correct(model, questions, generation=self.cfg.generation)
         groups: dict[str, list[float]] = {}
         for ok, q in zip(correct, questions.split.questions):
             for key in q.types:
@@ -392,15 +403,27 @@ class VQATask(Task):
             order = ["overall", *shapes.QTYPES, *sorted(k for k in groups if k != "overall" and k not in shapes.QTYPES)]
         return {k: float(np.mean(groups[k])) for k in order if k in groups}
 
-    def headline(self, result: dict[str, float]) -> dict[str, float]:
+    @staticmethod
+    def headline(result: dict[str, float]) -> dict[str, float]:
         return {k: result[k] for k in ("overall", "non-relational", "relational") if k in result}
 
-    def score(self, result: dict[str, float]) -> float:
+    @staticmethod
+    def score(result: dict[str, float]) -> float:
         return result.get("overall", 0.0)
+
+    def format_result(self, result: dict[str, float]) -> str:
+        return format_table(result)
 
     def save_model(self, model: VQAModel, directory: Path) -> None:
         checkpoint.save_pretrained(model, directory, self.tokenizer)
         self.vocab.save(directory / ANSWERS_NAME)
+
+    def test(self, model: VQAModel, tokenizer: Tokenizer, directory: Path, out: Path) -> tuple[dict, str]:
+        """Accuracy per question type on the test split (the run's own data: source.test, else source.val)."""
+        test = load_split(self.cfg, "test")
+        vocab = AnswerVocab.load(directory / ANSWERS_NAME)
+        result = self.evaluate(model, QuestionSet(test, tokenizer, vocab, model.config))
+        return result, format_table(result, counts_by_type(test.questions))
 
 
 def format_table(result: dict[str, float], counts: dict[str, int] | None = None) -> str:
@@ -412,12 +435,6 @@ def format_table(result: dict[str, float], counts: dict[str, int] | None = None)
         extra = f" {counts[key]:>10}" if counts else ""
         lines.append(f"{indent + key:<16} {value * 100:>8.2f}%{extra}")
     return "\n".join(lines)
-
-
-def load_for_inference(run_dir: str | Path) -> tuple[VQAModel, Tokenizer, AnswerVocab]:
-    """The model a VQA run saved (run_dir/model, or a model directory itself)."""
-    model, tokenizer, directory = checkpoint.load_for_inference(run_dir)
-    return model, tokenizer, AnswerVocab.load(directory / ANSWERS_NAME)
 
 
 def question_types(q: sort_of_clevr.Question) -> tuple[str, str, str]:

@@ -1,5 +1,5 @@
 """Truth of captions about shapes scenes: parse a caption (a model's, maybe malformed) into
-facts and check each against the scene graph, with the definitions of mmt.data.shapes.
+facts and check each against the scene graph, with the definitions of mmt.data.worlds.shapes.
 
 Reading. The caption is lower-cased and split into words ([a-z0-9]+; everything else separates
 words). A noun phrase is [a | an | the] [number] {size | colour | superlative}* noun, where a
@@ -33,7 +33,7 @@ import dataclasses
 import re
 from collections import Counter
 
-from mmt.data.shapes import COLOURS, NUMBERS, SHAPES, SIZES, SUPERLATIVES, Obj, Scene, relation_holds
+from mmt.data.worlds.shapes import COLOURS, NUMBERS, SHAPES, SIZES, SUPERLATIVES, Obj, Scene, relation_holds
 
 DETERMINERS = {"a", "an", "the"}
 NUMBER_WORDS = {w: n for n, w in enumerate(NUMBERS) if n > 0} | {str(n): n for n in range(1, 7)}

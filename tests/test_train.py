@@ -27,7 +27,7 @@ TINY = [
 DRIVER = """
 import sys, time
 from pathlib import Path
-import mmt.checkpoint, mmt.tasks.vqa
+import mmt.tasks.vqa, mmt.trainer_state
 from mmt.cli import main
 
 where, flag, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
@@ -44,13 +44,13 @@ if where == "step":  # before training step 3 (index 3), after checkpoint step-2
         return real(self, step, part, parts)
     mmt.tasks.vqa.VQATask.train_batch = train_batch
 else:  # half-way through writing checkpoint step-4's optimizer file
-    real_write = mmt.checkpoint.atomic_write
+    real_write = mmt.trainer_state.atomic_write
     def atomic_write(path, write):
         if ".tmp-step-0000004" in str(path) and Path(path).name == "optimizer.safetensors":
             Path(path).with_name(".optimizer.safetensors.partial").write_bytes(b"half a file")
             stop_here()
         return real_write(path, write)
-    mmt.checkpoint.atomic_write = atomic_write
+    mmt.trainer_state.atomic_write = atomic_write
 main(argv)
 """
 
@@ -63,7 +63,7 @@ def kill_at(where: str, run_dir: Path, tmp_path: Path) -> None:
     flag = tmp_path / f"stopped-{where}"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    args = [sys.executable, str(driver), where, str(flag), "train", "vqa", "--run-dir", str(run_dir), "--no-progress", *sets(TINY)]
+    args = [sys.executable, str(driver), where, str(flag), "train", "vqa", str(run_dir), "--no-progress", *sets(TINY)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -94,18 +94,22 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def straight_run(tmp_path: Path) -> Path:
     run = tmp_path / "straight"
-    assert main(["train", "vqa", "--run-dir", str(run), "--no-progress", *sets(TINY)]) == 0
+    assert main(["train", "vqa", str(run), "--no-progress", *sets(TINY)]) == 0
     return run
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     kill_at("step", killed, tmp_path)
     assert latest_checkpoint(killed).name == "step-0000002"
-    assert main(["train", "vqa", "--resume", str(killed), "--no-progress"]) == 0
+    assert main(["train", "vqa", str(killed), "--resume", "--no-progress"]) == 0
     assert_same_run(straight_run(tmp_path), killed)
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
     killed = tmp_path / "killed"
     kill_at("checkpoint", killed, tmp_path)
@@ -115,7 +119,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pa
     # the previous good checkpoint is whole: its files parse (read_weights raises on damage)
     assert checkpoint.read_weights(ckpts / "step-0000002" / "optimizer.safetensors")
     assert json.loads((ckpts / "step-0000002" / "trainer_state.json").read_text())["step"] == 2
-    assert main(["train", "vqa", "--resume", str(killed), "--no-progress"]) == 0
+    assert main(["train", "vqa", str(killed), "--resume", "--no-progress"]) == 0
     assert not (ckpts / ".tmp-step-0000004").exists()  # cleaned up when step 4 was written again
     assert_same_run(straight_run(tmp_path), killed)
 
@@ -134,6 +138,7 @@ def _nan_at(task, steps):
     return task
 
 
+@pytest.mark.e2e
 def test_a_non_finite_step_is_skipped_and_logged(tmp_path):
     from mmt import train as train_lib
     from mmt.config import apply_overrides
@@ -148,6 +153,7 @@ def test_a_non_finite_step_is_skipped_and_logged(tmp_path):
     assert all(torch.isfinite(w.float()).all() for w in weights.values())  # the NaN step never reached the weights
 
 
+@pytest.mark.e2e
 def test_non_finite_steps_in_a_row_stop_training_and_keep_the_last_good_checkpoint(tmp_path):
     from mmt import train as train_lib
     from mmt.config import apply_overrides
@@ -161,6 +167,7 @@ def test_non_finite_steps_in_a_row_stop_training_and_keep_the_last_good_checkpoi
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
 
 
+@pytest.mark.e2e
 def test_a_fresh_run_ignores_what_a_dead_attempt_left(tmp_path):
     """An attempt that died before its first checkpoint leaves a log and a vocabulary behind;
     starting again (not --resume) must neither append to that log nor reuse that vocabulary."""
@@ -170,7 +177,7 @@ def test_a_fresh_run_ignores_what_a_dead_attempt_left(tmp_path):
     from mmt.text import Tokenizer
 
     Tokenizer.train(["completely different words"], kind="word").save(run / "tokenizer.json")
-    assert main(["train", "vqa", "--run-dir", str(run), "--no-progress", *sets(TINY)]) == 0
+    assert main(["train", "vqa", str(run), "--no-progress", *sets(TINY)]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6] and records[0]["loss"] != 123.0
     assert "closest" in (run / "tokenizer.json").read_text()  # rebuilt from the Sort-of-CLEVR questions

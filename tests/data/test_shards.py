@@ -1,4 +1,4 @@
-"""Packing a data set into webdataset tar shards and reading them back (mmt.data.shards)."""
+"""Packing a data set into webdataset tar shards and reading them back (mmt.data.formats.shards)."""
 
 import json
 import tarfile
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmt.data.records import DataError
-from mmt.data.shards import ShardStream, iter_packed, pack, read_index, shard_dataset, shards_for_rank
+from mmt.data.formats.records import DataError
+from mmt.data.formats.shards import ShardStream, iter_packed, pack, read_index, shard_dataset, shards_for_rank
 
 N = 7
 

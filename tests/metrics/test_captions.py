@@ -161,6 +161,7 @@ def meteor_run():
 
 
 @needs_java
+@pytest.mark.multiprocess
 def test_meteor_when_java_present(meteor_run):
     scores, _ = meteor_run
     assert scores["tokenizer"] == "ptb"
@@ -264,6 +265,7 @@ def test_score_files_names_both_files_for_a_missing_image(tmp_path):
         score_files(res_path, ref_path, meteor=False, tokenize="simple")
 
 
+@pytest.mark.multiprocess
 def test_only_scoring_captions_needs_pycocoevalcap():
     # a machine without pycocoevalcap can still train, evaluate VQA and predict; scoring
     # captions there says what is missing
@@ -272,7 +274,9 @@ import sys
 sys.modules["pycocoevalcap"] = None  # any import of it now fails
 import mmt.cli, mmt.metrics.vqa
 from mmt.metrics.captions import score_captions
-mmt.cli._tasks()
+from mmt.tasks import TASKS, task_class
+for name in TASKS:
+    task_class(name)
 try:
     score_captions({1: "a red circle"}, {1: ["a red circle"]}, meteor=False, tokenize="simple")
 except ImportError as e:

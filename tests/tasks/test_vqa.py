@@ -1,6 +1,7 @@
 """Tiny train -> checkpoint -> crash -> resume -> eval -> predict, on the built-in data."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from mmt import checkpoint, train as train_lib
 from mmt.cli import main
 from mmt.config import apply_overrides
-from mmt.data import sort_of_clevr
+from mmt.data.worlds import sort_of_clevr
 from mmt.tasks.vqa import VQARunConfig, VQATask
 from tests.own_data import shapes_images
 
@@ -35,10 +36,11 @@ def tiny_cfg(extra=()):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("vqa") / "run"
-    assert main(["train", "vqa", "--run-dir", str(directory), "--no-progress", *sum((["--set", s] for s in TINY), [])]) == 0
+    assert main(["train", "vqa", str(directory), "--no-progress", *sum((["--set", s] for s in TINY), [])]) == 0
     return directory
 
 
+@pytest.mark.e2e
 def test_run_directory_layout(run_dir):
     names = {p.name for p in run_dir.iterdir()}
     assert {"run_config.json", "tokenizer.json", "answers.json", "metrics.jsonl", "checkpoints", "model"} <= names
@@ -54,6 +56,7 @@ def test_run_directory_layout(run_dir):
 # evaluation at step 4 (steps 2-4): the checkpoint of step 2 holds half of that average
 # the third case ends its curriculum on training accuracy at step 1, before the crash: the
 # resumed run must know that from the checkpoint and train its steps on all questions
+@pytest.mark.e2e
 @pytest.mark.parametrize("extra", [[], ["train.eval_every=4", "train.batchnorm_average_steps=3"], ["curriculum_until=1e-9"]])
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, extra):
     straight = tmp_path / "straight"
@@ -85,11 +88,13 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, extra):
     assert losses(crashed) == pytest.approx(losses(straight), abs=1e-6)  # the crashed step's line is gone too
 
 
+@pytest.mark.e2e
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train_lib.train(VQATask(tiny_cfg()), tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.e2e
 def test_eval_prints_a_table_and_writes_json(run_dir, capsys):
     assert main(["eval", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -111,6 +116,7 @@ def images(tmp_path_factory):
     return folder
 
 
+@pytest.mark.e2e
 def test_predict_one_question(run_dir, images, capsys):
     question = "What is the shape of the red object?"
     assert main(["predict", str(run_dir), "--image", str(images / "scene.png"), "--question", question, "--json"]) == 0
@@ -120,6 +126,7 @@ def test_predict_one_question(run_dir, images, capsys):
         assert main(["predict", str(run_dir), "--image", str(images / name), "--question", question]) == 0
 
 
+@pytest.mark.e2e
 def test_batch_predict_reports_bad_lines_and_answers_the_rest(run_dir, images, tmp_path, capsys):
     lines = [
         json.dumps({"image": str(images / "scene.png"), "question": "Is the blue object on the left?", "id": 7}),
@@ -133,28 +140,30 @@ def test_batch_predict_reports_bad_lines_and_answers_the_rest(run_dir, images, t
     src = images / "questions.jsonl"  # relative image paths resolve against the input file's folder
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "answers.jsonl"
-    assert main(["predict", str(run_dir), "--input", str(src), "--output", str(out)]) == 1
+    assert main(["predict", str(run_dir), "--input", str(src), "--out", str(out)]) == 1
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(results) == len(lines)
     assert results[0]["id"] == 7 and results[0]["answer"] in sort_of_clevr.ANSWERS and "error" not in results[0]
     assert results[6]["answer"] in sort_of_clevr.ANSWERS
-    expected = {1: "image not found", 2: "cannot read image", 3: "question is empty", 4: "not valid JSON", 5: "missing key 'image'"}
+    expected = {1: "image not found", 2: "corrupt.png: ", 3: "'question' is empty", 4: "invalid JSON", 5: "missing key 'image'"}
     for index, reason in expected.items():
         assert results[index]["answer"] is None and reason in results[index]["error"]
         assert results[index]["error"].startswith(f"line {index + 1}:")
     err = capsys.readouterr().err
     assert f"{src}:2: " in err and f"{src}:5: " in err
-    assert main(["predict", str(run_dir), "--input", str(src)]) == 2  # --input needs --output
-    assert "--input needs --output" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), "--input", str(src)]) == 2  # --input needs --out
+    assert "--input needs --out" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
-    assert main(["train", "vqa", "--run-dir", str(run_dir), "--set", "train.steps=1"]) == 2
+    assert main(["train", "vqa", str(run_dir), "--set", "train.steps=1"]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(["train", "vqa", "--run-dir", str(run_dir) + "-x", "--set", "model.fusion=sideways"]) == 2
+    assert main(["train", "vqa", str(run_dir) + "-x", "--set", "model.fusion=sideways"]) == 2
     assert "model.fusion: 'sideways' is not one of" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_vqa_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
     split = shapes_images(tmp_path, 10, seed=2)
     lines = []
@@ -166,7 +175,7 @@ def test_vqa_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [f"source.train={tmp_path / 'qa.jsonl'}", "model.vision.image_size=32", "train.steps=2", "train.batch_size=3",
                  "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2", "model.vision.encoder.depth=1"]
-    assert main(["train", "vqa", "--run-dir", str(run), "--no-progress", *sum((["--set", s] for s in overrides), [])]) == 0
+    assert main(["train", "vqa", str(run), "--no-progress", *sum((["--set", s] for s in overrides), [])]) == 0
     answers = json.loads((run / "answers.json").read_text())["answers"]
     assert "maybe" not in answers and "yes" in answers  # each question's most frequent human answer; no built-in answers added
     assert main(["eval", str(run), "--set", f"source.test={tmp_path / 'qa.jsonl'}"]) == 0
@@ -193,10 +202,18 @@ def test_several_human_answers_give_soft_targets_and_vqa_accuracy():
         assert VQATask.batch_accuracy({"answer_logits": logits}, batch) == (pytest.approx(score), 1)
 
 
-def test_curriculum_trains_on_its_question_types_first(tmp_path, capsys):
+def logged(caplog) -> str:
+    """The messages logged since the last call, a line each."""
+    text = "".join(record.getMessage() + "\n" for record in caplog.records)
+    caplog.clear()
+    return text
+
+
+def test_curriculum_trains_on_its_question_types_first(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mmt")
     task = VQATask(tiny_cfg(["curriculum_steps=2", "curriculum_until=0"]))
     task.prepare(tmp_path)
-    assert "curriculum: steps 1-2 train on 84 non-relational/count questions, then on all\n" in capsys.readouterr().out
+    assert "curriculum: steps 1-2 train on 84 non-relational/count questions, then on all\n" in logged(caplog)
 
     def kinds(step):
         texts = [task.tokenizer.decode(row) for row in task.train_batch(step)["question_ids"]]
@@ -209,26 +226,27 @@ def test_curriculum_trains_on_its_question_types_first(tmp_path, capsys):
 
     only = VQATask(tiny_cfg(["curriculum_steps=2", "curriculum=[\"non-relational\"]"]))
     only.prepare(tmp_path)
-    assert "train on 60 non-relational questions" in capsys.readouterr().out
+    assert "train on 60 non-relational questions" in logged(caplog)
     assert len(only.train_batch(0)["question_ids"]) == 2 * 10
 
     shapes_task = VQATask(apply_overrides(VQARunConfig(), ["dataset=shapes", "shapes.num_train=4", "shapes.num_val=2", "shapes.num_test=0",
                                                           "model.vision.image_size=64", "curriculum_steps=2"]))
     (tmp_path / "shapes").mkdir()
     shapes_task.prepare(tmp_path / "shapes")  # the shapes world has "count" questions, but not every curriculum type
-    assert "no training question has type non-relational; training on all questions from the start" in capsys.readouterr().out
+    assert "no training question has type non-relational; training on all questions from the start" in logged(caplog)
     assert shapes_task.curriculum_rows is None
 
 
-def test_curriculum_ends_when_its_training_accuracy_reaches_curriculum_until(tmp_path, capsys):
+def test_curriculum_ends_when_its_training_accuracy_reaches_curriculum_until(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mmt")
     task = VQATask(tiny_cfg(["curriculum_steps=50", "curriculum_until=0.9"]))
     task.prepare(tmp_path)
     assert ("all 4 steps train on 84 non-relational/count questions (curriculum_steps=50); it ends early if their training accuracy reaches 0.9"
-            in capsys.readouterr().out)
+            in logged(caplog))
     per_image = lambda step: len(task.train_batch(step)["question_ids"]) // 2
     assert task.observe(10, {"train_accuracy": 0.89}) == {} and per_image(10) < 20
     assert task.observe(20, {"train_accuracy": 0.9}) == {"curriculum_end": 20}
-    assert "training accuracy 0.9000 reached 0.9 at step 20; all questions from here" in capsys.readouterr().out
+    assert "training accuracy 0.9000 reached 0.9 at step 20; all questions from here" in logged(caplog)
     assert per_image(19) < 20 and per_image(20) == 20
     assert task.observe(30, {"train_accuracy": 0.95}) == {}  # ended once
     assert task.state() == {"curriculum_end": 20}
@@ -244,6 +262,7 @@ def test_curriculum_ends_when_its_training_accuracy_reaches_curriculum_until(tmp
         VQATask(tiny_cfg(["curriculum_until=1.5"])).prepare(tmp_path)
 
 
+@pytest.mark.e2e
 def test_batchnorm_statistics_are_the_even_average_of_the_last_steps(tmp_path):
     # the saved model's BatchNorm statistics: the plain mean of the batch statistics of the
     # last 3 training steps before the final evaluation (fp32: the hook sees bf16 inputs under
@@ -252,8 +271,8 @@ def test_batchnorm_statistics_are_the_even_average_of_the_last_steps(tmp_path):
     task, seen = VQATask(cfg), []
     build = task.build_model
 
-    def build_with_hook():
-        model = build()
+    def build_with_hook(model_cfg):
+        model = build(model_cfg)
         norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         norm.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()) if m.training else None)
         return model
@@ -280,6 +299,7 @@ def test_batchnorm_averaging_schedule():
     assert not any(any(train_lib.batchnorm_averaging(step, off)) for step in range(25))
 
 
-def test_curriculum_longer_than_the_run_says_the_whole_run_uses_it(tmp_path, capsys):
+def test_curriculum_longer_than_the_run_says_the_whole_run_uses_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mmt")
     VQATask(tiny_cfg(["curriculum_until=0"])).prepare(tmp_path)  # default curriculum_steps=3000 > 4 steps
-    assert "curriculum: all 4 steps train on 84 non-relational/count questions (curriculum_steps=3000)\n" in capsys.readouterr().out
+    assert "curriculum: all 4 steps train on 84 non-relational/count questions (curriculum_steps=3000)\n" in logged(caplog)

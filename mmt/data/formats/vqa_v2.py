@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmt.data.answers import AnswerVocab
-from mmt.data.records import (
+from mmt.data.formats.records import (
     DUPLICATE_ID,
     MISSING_ANNOTATION,
     MISSING_FIELD,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import mmt.tasks.caption
 from mmt.cli import main
-from mmt.data.shards import pack
+from mmt.data.formats.shards import pack
 from mmt.train import latest_checkpoint
 from tests.own_data import caption_lines, shapes_images
 
@@ -33,7 +33,7 @@ def data(tmp_path_factory) -> Path:
 
 def train_args(task, run, data, steps=6, workers=2):
     preset = {"caption": "caption-tiny", "retrieval": "retrieval-tiny"}[task]
-    return ["train", task, "--run-dir", str(run), "--preset", preset, "--no-progress"] + sets([
+    return ["train", task, str(run), "--preset", preset, "--no-progress"] + sets([
         f"source.train={data / 'shards'}", f"source.val={data / 'val.jsonl'}", f"source.workers={workers}", "source.shuffle_buffer=6",
         f"train.steps={steps}", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=6", "train.save_every=2",
         "train.log_every=1", "train.threads=1",
@@ -45,6 +45,8 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in lines if "loss" in r]
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 def test_retrieval_trains_from_shards(data, capsys):
     run = data / "retrieval-run"
     assert main(train_args("retrieval", run, data, steps=3)) == 0
@@ -59,6 +61,8 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 def test_caption_run_from_shards_resumes_exactly(data, monkeypatch):
     whole, broken = data / "whole", data / "broken"
     assert main(train_args("caption", whole, data)) == 0
@@ -75,7 +79,7 @@ def test_caption_run_from_shards_resumes_exactly(data, monkeypatch):
         main(train_args("caption", broken, data))
     assert latest_checkpoint(broken).name.endswith("2")
     monkeypatch.setattr(mmt.tasks.caption.CaptionTask, "train_batch", real)
-    assert main(["train", "caption", "--resume", str(broken), "--no-progress"]) == 0  # a fresh stream, restarted at step 2
+    assert main(["train", "caption", str(broken), "--resume", "--no-progress"]) == 0  # a fresh stream, restarted at step 2
 
     assert losses(broken) == losses(whole)
     a = load_file(latest_checkpoint(whole) / "model.safetensors")
@@ -84,6 +88,7 @@ def test_caption_run_from_shards_resumes_exactly(data, monkeypatch):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+@pytest.mark.e2e
 def test_training_from_shards_needs_validation_data(data, capsys):
     args = train_args("caption", data / "no-val", data, steps=1)
     args[args.index(f"source.val={data / 'val.jsonl'}")] = "source.val="
@@ -91,6 +96,8 @@ def test_training_from_shards_needs_validation_data(data, capsys):
     assert "give validation data as source.val" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 def test_vqa_trains_from_shards_and_reads_a_shard_folder_as_validation_and_test_data(tmp_path):
     split = shapes_images(tmp_path, 6, seed=3)
     lines = []
@@ -100,7 +107,7 @@ def test_vqa_trains_from_shards_and_reads_a_shard_folder_as_validation_and_test_
     summary = pack(tmp_path / "qa.jsonl", tmp_path / "shards", shard_size=10)
     assert summary["num_samples"] == len(lines) and summary["kind"] == "vqa"
     run = tmp_path / "run"
-    args = ["train", "vqa", "--run-dir", str(run), "--no-progress"] + sets([
+    args = ["train", "vqa", str(run), "--no-progress"] + sets([
         f"source.train={tmp_path / 'shards'}", f"source.val={tmp_path / 'shards'}", "source.workers=2", "model.vision.image_size=32",
         "model.vision.encoder.depth=1", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=2",
         "train.save_every=2", "train.log_every=1",

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
-from mmt.data.records import (
+from mmt.data.formats.records import (
     DUPLICATE_ID,
     INVALID_JSON,
     MISSING_FILE,
@@ -46,38 +46,51 @@ from mmt.data.records import (
     require,
     text_field,
 )
-from mmt.data.vqa_v2 import most_frequent
+from mmt.data.formats.vqa_v2 import most_frequent
 
-__all__ = ["JSONL_KINDS", "load_jsonl", "read_lines"]
+__all__ = ["JSONL_KINDS", "iter_lines", "load_jsonl", "read_lines"]
 
 JSONL_KINDS = ("captions", "vqa")
 
 
-def read_lines(path: str | Path, bad: BadRecords | None = None) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; bad lines raise or are counted in `bad`."""
+def iter_lines(path: str | Path) -> Iterator[tuple[int, dict | DataError | None]]:
+    """(line number, value) for every line of a JSON Lines file: the object, a DataError saying
+    why the line is not one (not UTF-8, not JSON, not an object), or None for a blank line.
+    Lines end at "\\n" only (JSON strings may hold other line separators); a byte-order mark
+    before the first line is allowed. The one reader of JSON Lines in mmt."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "", "no such file (JSON Lines)", kind=MISSING_FILE)
-    objects: list[tuple[int, dict]] = []
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, raw in enumerate(fh, start=1):  # (a binary file splits at newlines alone)
             where = f"line {number}"
             try:
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(path, where, f"not UTF-8 text ({e})", kind=INVALID_JSON) from None
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, where, f"invalid JSON at column {e.pos + 1}: {e.msg}", kind=INVALID_JSON) from None
-                if not isinstance(value, dict):
-                    raise DataError(path, where, f"expected a JSON object, got {type(value).__name__}", kind=NOT_AN_OBJECT)
-                objects.append((number, value))
-            except DataError as e:
-                handle(e, bad)
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield number, DataError(path, where, f"not UTF-8 text ({e})", kind=INVALID_JSON)
+                continue
+            if not line.strip():
+                yield number, None
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield number, DataError(path, where, f"invalid JSON at column {e.pos + 1}: {e.msg}", kind=INVALID_JSON)
+                continue
+            if not isinstance(value, dict):
+                yield number, DataError(path, where, f"expected a JSON object, got {type(value).__name__}", kind=NOT_AN_OBJECT)
+                continue
+            yield number, value
+
+
+def read_lines(path: str | Path, bad: BadRecords | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; bad lines raise or are counted in `bad`."""
+    objects: list[tuple[int, dict]] = []
+    for number, value in iter_lines(path):
+        if isinstance(value, DataError):
+            handle(value, bad)
+        elif value is not None:
+            objects.append((number, value))
     return objects
 
 

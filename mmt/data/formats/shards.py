@@ -59,9 +59,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmt.checkpoint import atomic_write, atomic_write_text
-from mmt.data.records import CaptionRecord, DataError, DataRecord, check_image, load_source
-from mmt.data.transforms import ImageError, decode_image
+from mmt.files import atomic_write, atomic_write_text
+from mmt.data.formats.records import CaptionRecord, DataError, DataRecord, check_image
+from mmt.data.formats.source import load_source
+from mmt.data.images import ImageError, load_image
 
 __all__ = [
     "INDEX_NAME", "ShardStream", "is_shard_dir", "iter_packed", "pack", "read_index", "sample_image", "shard_dataset", "shard_name",
@@ -84,6 +85,26 @@ def _image_ext(path: Path) -> str:
         return ext
     with Image.open(path) as image:
         return (image.format or "img").lower()
+
+
+def _image_of(record: DataRecord, checked: dict[Path, DataError | None]) -> tuple[bytes, str]:
+    """(the image file's bytes, its extension) of a record, checked as a loader would meet it
+    (`checked` remembers each file's verdict: many VQA records share an image); DataError naming
+    the data file, the record and the image when it cannot be used."""
+    path = Path(record.image_path)
+    if path not in checked:
+        try:
+            check_image(path)
+            checked[path] = None
+        except DataError as e:
+            checked[path] = e
+    error = checked[path]
+    if error is None:
+        try:
+            return path.read_bytes(), _image_ext(path)
+        except OSError as e:  # vanished or unreadable since the check
+            error = DataError(path, "", f"cannot read image ({e})", kind="missing_image")
+    raise DataError(record.source or error.path, record.where, f"image {error.path}: {error.detail}", kind=error.kind, key=error.key)
 
 
 def _record_json(record: DataRecord, index: int, ext: str) -> dict[str, Any]:
@@ -144,27 +165,12 @@ def pack(
         buffer, buffer_bytes = [], 0
 
     for index, record in enumerate(source.records):
-        path = Path(record.image_path)
-        if path not in checked:
-            try:
-                check_image(path)
-                checked[path] = None
-            except DataError as e:
-                checked[path] = e
-        error = checked[path]
-        if error is None:
-            try:
-                image_bytes = path.read_bytes()
-                ext = _image_ext(path)
-            except OSError as e:  # vanished or unreadable since the check
-                error = DataError(path, "", f"cannot read image ({e})", kind="missing_image")
-        if error is not None:
-            restated = DataError(
-                record.source or error.path, record.where, f"image {error.path}: {error.detail}", kind=error.kind, key=error.key
-            )
+        try:
+            image_bytes, ext = _image_of(record, checked)
+        except DataError as error:
             if not skip_bad:
-                raise restated
-            bad.add(restated)
+                raise
+            bad.add(error)
             continue
         meta = json.dumps(_record_json(record, index, ext), ensure_ascii=False).encode("utf-8")
         size = len(image_bytes) + len(meta) + 2 * _TAR_OVERHEAD
@@ -304,14 +310,14 @@ def iter_packed(out_dir: str | Path, images: bool = True) -> Iterator[tuple[dict
 
 def sample_image(sample: dict[str, Any], size: int, augment: np.random.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A webdataset sample of a packed shard -> ((size, size, 3) uint8 image, record dict);
-    with `augment`, training augmentation drawn from it (`transforms.image_array`)."""
+    with `augment`, training augmentation drawn from it (`mmt.data.images`)."""
     meta = json.loads(sample["json"])
     name = f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}.{meta.get('image_member', '?')}"
     data = sample.get(meta.get("image_member", ""))
     if data is None:
         raise DataError(sample.get("__url__", "?"), sample.get("__key__", "?"), "sample has no image member", kind="missing_image")
     try:
-        return decode_image(data, size, name, augment), meta
+        return load_image(data, size, name, augment), meta
     except ImageError as e:
         raise DataError(sample.get("__url__", "?"), sample.get("__key__", "?"), str(e), kind="bad_image") from None
 
@@ -392,7 +398,7 @@ class ShardStream:
     Rank `rank` of `world` reads shards rank, rank+world, ... (`shards_for_rank`, as
     `webdataset.split_by_node` splits them), and `workers` DataLoader processes decode them in
     parallel (0: in this process). With `augment`, each image gets the light training
-    augmentation (`transforms.image_array`), drawn from its place in the stream.
+    augmentation (`mmt.data.images`), drawn from its place in the stream.
     `take(position, n)` returns samples position .. position+n-1 of this rank's stream, a
     pure function of (shards, rank, world, workers, shuffle, seed, augment): a resumed run
     asks for the position its step implies and gets the samples the uninterrupted run saw.

@@ -33,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmt.data.records import (
+from mmt.data.formats.records import (
     DUPLICATE_ID,
     MISSING_FIELD,
     UNKNOWN_IMAGE,

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mmt.data import sort_of_clevr as soc
-from mmt.data.sort_of_clevr import SceneObject, answer
+from mmt.data.worlds import sort_of_clevr as soc
+from mmt.data.worlds.sort_of_clevr import SceneObject, answer
 
 COLOURS = list(soc.COLOURS)
 

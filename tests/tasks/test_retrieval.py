@@ -13,8 +13,8 @@ from PIL import Image
 
 from mmt import checkpoint, registry
 from mmt.cli import main
-from mmt.data import shapes
-from mmt.data.transforms import to_pixels
+from mmt.data.worlds import shapes
+from mmt.data.images import to_pixels
 from mmt.models.retrieval import LossWeights, RetrievalModel, contrastive_loss, sample_hard_negatives
 from mmt.models.vqa import VQAModel
 from mmt.tasks.retrieval import ranks_of, recall_at, rerank
@@ -101,6 +101,7 @@ def _ddp_step(rank: int, world: int, out_dir: str) -> None:
     torch.save({"loss": total / world, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_matches_one_process_on_the_whole_batch(tmp_path):
     context = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     deadline = 120  # a broken process group fails the test instead of hanging it
@@ -231,10 +232,11 @@ def sets(overrides):
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pretrain") / "run"
-    assert main(["train", "pretrain", "--run-dir", str(directory), "--preset", "retrieval-tiny", "--no-progress", *sets(TINY)]) == 0
+    assert main(["train", "pretrain", str(directory), "--preset", "retrieval-tiny", "--no-progress", *sets(TINY)]) == 0
     return directory
 
 
+@pytest.mark.e2e
 def test_pretrain_logs_each_loss_and_evaluates_recall(pretrain_run, capsys):
     records = [json.loads(line) for line in (pretrain_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -251,6 +253,7 @@ def test_pretrain_logs_each_loss_and_evaluates_recall(pretrain_run, capsys):
     assert result["t2i_R@10"] >= result["t2i_R@5"] >= result["t2i_R@1"]
 
 
+@pytest.mark.e2e
 def test_rerank_adds_the_contrastive_logit_to_the_matching_log_odds(pretrain_run, monkeypatch):
     import mmt.tasks.retrieval as retrieval
 
@@ -286,6 +289,7 @@ def test_rerank_adds_the_contrastive_logit_to_the_matching_log_odds(pretrain_run
         assert oracle["t2i_R@1_rerank"] == oracle["t2i_R@5"] and oracle["i2t_R@1_rerank"] == oracle["i2t_R@5"]
 
 
+@pytest.mark.e2e
 def test_eval_set_switches_the_rerank_score(pretrain_run, tmp_path, monkeypatch):
     import mmt.tasks.retrieval as retrieval
 
@@ -311,9 +315,10 @@ def test_switched_off_terms_have_no_module_and_no_loss():
     assert set(k for k in model(pixels, ids, image_ids) if k.endswith("_loss")) == {"itc_loss"}
 
 
+@pytest.mark.e2e
 def test_init_from_pretraining_into_retrieval_and_zero_shot_predict(pretrain_run, tmp_path, capsys):
     run = tmp_path / "ret"
-    args = ["train", "retrieval", "--run-dir", str(run), "--preset", "retrieval-tiny", "--init", str(pretrain_run), "--no-progress"]
+    args = ["train", "retrieval", str(run), "--preset", "retrieval-tiny", "--init", str(pretrain_run), "--no-progress"]
     assert main(args + sets([*TINY[:-5], "train.steps=2", "train.eval_every=2", "model.losses.mlm=0", "model.losses.lm=0"])) == 0
     out = capsys.readouterr().out
     assert f"init from {pretrain_run}" in out
@@ -333,8 +338,9 @@ def test_init_from_pretraining_into_retrieval_and_zero_shot_predict(pretrain_run
     assert "--labels" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_init_needs_a_model_directory(tmp_path, capsys):
-    args = ["train", "retrieval", "--run-dir", str(tmp_path / "r"), "--init", str(tmp_path / "nowhere"), "--no-progress"]
+    args = ["train", "retrieval", str(tmp_path / "r"), "--init", str(tmp_path / "nowhere"), "--no-progress"]
     assert main(args) == 2
     assert "nowhere" in capsys.readouterr().err
 
@@ -348,13 +354,14 @@ def test_matching_needs_two_different_images_in_a_batch():
         model(pixels[:2], ids[:2], torch.tensor([4, 4]))
 
 
+@pytest.mark.e2e
 def test_retrieval_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
     lines = [line for image in caption_lines(shapes_images(tmp_path, 30, seed=9)) for line in image]  # 1-3 captions each
     lines.append(json.dumps({"image": "img/missing.png", "text": "a red circle"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "test.jsonl").write_text("\n".join(lines[:12]) + "\n")
     run = tmp_path / "run"
-    args = ["train", "retrieval", "--run-dir", str(run), "--preset", "retrieval-tiny", "--no-progress", "--set", f"source.train={tmp_path / 'pairs.jsonl'}"]
+    args = ["train", "retrieval", str(run), "--preset", "retrieval-tiny", "--no-progress", "--set", f"source.train={tmp_path / 'pairs.jsonl'}"]
     steps = sets(["train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2"])
     assert main(args + steps) == 2  # the missing image stops the run before training, named
     assert "missing.png" in capsys.readouterr().err

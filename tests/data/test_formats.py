@@ -1,6 +1,6 @@
-"""Real-data readers (COCO captions, Karpathy splits, VQA v2, JSON Lines), their validation and the
-photo preprocessing. Every fixture is written here: tiny images with PIL and JSON files in the
-official layouts. Soft scores are worked out by hand in the comments."""
+"""Real-data readers (COCO captions, Karpathy splits, VQA v2, JSON Lines) and their validation.
+Every fixture is written here: tiny images with PIL and JSON files in the official layouts.
+Soft scores are worked out by hand in the comments."""
 
 import json
 import pickle
@@ -12,19 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from mmt.data import coco, jsonl, photos, records, vqa_v2
-from mmt.data.records import (
-    BadRecords,
-    CaptionRecord,
-    DataError,
-    VQARecord,
-    check_dataset,
-    check_image,
-    detect_format,
-    format_report,
-    load_source,
-    read_json,
-)
+from mmt.data.formats import check_dataset, coco, detect_format, format_report, jsonl, load_source, records, source, vqa_v2
+from mmt.data.formats.records import BadRecords, CaptionRecord, DataError, VQARecord, check_image, read_json
 from mmt.metrics.vqa import load_results
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -588,70 +577,6 @@ def test_load_source_and_check_together(tmp_path):
     assert (report.num_records, [r.captions for r in report.records]) == (3, [["ok"]])
     assert report.as_dict()["num_good"] == 1 and report.format == "jsonl"
     assert format_report(check_dataset([r for r in source.records if r.captions == ["ok"]])).endswith("no bad records")
-
-
-# ------------------------------------------------------------------------------------ photos
-
-
-def test_resize_shorter_side_and_center_crop():
-    image = Image.new("RGB", (60, 20), (255, 0, 0))
-    image.paste((0, 0, 255), (20, 0, 40, 20))  # a blue square in the middle third
-    out = photos.resize_shorter_side_and_center_crop(image, 10)
-    assert out.size == (10, 10)
-    assert np.asarray(out)[..., 2].min() > 200 and np.asarray(out)[..., 0].max() < 50  # only the centre is kept
-    tall = photos.resize_shorter_side_and_center_crop(Image.new("RGB", (8, 30)), 16)
-    assert tall.size == (16, 16)
-
-
-def test_photo_transform_eval_shape_and_range():
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
-    out = photos.PhotoTransform(size=16)(image)
-    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
-    low = (0 - torch.tensor(photos.IMAGENET_MEAN)) / torch.tensor(photos.IMAGENET_STD)
-    high = (1 - torch.tensor(photos.IMAGENET_MEAN)) / torch.tensor(photos.IMAGENET_STD)
-    assert torch.all(out >= low.view(3, 1, 1) - 1e-5) and torch.all(out <= high.view(3, 1, 1) + 1e-5)
-    half = photos.PhotoTransform(size=16, mean=(0.5,) * 3, std=(0.5,) * 3)(Image.new("RGB", (20, 20), (255, 0, 255)))
-    assert torch.allclose(half[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))
-    gray = photos.PhotoTransform(size=8, mean=(0.0,) * 3, std=(1.0,) * 3)(Image.new("LA", (9, 9), (0, 0)))
-    assert torch.allclose(gray, torch.ones_like(gray))  # transparent -> composited on white
-
-
-def test_photo_transform_train_is_deterministic_given_a_generator():
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8))
-    transform = photos.PhotoTransform(size=24, train=True)
-    a = transform(image, np.random.default_rng([3, 7]))
-    b = transform(image, np.random.default_rng([3, 7]))
-    c = transform(image, np.random.default_rng([3, 8]))
-    assert a.shape == (3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(ValueError, match="needs rng"):
-        transform(image)
-    # No flip by default: a full-image crop without jitter equals the evaluation output.
-    square = image.crop((0, 0, 40, 40))
-    plain = photos.PhotoTransform(size=24, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0)
-    evaluated = photos.PhotoTransform(size=24)(square)
-    for seed in range(5):
-        assert torch.allclose(plain(square, np.random.default_rng(seed)), evaluated, atol=1e-6)
-    flipped = photos.PhotoTransform(size=24, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0, hflip=1.0)
-    assert torch.allclose(flipped(square, np.random.default_rng(0)), evaluated.flip(-1), atol=1e-6)
-    with pytest.raises(ValueError, match="scale"):
-        photos.PhotoTransform(scale=(0.0, 1.0))
-
-
-def test_color_jitter_stays_in_range_and_is_small():
-    pixels = np.random.default_rng(2).random((8, 8, 3), dtype=np.float32)
-    out = photos.color_jitter(pixels.copy(), np.random.default_rng(0), 0.1)
-    assert out.min() >= 0 and out.max() <= 1 and np.abs(out - pixels).max() < 0.35
-
-
-def test_load_photo(tmp_path):
-    path = tmp_path / "p.png"
-    Image.new("RGBA", (5, 4), (0, 0, 0, 0)).save(path)
-    image = photos.load_photo(path)
-    assert image.mode == "RGB" and image.size == (5, 4) and image.getpixel((0, 0)) == (255, 255, 255)
-    with pytest.raises(DataError, match="image not found"):
-        photos.load_photo(tmp_path / "none.png")
-    with pytest.raises(DataError, match="cannot decode"):
-        photos.load_photo(truncate(write_image(tmp_path / "c.png", size=(64, 64), fmt="PNG", noise_seed=4)))
 
 
 def test_data_check_command(tmp_path, capsys):

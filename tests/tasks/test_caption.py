@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from mmt.cli import main
-from mmt.data import shapes
+from mmt.data.worlds import shapes
 from tests.own_data import caption_lines, shapes_images
 
 TINY_CAPTION = [
@@ -30,7 +30,7 @@ def sets(overrides):
 @pytest.fixture(scope="module")
 def caption_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("caption") / "run"
-    args = ["train", "caption", "--run-dir", str(directory), "--preset", "caption-tiny", "--no-progress", *sets(TINY_CAPTION)]
+    args = ["train", "caption", str(directory), "--preset", "caption-tiny", "--no-progress", *sets(TINY_CAPTION)]
     assert main(args) == 0
     return directory
 
@@ -44,6 +44,7 @@ def images(tmp_path_factory):
     return folder
 
 
+@pytest.mark.e2e
 def test_caption_run_logs_caption_metrics_and_truth(caption_run):
     records = [json.loads(line) for line in (caption_run / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval"] for r in records if "eval" in r]
@@ -57,6 +58,7 @@ def test_caption_run_logs_caption_metrics_and_truth(caption_run):
     assert config["max_len"] > 16 and json.loads((caption_run / "run_config.json").read_text())["model"]["max_len"] == config["max_len"]
 
 
+@pytest.mark.e2e
 def test_caption_eval_writes_scores_and_coco_files(caption_run, capsys):
     out = caption_run / "test_eval.json"
     assert main(["eval", str(caption_run), "--out", str(out), "--set", "generation.num_beams=2"]) == 0
@@ -74,6 +76,7 @@ def test_caption_eval_writes_scores_and_coco_files(caption_run, capsys):
     assert rescored["CIDEr-D"] == pytest.approx(scores["CIDEr-D"], abs=1e-9)
 
 
+@pytest.mark.e2e
 def test_predict_captions_with_beams_and_samples(caption_run, images, capsys):
     image = str(images / "scene.png")
     assert main(["predict", str(caption_run), "--image", image, "--beam", "3", "--num-return", "3", "--json"]) == 0
@@ -89,6 +92,7 @@ def test_predict_captions_with_beams_and_samples(caption_run, images, capsys):
     assert main(["predict", str(caption_run), "--image", image, "--beam", "2", "--sample"]) == 2  # contradictory options
 
 
+@pytest.mark.e2e
 def test_batch_caption_reports_bad_lines_and_captions_the_rest(caption_run, images, tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(
@@ -102,16 +106,17 @@ def test_batch_caption_reports_bad_lines_and_captions_the_rest(caption_run, imag
         )
         + "\n"
     )
-    assert main(["predict", str(caption_run), "--input", str(src), "--output", str(out)]) == 1
+    assert main(["predict", str(caption_run), "--input", str(src), "--out", str(out)]) == 1
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line.get("id") for line in lines] == [1, None, None, 4]
     assert isinstance(lines[0]["caption"], str) and lines[0]["caption"] == lines[3]["caption"]
-    assert "cannot read image" in lines[1]["error"] and "not valid JSON" in lines[2]["error"]
+    assert "corrupt.png: " in lines[1]["error"] and "invalid JSON" in lines[2]["error"]
     assert "in.jsonl:2" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_image_size_mismatch_is_a_clear_error(tmp_path, capsys):
-    args = ["train", "caption", "--run-dir", str(tmp_path / "r"), "--preset", "caption-tiny", "--no-progress"]
+    args = ["train", "caption", str(tmp_path / "r"), "--preset", "caption-tiny", "--no-progress"]
     assert main(args + sets(["data.num_train=4", "data.num_val=2", "data.num_test=2"])) == 2
     assert "data.image_size=64" in capsys.readouterr().err
 
@@ -137,9 +142,10 @@ TINY_VQA = [
 ]
 
 
+@pytest.mark.e2e
 def test_generative_vqa_trains_evaluates_and_answers_in_words(tmp_path, images, capsys):
     run = tmp_path / "gen"
-    assert main(["train", "vqa", "--run-dir", str(run), "--no-progress", *sets(TINY_VQA)]) == 0
+    assert main(["train", "vqa", str(run), "--no-progress", *sets(TINY_VQA)]) == 0
     capsys.readouterr()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert set(records[-1]["eval"]) == {"overall", *shapes.QTYPES}
@@ -156,23 +162,26 @@ def test_generative_vqa_trains_evaluates_and_answers_in_words(tmp_path, images, 
     assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
 
 
+@pytest.mark.e2e
 def test_vqa_on_shapes_needs_the_matching_image_size(tmp_path, capsys):
-    args = ["train", "vqa", "--run-dir", str(tmp_path / "r"), "--no-progress", "--set", "dataset=shapes"]
+    args = ["train", "vqa", str(tmp_path / "r"), "--no-progress", "--set", "dataset=shapes"]
     assert main(args) == 2  # vqa-small reads 75x75 Sort-of-CLEVR images; the shapes world is 64x64
     assert "set model.vision.image_size=64" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_eval_of_a_model_directory_uses_the_runs_data_settings(caption_run, tmp_path, capsys):
     # the model directory carries the run's config, so its 8 test images at 32x32 are used
     assert main(["eval", str(caption_run / "model"), "--out", str(tmp_path / "e.json")]) == 0
     assert "8 test images captioned" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_caption_trains_and_evaluates_on_your_own_json_lines(tmp_path, capsys):
     lines = [line for image in caption_lines(shapes_images(tmp_path, 12, seed=4)) for line in image]  # 1-3 captions each
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
-    args = ["train", "caption", "--run-dir", str(run), "--preset", "caption-tiny", "--no-progress",
+    args = ["train", "caption", str(run), "--preset", "caption-tiny", "--no-progress",
             "--set", f"source.train={tmp_path / 'pairs.jsonl'}", "--set", "captions_per_image=2"]
     assert main(args + sets(["train.steps=2", "train.batch_size=4", "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2"])) == 0
     assert json.loads((run / "data_report.json").read_text())["train_images"] == 11

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmt.data import shapes
-from mmt.data.shapes import NUMBERS, Obj, Scene, relation_holds
-from mmt.data.shapes_preview import preview_shapes
-from mmt.data.shapes_truth import caption_facts, caption_objects, check_caption, fact_scores
+from mmt.data.worlds import shapes
+from mmt.data.worlds.shapes import NUMBERS, Obj, Scene, relation_holds
+from mmt.data.worlds.preview import preview_shapes
+from mmt.data.worlds.shapes_truth import caption_facts, caption_objects, check_caption, fact_scores
 
 # A hand-built 64x64 scene. Red is left of blue (dx 32) and above green (dy 20), 20 px from
 # green (next to); blue is 32 px from red and 37.7 from green (neither next to).
@@ -295,7 +295,7 @@ def test_corpus_and_preview(tmp_path):
 
 
 def test_scenes_described_finds_every_scene_a_caption_is_true_of():
-    from mmt.data.shapes_truth import scenes_described
+    from mmt.data.worlds.shapes_truth import scenes_described
 
     scenes = [
         Scene([Obj("circle", "red", "large", 20, 20), Obj("square", "blue", "small", 45, 45)]),

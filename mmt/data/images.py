@@ -1,0 +1,168 @@
+"""The one image pipeline, for training and inference alike (PIL, numpy, torch; no torchvision).
+
+    file, bytes, PIL image or array --open_image--> RGB PIL image --fit--> (size, size, 3) uint8
+        --to_pixels--> float (N, 3, size, size) in [-1, 1], what every mmt model reads
+
+- **Opening**: any mode Pillow opens becomes RGB; transparent images are composited on white
+  (the built-in worlds' background). An image over `MAX_PIXELS` is refused from its header,
+  before anything is decoded (a decompression bomb costs nothing); a missing, truncated or
+  corrupt file is refused with its name.
+- **Fitting to the model's square**: the shorter side is resized to `size` and the centre square
+  kept (bicubic, antialiased when shrinking), so nothing is stretched. An image already
+  `size` x `size` (the built-in worlds) is left exactly as it is.
+- **Training augmentation** (with a numpy Generator, so a batch is a pure function of its seed):
+  a random resized crop of 50-100% of the area with aspect ratio 3/4-4/3 (milder than
+  classification's 8%: a caption or question speaks of most of the picture), then a colour
+  jitter of 0.1 in brightness, contrast and saturation. No flips and no hue: texts say "left"
+  and "red", and a flipped or re-hued image makes them false.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs) instead of exhausting memory
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's "L" conversion
+_CROP_TRIES = 10
+T = TypeVar("T")
+
+# why an image could not be used, as `ImageError.kind` (the data checker counts them by kind)
+MISSING_IMAGE = "missing_image"
+CORRUPT_IMAGE = "corrupt_image"
+TOO_LARGE = "too_large"
+
+
+class ImageError(ValueError):
+    """An image is missing, unreadable or too large; the message names it."""
+
+    def __init__(self, name: str, detail: str, kind: str = CORRUPT_IMAGE):
+        self.name, self.detail, self.kind = name, detail, kind
+        super().__init__(f"{name}: {detail}")
+
+
+def with_image(source: str | Path | bytes, use: Callable[[Image.Image], T], *, name: str | None = None,
+               max_pixels: int = MAX_PIXELS, load: bool = True) -> T:
+    """`use(image)` of the image in `source` (a path or the file's bytes), opened only after its
+    header was read and its size checked against `max_pixels`, and (with `load`) decoded
+    fully, which is what finds a truncated file. Any failure is an ImageError naming `name`
+    (default: the path). `use` runs while the file is open and returns what outlives it."""
+    name = name or str(source)
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise ImageError(name, "image not found", MISSING_IMAGE)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and above twice its own limit refuses) on large headers; our limit decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                if image.width * image.height > max_pixels:
+                    raise ImageError(name, f"{image.width}x{image.height} image exceeds the {max_pixels:,}-pixel limit (not decoded)", TOO_LARGE)
+                if load:
+                    image.load()
+                return use(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(name, f"image exceeds PIL's pixel limit (not decoded): {e}", TOO_LARGE) from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image PIL can identify") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # decoders fail in many ways (OSError, SyntaxError, struct.error, ...)
+        raise ImageError(name, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any PIL image; transparent images are composited on white."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def open_image(source: Any, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image as a decoded RGB PIL image: `source` is a path, the file's bytes, a PIL image, or
+    an (H, W, 3) uint8 array."""
+    if isinstance(source, Image.Image):
+        if source.width * source.height > max_pixels:
+            raise ImageError(name or "image", f"{source.width}x{source.height} image exceeds the {max_pixels:,}-pixel limit", TOO_LARGE)
+        return to_rgb(source)
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise ImageError(name or "image", f"an array image must be (H, W, 3) uint8, got {source.shape} {source.dtype}")
+        return Image.fromarray(source)
+    if isinstance(source, (str, Path, bytes)):
+        return with_image(source, to_rgb, name=name, max_pixels=max_pixels)
+    raise ImageError(name or "image", f"cannot read an image from a {type(source).__name__}")
+
+
+def center_square(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """The centre square of `image`, its side resized to `size`: the same picture as resizing the
+    shorter side to `size` and cropping the centre, in one resampling step."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return image.resize((size, size), resample, box=(left, top, left + side, top + side))
+
+
+def random_resized_crop(
+    image: Image.Image, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3), resample: int = Image.Resampling.BICUBIC,
+) -> Image.Image:
+    """A random box of `scale` of the area and aspect ratio (width/height) in `ratio`, resized
+    to size x size. After 10 draws that do not fit, the centre square."""
+    width, height = image.size
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(_CROP_TRIES):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        crop_w, crop_h = math.sqrt(target * aspect), math.sqrt(target / aspect)
+        if crop_w <= width and crop_h <= height:
+            left = rng.uniform(0.0, width - crop_w)
+            top = rng.uniform(0.0, height - crop_h)
+            return image.resize((size, size), resample, box=(left, top, left + crop_w, top + crop_h))
+    return center_square(image, size, resample)
+
+
+def color_jitter(pixels: np.ndarray, rng: np.random.Generator, strength: float = 0.1) -> np.ndarray:
+    """float (H, W, 3) in [0, 1] with brightness, contrast and saturation each scaled by a factor
+    from [1 - strength, 1 + strength], in that order; clipped back to [0, 1]."""
+    brightness, contrast, saturation = rng.uniform(1.0 - strength, 1.0 + strength, size=3)
+    pixels = pixels * np.float32(brightness)
+    mean = np.float32((pixels @ _LUMA).mean())
+    pixels = (pixels - mean) * np.float32(contrast) + mean
+    gray = (pixels @ _LUMA)[..., None]
+    pixels = (pixels - gray) * np.float32(saturation) + gray
+    return np.clip(pixels, 0.0, 1.0, out=pixels)
+
+
+def fit(image: Image.Image, size: int, augment: np.random.Generator | None = None) -> np.ndarray:
+    """An RGB PIL image as the model's (size, size, 3) uint8 square (see the module docstring);
+    with `augment`, the training augmentation drawn from that generator."""
+    if augment is None:
+        return np.array(center_square(image, size), dtype=np.uint8)
+    pixels = np.asarray(random_resized_crop(image, size, augment), dtype=np.float32) / np.float32(255.0)
+    return np.rint(color_jitter(pixels, augment) * 255.0).astype(np.uint8)
+
+
+def load_image(source: Any, size: int, name: str | None = None, augment: np.random.Generator | None = None) -> np.ndarray:
+    """`source` (a path, the file's bytes, a PIL image, an array) as the model's (size, size, 3)
+    uint8 square."""
+    return fit(open_image(source, name), size, augment)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

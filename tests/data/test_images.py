@@ -1,0 +1,69 @@
+"""The one image pipeline (mmt.data.images): any image read as what it shows, fitted to the model's
+square without stretching, augmented reproducibly, refused with its name when it cannot be used."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmt.data.images import ImageError, center_square, color_jitter, fit, load_image, open_image, to_pixels
+
+
+def test_center_square_keeps_the_centre_and_leaves_a_square_of_the_size_alone():
+    image = Image.new("RGB", (60, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))  # a blue square in the middle third
+    out = center_square(image, 10)
+    assert out.size == (10, 10)
+    assert np.asarray(out)[..., 2].min() > 200 and np.asarray(out)[..., 0].max() < 50  # only the centre is kept
+    assert center_square(Image.new("RGB", (8, 30)), 16).size == (16, 16)
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    assert np.array_equal(fit(square, 12), np.asarray(square))  # the built-in worlds: exactly as drawn
+
+
+def test_pixels_are_in_minus_one_to_one():
+    images = np.stack([np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)])
+    pixels = to_pixels(images)
+    assert pixels.shape == (2, 3, 4, 4) and pixels.dtype == torch.float32
+    assert pixels[0].eq(-1).all() and pixels[1].eq(1).all()
+
+
+def test_training_augmentation_is_a_function_of_its_generator():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    a = fit(image, 24, np.random.default_rng([3, 7]))
+    b = fit(image, 24, np.random.default_rng([3, 7]))
+    c = fit(image, 24, np.random.default_rng([3, 8]))
+    assert a.shape == (24, 24, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_color_jitter_stays_in_range_and_is_small():
+    pixels = np.random.default_rng(2).random((8, 8, 3), dtype=np.float32)
+    out = color_jitter(pixels.copy(), np.random.default_rng(0), 0.1)
+    assert out.min() >= 0 and out.max() <= 1 and np.abs(out - pixels).max() < 0.35
+
+
+def test_any_source_opens_as_rgb(tmp_path):
+    path = tmp_path / "p.png"
+    Image.new("RGBA", (5, 4), (0, 0, 0, 0)).save(path)
+    for source in (path, str(path), path.read_bytes(), Image.open(path)):
+        image = open_image(source)
+        assert image.mode == "RGB" and image.size == (5, 4) and image.getpixel((0, 0)) == (255, 255, 255)  # on white
+    array = np.zeros((3, 5, 3), np.uint8)
+    assert open_image(array).size == (5, 3)
+    assert load_image(Image.new("L", (9, 9), 40), 4).shape == (4, 4, 3)
+
+
+def test_unusable_images_are_refused_with_their_name(tmp_path):
+    with pytest.raises(ImageError, match="none.png: image not found") as missing:
+        open_image(tmp_path / "none.png")
+    assert missing.value.kind == "missing_image"
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="bad.png: not an image") as bad:
+        open_image(tmp_path / "bad.png")
+    assert bad.value.kind == "corrupt_image"
+    with pytest.raises(ImageError, match="exceeds the 100-pixel limit") as large:
+        open_image(Image.new("RGB", (20, 20)), max_pixels=100)
+    assert large.value.kind == "too_large"
+    with pytest.raises(ImageError, match="uint8"):
+        open_image(np.zeros((3, 3), np.float32))
+    with pytest.raises(ImageError, match="cannot read an image from a int"):
+        open_image(3)

@@ -1,0 +1,88 @@
+"""The Python API (mmt.load): any kind of image in, one result per input, in batches; clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmt
+from mmt import checkpoint, registry
+from mmt.data.images import ImageError, load_image, to_pixels
+from mmt.text import Tokenizer
+
+WORDS = ["a red circle", "a blue square", "a green cross on the left"]
+
+
+def saved(tmp_path, preset, **sizes):
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train(WORDS)
+    cfg = registry.preset(preset)
+    for key, value in sizes.items():
+        setattr(cfg, key, value)
+    model = registry.build(cfg).eval()
+    checkpoint.save_pretrained(model, tmp_path / preset, tokenizer)
+    return tmp_path / preset, model
+
+
+@pytest.fixture
+def scene(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "scene.png")
+    return tmp_path / "scene.png", array
+
+
+def test_a_captioner_takes_any_image_and_answers_one_per_input(tmp_path, scene):
+    path, array = scene
+    directory, model = saved(tmp_path, "caption-tiny", vocab_size=14)
+    captioner = mmt.load(directory)
+    assert captioner.task == "caption" and "caption" in repr(captioner)
+    one = captioner.caption(path)
+    assert set(one) == {"caption", "score"} and isinstance(one["caption"], str)
+    pixels = to_pixels(array[None])[0]
+    for image in (str(path), Image.open(path), array, pixels):
+        assert captioner.caption(image) == one  # the same picture, however it is given
+    many = captioner.caption([path, array, path], batch_size=2)
+    assert many == [one, one, one]
+    with torch.no_grad():
+        direct = model.generate(to_pixels(load_image(path, 32)[None]))
+    assert one["caption"] == captioner.tokenizer.decode(direct.ids[0, 0])
+    beams = captioner.caption(path, num_beams=3, num_return=3)
+    assert len(beams["captions"]) == 3 and beams["caption"] == beams["captions"][0]["caption"]
+
+
+def test_a_retrieval_model_embeds_and_classifies(tmp_path, scene):
+    path, _ = scene
+    directory, model = saved(tmp_path, "retrieval-tiny")
+    retrieval = mmt.load(directory)
+    image = retrieval.embed_images(path)
+    texts = retrieval.embed_texts(WORDS)
+    assert image.shape == (model.config.embed_dim,) and texts.shape == (3, model.config.embed_dim)
+    assert torch.allclose(image.norm(), torch.tensor(1.0), atol=1e-5)
+    ranked = retrieval.classify([path, path], ["red circle", "blue square"], template="a {}")
+    assert len(ranked) == 2 and ranked[0] == ranked[1]
+    assert sum(item["score"] for item in ranked[0]["labels"]) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="needs labels"):
+        retrieval.classify(path, [" "])
+
+
+def test_wrong_inputs_are_named(tmp_path, scene):
+    path, _ = scene
+    directory, _ = saved(tmp_path, "caption-tiny", vocab_size=14)
+    captioner = mmt.load(directory)
+    with pytest.raises(ValueError, match="holds a caption model; this needs a vqa model"):
+        captioner.answer(path, "what?")
+    with pytest.raises(ValueError, match=r"image 0: a tensor image must be the model's pixels"):
+        captioner.caption(torch.zeros(3, 8, 8))
+    with pytest.raises(ImageError, match="missing.png: image not found"):
+        captioner.caption([path, tmp_path / "missing.png"])
+    with pytest.raises(ValueError, match="greedy decoding returns one sequence"):
+        captioner.caption(path, num_return=2)
+
+
+def test_overrides_change_the_saved_settings(tmp_path):
+    directory, _ = saved(tmp_path, "retrieval-tiny")
+    assert mmt.load(directory, overrides=["model.rerank_k=3"]).model.config.rerank_k == 3
+    assert mmt.load(directory, overrides=["generation.num_beams=2"]).generation.num_beams == 2
+    with pytest.raises(mmt.ConfigError, match="only model.\\* and generation.\\*"):
+        mmt.load(directory, overrides=["train.steps=3"])
