@@ -20,7 +20,8 @@ Same work on both sides:
   the next-token distribution (two logits).
 On a GPU mmt replays each decoder step as a recorded CUDA graph (its default there); the
 table also gives mmt with that turned off (`cuda_graph=False`, "eager"); on a CPU mmt decodes
-through its lean step (`mmt/lean_step.py`). Each timed call ends with the device synchronised.
+through gathered views of its modules (`mmt/gathered.py`). Each timed call ends with the
+device synchronised.
 tokens/s = batch x new tokens / seconds per `generate` call (beam search counts the
 returned sequence, not every beam). Repetitions of the models alternate and the median is
 reported; GFLOP per call are counted with torch's FlopCounterMode (mmt's in its eager
@@ -50,7 +51,7 @@ GOALS = {"greedy": 3.0, "beam": 5.0}  # tracked: mmt / transformers tokens/s (gr
 
 def build_models(args, vocab: int) -> tuple[CaptionModel, torch.nn.Module]:
     """mmt's captioner and a ViT + GPT-2 VisionEncoderDecoderModel of the same sizes, in eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig, ViTConfig, ViTModel, VisionEncoderDecoderModel
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, VisionEncoderDecoderModel, ViTConfig, ViTModel
 
     D, H, F = args.hidden, args.heads, args.ffn
     layer = TransformerConfig(dim=D, depth=args.vision_layers, heads=H, ffn_dim=F, dropout=0.0)

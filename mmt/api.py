@@ -28,7 +28,8 @@ from torch import Tensor
 
 from mmt import checkpoint, config
 from mmt.data.answers import AnswerVocab
-from mmt.data.images import load_image, to_pixels
+from mmt.data.images import Fit, load_image, to_pixels
+from mmt.errors import CheckpointError
 from mmt.generation import GenerationConfig
 
 ANSWERS_NAME = "answers.json"
@@ -52,29 +53,36 @@ class Predictor:
         self.model, self.tokenizer, self.directory = model, tokenizer, directory
         self.task = model.model_type
         self.image_size = model.config.vision.image_size
+        self.fit = Fit.of(model.config.vision)  # how images are fitted to the model's square
         self.device = next(model.parameters()).device
         self.generation = generation or GenerationConfig()
-        self.answers = AnswerVocab.load(directory / ANSWERS_NAME) if (directory / ANSWERS_NAME).is_file() else None
+        self.answers = None
+        if self.task == "vqa" and model.config.head == "classify":
+            if not (directory / ANSWERS_NAME).is_file():
+                raise CheckpointError(f"{directory / ANSWERS_NAME}: not found; a VQA classifier needs its answer vocabulary beside it")
+            self.answers = AnswerVocab.load(directory / ANSWERS_NAME)
 
     def __repr__(self) -> str:
         return f"Predictor({self.task} model from {self.directory}, {self.image_size}x{self.image_size} images, on {self.device})"
 
     # ------------------------------------------------------------------ inputs
 
-    def pixels(self, images: Sequence[Any]) -> Tensor:
+    def pixels(self, images: Sequence[Any], first: int = 0) -> Tensor:
         """Model pixels (N, 3, S, S) on the model's device for images of any kind (see the module
-        docstring); an ImageError names an image that cannot be read."""
+        docstring); an ImageError names an image that cannot be read (by its path, or as image
+        `first + i` of the caller's list)."""
         arrays, tensors = [], []
         for i, image in enumerate(images):
+            name = str(image) if isinstance(image, (str, Path)) else f"image {first + i}"
             if isinstance(image, Tensor):
                 if image.shape != (3, self.image_size, self.image_size) or not image.is_floating_point():
                     raise ValueError(
-                        f"image {i}: a tensor image must be the model's pixels, float (3, {self.image_size}, {self.image_size}) "
+                        f"{name}: a tensor image must be the model's pixels, float (3, {self.image_size}, {self.image_size}) "
                         f"in [-1, 1]; got {tuple(image.shape)} {image.dtype}"
                     )
                 tensors.append((i, image.float().cpu()))
             else:
-                arrays.append((i, load_image(image, self.image_size, name=str(image) if isinstance(image, (str, Path)) else f"image {i}")))
+                arrays.append((i, load_image(image, self.fit, name=name)))
         out = torch.empty(len(images), 3, self.image_size, self.image_size)
         if arrays:
             out[[i for i, _ in arrays]] = to_pixels(np.stack([a for _, a in arrays]))
@@ -82,7 +90,8 @@ class Predictor:
             out[i] = t
         return out.to(self.device)
 
-    def _decoding(self, options: dict[str, Any]) -> GenerationConfig:
+    def decoding(self, options: dict[str, Any]) -> GenerationConfig:
+        """The run's decoding settings with `options` (GenerationConfig fields) changed, checked."""
         cfg = dataclasses.replace(self.generation, **options)
         cfg.validate()
         return cfg
@@ -105,10 +114,10 @@ class Predictor:
         for i, q in enumerate(questions):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"question {i} is {'empty' if isinstance(q, str) else 'not text'}")
-        generation = self._decoding(decoding)
+        generation = self.decoding(decoding)
         results = []
         for start in range(0, len(images), batch_size):
-            pixels = self.pixels(images[start : start + batch_size])
+            pixels = self.pixels(images[start : start + batch_size], start)
             ids, _ = self.tokenizer.batch(questions[start : start + batch_size], self.model.config.text.max_len, wrap="cls")
             ids = ids.to(self.device)
             if self.model.config.head == "generate":  # the answer's probability under the decoder
@@ -128,10 +137,10 @@ class Predictor:
         length-penalised), with all of them under "captions" when `num_return` > 1."""
         self._need("caption")
         images, single = _listed(images)
-        generation = self._decoding(decoding)
+        generation = self.decoding(decoding)
         results = []
         for start in range(0, len(images), batch_size):
-            out = self.model.generate(self.pixels(images[start : start + batch_size]), generation)
+            out = self.model.generate(self.pixels(images[start : start + batch_size], start), generation)
             results += self._ranked("caption", out.ids, out.scores)
         return results[0] if single else results
 
@@ -140,7 +149,7 @@ class Predictor:
         """Retrieval: unit-length image embeddings, (E,) for one image, (N, E) for a list."""
         self._need("retrieval")
         images, single = _listed(images)
-        rows = [self.model.embed_images(self.pixels(images[s : s + batch_size])).cpu() for s in range(0, len(images), batch_size)]
+        rows = [self.model.embed_images(self.pixels(images[s : s + batch_size], s)).cpu() for s in range(0, len(images), batch_size)]
         out = torch.cat(rows) if rows else torch.zeros(0, self.model.config.embed_dim)
         return out[0] if single else out
 
@@ -161,11 +170,7 @@ class Predictor:
         scaled cosine between the image and `template.format(label)`:
         {"label", "score", "labels": [{"label", "score"}, ...]}."""
         self._need("retrieval")
-        labels = [label.strip() for label in labels if label.strip()]
-        if not labels:
-            raise ValueError('zero-shot classification needs labels, e.g. ["a red circle", "a blue square"]')
-        if "{}" not in template:
-            raise ValueError(f"template {template!r} needs a {{}} where the label goes")
+        labels = prompts(labels, template)
         images, single = _listed(images)
         label_emb = self.embed_texts([template.format(label) for label in labels])
         image_emb = self.embed_images(images, batch_size)
@@ -185,6 +190,16 @@ class Predictor:
             ranked = [{key: self.tokenizer.decode(row), "score": round(score, 4)} for row, score in zip(rows, row_scores)]
             results.append({**ranked[0], key + "s": ranked} if len(ranked) > 1 else ranked[0])
         return results
+
+
+def prompts(labels: Sequence[str], template: str) -> list[str]:
+    """The labels of a zero-shot classification, stripped, after checking them and the template."""
+    labels = [label.strip() for label in labels if label.strip()]
+    if not labels:
+        raise ValueError('zero-shot classification needs labels, e.g. "a red circle,a blue square"')
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} needs a {{}} where the label goes")
+    return labels
 
 
 def run_settings(path: str | Path) -> dict[str, Any]:

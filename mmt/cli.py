@@ -62,8 +62,14 @@ _DECODING = {
 
 
 def _decoding(args: argparse.Namespace) -> dict:
-    """GenerationConfig fields the decoding flags set."""
-    return {field: getattr(args, flag) for flag, field in _DECODING.items() if getattr(args, flag) is not None}
+    """GenerationConfig fields the decoding flags set. Asking for sampling (or for beams) leaves
+    out the other, whatever the run's own settings say."""
+    chosen = {field: getattr(args, flag) for flag, field in _DECODING.items() if getattr(args, flag) is not None}
+    if chosen.get("do_sample") and "num_beams" not in chosen:
+        chosen["num_beams"] = 1
+    if chosen.get("num_beams", 1) > 1 and "do_sample" not in chosen:
+        chosen["do_sample"] = False
+    return chosen
 
 
 def _decoding_overrides(args: argparse.Namespace) -> list[str]:
@@ -71,6 +77,21 @@ def _decoding_overrides(args: argparse.Namespace) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- train
+
+
+def _saved(config_class, data: dict, path: Path):
+    """A saved run config over the task's defaults: a section or key that an older version did not
+    write keeps the task's default (e.g. the VQA recipe's attention kernel). The model section is
+    read on its own, as a saved model config is (`mmt.config.from_dict`)."""
+    from mmt import config
+
+    try:
+        cfg = config.merge(config_class(), {k: v for k, v in data.items() if k not in ("task", "model")})
+        if "model" in data:
+            cfg.model = config.from_dict(type(cfg.model), data["model"])
+        return cfg
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _run_config(args: argparse.Namespace, run_dir: Path):
@@ -86,7 +107,7 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
         data = json.loads(path.read_text())
         if data.pop("task", args.task) != args.task:
             raise ConfigError(f"{path}: this run trained another task; use `mmt train <its task> {run_dir} --resume`")
-        return config.apply_overrides(config.from_dict(config_class, data), args.set)
+        return config.apply_overrides(_saved(config_class, data, path), args.set)
     cfg = config_class()
     if args.preset:
         cfg.model = registry.preset(args.preset)
@@ -114,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
     if isinstance(args.resume, str):  # the old spelling, --resume RUN_DIR
         print(f"mmt: --resume RUN_DIR is deprecated; write mmt train {args.task} {args.resume} --resume", file=sys.stderr)
         args.run_dir = args.run_dir or args.resume
-    run_dir = Path(args.run_dir or f"runs/{args.task}")
+    run_dir = Path(args.run_dir or args.old_run_dir or f"runs/{args.task}")
     cfg = _run_config(args, run_dir)
     if not args.resume and (run_dir / "checkpoints").exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with `mmt train {args.task} {run_dir} --resume` or choose another directory")
@@ -144,7 +165,7 @@ def _saved_task(run_dir: Path, overrides: list[str]):
         name = "pretrain"
     cls = task_class(name)
     if settings:  # the data and decoding the run was made with; the weights' own model config
-        cfg = config.from_dict(cls.run_config, {k: v for k, v in settings.items() if k != "task"})
+        cfg = _saved(cls.run_config, settings, run_dir / "run_config.json")
     else:
         log.warning(f"no run_config.json in {run_dir}: testing on the default data settings")
         cfg = cls.run_config()
@@ -155,7 +176,15 @@ def _saved_task(run_dir: Path, overrides: list[str]):
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from mmt import checkpoint
+
     run_dir = Path(args.run_dir)
+    model_type, model_cfg = checkpoint.read_config(checkpoint.model_directory(run_dir))
+    writes = model_type == "caption" or getattr(model_cfg, "head", "") == "generate"
+    if _decoding(args) and not writes:
+        raise ConfigError(f"the decoding flags apply to models that write text (captioning, generative VQA); {run_dir} holds a {model_type} model")
+    if args.rerank_k and model_type != "retrieval":
+        raise ConfigError(f"--rerank-k applies to retrieval and pretraining runs; {run_dir} holds a {model_type} model")
     overrides = args.set + _decoding_overrides(args) + ([f"model.rerank_k={args.rerank_k}"] if args.rerank_k else [])
     task, model, tokenizer, directory = _saved_task(run_dir, overrides)
     out = Path(args.out) if args.out else run_dir / "eval.json"
@@ -210,11 +239,16 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from mmt.api import load
+    from mmt import checkpoint, config
 
-    predictor = load(args.run_dir, overrides=args.set)
-    n_params = sum(p.numel() for p in predictor.model.parameters())
-    print(f"{predictor.directory}: {predictor.task} model, {n_params:,} parameters, weights load cleanly")
+    directory = checkpoint.model_directory(args.run_dir)  # a run, its model/, or a checkpoint directory
+    model_type, cfg = checkpoint.read_config(directory)
+    if any(not o.startswith("model.") for o in args.set):
+        raise ConfigError("inspect takes model.* settings only")
+    model = checkpoint.from_pretrained(directory, cfg=config.apply_overrides(cfg, [o.split(".", 1)[1] for o in args.set]))
+    n_params = sum(p.numel() for p in model.parameters())
+    tokenizer = "with" if (directory / checkpoint.TOKENIZER_NAME).is_file() else "without"
+    print(f"{directory}: {model_type} model, {n_params:,} parameters, weights load cleanly ({tokenizer} a tokenizer)")
     return 0
 
 
@@ -320,7 +354,7 @@ def _data_preview(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the parser
 
 
-def _add_train(commands) -> None:
+def _add_train(commands) -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a task model (built-in data or your own)")
     train.add_argument("task", help="vqa, caption, retrieval or pretrain")
     train.add_argument("run_dir", nargs="?", help="where the run is written (default runs/TASK)")
@@ -333,8 +367,12 @@ def _add_train(commands) -> None:
     _add_set(train, "train.steps=500")
     train.add_argument("--init", metavar="RUN_DIR", help="start from the weights of another run (e.g. pretrain) where names and shapes match")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--run-dir", dest="run_dir", action=_Deprecated, instead="give the run directory after the task: mmt train TASK RUN_DIR", help=argparse.SUPPRESS)
+    train.add_argument(
+        "--run-dir", dest="old_run_dir", action=_Deprecated, instead="give the run directory after the task: mmt train TASK RUN_DIR",
+        help=argparse.SUPPRESS,
+    )
     train.set_defaults(run=_train)
+    return train
 
 
 def _add_use(commands) -> None:
@@ -447,12 +485,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmt", description="Transformer-based multimodal (vision + language) learning.")
     parser.add_argument("--version", action="version", version=f"mmt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_train(commands)
+    parser.train_parser = _add_train(commands)
     _add_use(commands)
     _add_score(commands)
     _add_search(commands)
     _add_data(commands)
     return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line's arguments. `mmt train` takes its options before, between or after its
+    positional arguments (mmt train vqa --preset vqa-small runs/x)."""
+    parser = build_parser()
+    if argv and argv[0] == "train":
+        args = parser.train_parser.parse_intermixed_args(argv[1:])
+        args.command = "train"
+        return args
+    return parser.parse_args(argv)
 
 
 class _Console(logging.Handler):
@@ -472,7 +521,7 @@ def _console_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     _console_logging()
     try:
         return args.run(args)

@@ -50,7 +50,10 @@ class VisionConfig:
     """Image tower: a stem that turns pixels into a grid of tokens, then an encoder."""
 
     stem: Literal["conv", "patch"] = "conv"  # convolutional stem (design's example) or ViT patches
-    image_size: int = 64  # input images are resized to image_size x image_size
+    image_size: int = 64  # input images are fitted to image_size x image_size
+    # how: "crop" resizes the shorter side and keeps the centre square; "stretch" resizes both
+    # sides (mmt 0.1's way: a config without this key is one of 0.1's)
+    image_fit: Literal["crop", "stretch"] = "crop"
     channels: int = 3  # input colour channels
     patch_size: int = 8  # patch side for the "patch" stem
     conv_widths: tuple[int, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
@@ -67,6 +70,8 @@ class VisionConfig:
         "coord_channels": (False, False, "coordinate planes on the pixels were an experiment, removed in mmt 0.2"),
         "conv_layout": ("resnet", False, "the plain 3x3 stem was an experiment, removed in mmt 0.2"),
     }
+    # keys added after mmt 0.1, with the value a saved config that lacks them had
+    added: ClassVar[dict[str, Any]] = {"image_fit": "stretch"}
 
 
 @dataclasses.dataclass
@@ -163,6 +168,7 @@ def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     data = _without_removed(cls, data, _path)
+    data = {**getattr(cls, "added", {}), **data}  # a key an older config lacks: the value it had then
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{_path}." if _path else ""

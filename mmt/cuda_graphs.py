@@ -98,7 +98,9 @@ def replayed(owner: nn.Module, fn: Callable[..., object], *inputs: Tensor, keep:
     """
     if not can_record(inputs[0]):
         return fn(*inputs)
-    key = (fn.__name__, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs), addresses(owner))
+    from mmt.layers.attention import current_kernel  # (a recording keeps the kernel it was made with)
+
+    key = (fn.__name__, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs), current_kernel(), addresses(owner))
     graphs = kept_graphs(owner, "functions")
     entry = graphs.get(key)
     if entry is None:

@@ -12,7 +12,8 @@ nn.Identity in eval mode) become that function over the module's own tensors.
 So a view computes what the module computes: the same functions, in the same order, over
 the same tensors (not copies: a weight changed in place is seen). Where that cannot be
 promised, the module itself is called instead: a module with hooks, one in training mode,
-and a class outside mmt that is none of those leaves. A view sees the module tree as it
+one whose `forward` was replaced on the instance, and a class outside mmt that is none of
+those leaves. A view sees the module tree as it
 was when it was made: make one per decoding.
 """
 
@@ -71,7 +72,7 @@ def _ours(cls: type) -> bool:
 def gathered(module: nn.Module) -> Callable:
     """A callable computing `module(...)` as described in the module docstring (or `module`
     itself where a view could differ)."""
-    if module.training or _hooked(module) or global_hooks():
+    if module.training or _hooked(module) or global_hooks() or "forward" in vars(module):  # (a forward set on the instance)
         return module
     leaf = _LEAVES.get(type(module))
     if leaf is not None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from mmt import cuda_graphs
 from mmt.gathered import gathered
+from mmt.layers import attention
 from mmt.layers.cache import KV
 
 
@@ -158,7 +159,8 @@ def decoder_step(
     projected = decoder.project_context(context)
     if rows and graphs_apply(cfg, context, decoder):
         padded = context_padding is not None
-        key = (rows, tuple(context.shape), context.dtype, str(context.device), padded, cuda_graphs.addresses(owner))
+        kernel = attention.current_kernel()  # (a recording keeps the kernel it was made with)
+        key = (rows, tuple(context.shape), context.dtype, str(context.device), padded, kernel, cuda_graphs.addresses(owner))
         graphs = cuda_graphs.kept_graphs(owner, "steps")
         step = graphs.get(key)
         if step is None:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmt.api import Predictor
+from mmt.api import Predictor, prompts
 from mmt.data.formats.jsonl import iter_lines
 from mmt.data.formats.records import DataError
 from mmt.data.images import ImageError, load_image
@@ -61,7 +61,7 @@ def _field(record: dict, key: str) -> str:
 
 def _parse(predictor: Predictor, record: dict, base: Path) -> tuple:
     """The inputs of one line: its image at the model's size (and the question, for VQA)."""
-    image = load_image(base / _field(record, "image"), predictor.image_size)
+    image = load_image(base / _field(record, "image"), predictor.fit)
     if predictor.task == "vqa":
         return image, _field(record, "question")
     return (image,)
@@ -84,9 +84,12 @@ def predict_file(
     are relative to the input file's folder; a line's other keys are copied to its output."""
     input_path, output_path = Path(input_path), Path(output_path)
     check_output(input_path, output_path)
-    if predictor.task == "retrieval" and not labels:
-        raise ConfigError(f"{predictor.directory} is a retrieval model: give --labels \"a,b,c\" to classify images among them")
     decoding = decoding or {}
+    predictor.decoding(decoding)  # options, labels and template are checked before any work
+    if predictor.task == "retrieval":
+        if not labels:
+            raise ConfigError(f"{predictor.directory} is a retrieval model: give --labels \"a,b,c\" to classify images among them")
+        labels = prompts(labels, template)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     pending: list[tuple[int, dict, tuple]] = []  # (line number, record, inputs)

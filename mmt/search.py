@@ -60,7 +60,7 @@ from mmt import checkpoint
 from mmt.api import load
 from mmt.data.formats.jsonl import iter_lines
 from mmt.data.formats.records import DataError
-from mmt.data.images import ImageError, load_image, to_pixels
+from mmt.data.images import Fit, ImageError, load_image, to_pixels
 from mmt.errors import CheckpointError
 from mmt.files import atomic_write, atomic_write_text
 from mmt.tasks.retrieval import embed_texts, load_for_inference
@@ -231,8 +231,10 @@ def _check_or_start_manifest(out: Path, identity: dict[str, Any]) -> None:
     path = out / MANIFEST_NAME
     if path.is_file():
         old = _read_manifest(out)
+        old.setdefault("image_fit", "stretch")  # (an index begun by mmt 0.1 stretched its images)
         checks = (
             ("model_fingerprint", "model weights", "the run's model changed since indexing started"),
+            ("image_fit", "image fit", "the model's vision.image_fit changed since indexing started"),
             ("gallery", "gallery listing", "images were added, removed or renamed since indexing started"),
             ("chunk_size", "chunk_size", f"pass chunk_size={old.get('chunk_size')} to continue it"),
         )
@@ -249,7 +251,7 @@ def _check_or_start_manifest(out: Path, identity: dict[str, Any]) -> None:
 
 
 @torch.inference_mode()
-def _embed_chunk(model, paths: list[str], size: int, batch_size: int, skip_bad: bool, device: torch.device, bar: tqdm):
+def _embed_chunk(model, paths: list[str], size: Fit, batch_size: int, skip_bad: bool, device: torch.device, bar: tqdm):
     """(embeddings (n, E) float32, embedded paths, skipped [{"path", "error"}]) of one chunk."""
     embeddings, kept, skipped = [], [], []
     for start in range(0, len(paths), batch_size):
@@ -325,6 +327,7 @@ def build_index(
         "model_fingerprint": fingerprint,
         "embed_dim": dim,
         "image_size": size,
+        "image_fit": model.config.vision.image_fit,
         "gallery": {"count": len(gallery), "fingerprint": gallery_fingerprint(gallery)},
         "gallery_source": os.path.abspath(images),
         "chunk_size": chunk_size,
@@ -368,7 +371,7 @@ def _embed_missing(
     for c, meta in enumerate(chunks):
         if meta is not None:
             continue
-        vectors, kept, skipped = _embed_chunk(model, slices[c], model.config.vision.image_size, batch_size, skip_bad, device, bar)
+        vectors, kept, skipped = _embed_chunk(model, slices[c], Fit.of(model.config.vision), batch_size, skip_bad, device, bar)
 
         def write_array(tmp: str, vectors: np.ndarray = vectors) -> None:
             with open(tmp, "wb") as fh:  # np.save(name) would append ".npy" to the temporary name
@@ -505,7 +508,8 @@ class SearchIndex:
     def embed_image(self, path: str | Path) -> np.ndarray:
         """(1, E) unit-length embedding of a query image (ImageError names an unreadable file)."""
         model, _ = self._load_model()
-        pixels = to_pixels(np.stack([load_image(path, self.manifest["image_size"])]))  # (1, 3, H, W)
+        fit = Fit(self.manifest["image_size"], self.manifest.get("image_fit", "stretch"))  # as the gallery was (0.1: stretched)
+        pixels = to_pixels(np.stack([load_image(path, fit)]))  # (1, 3, H, W)
         return model.embed_images(pixels).float().numpy()
 
     def search_text(self, text: str, k: int = 10) -> list[dict[str, Any]]:

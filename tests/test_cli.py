@@ -37,11 +37,11 @@ def test_version_and_help_load_no_torch():
 
 
 def test_old_spellings_still_work_and_say_what_to_write_instead(tmp_path, capsys):
-    from mmt.cli import build_parser
+    from mmt.cli import build_parser, parse
 
     parser = build_parser()
-    args = parser.parse_args(["train", "vqa", "--run-dir", str(tmp_path)])
-    assert args.run_dir == str(tmp_path)
+    args = parse(["train", "--run-dir", str(tmp_path), "vqa"])
+    assert args.old_run_dir == str(tmp_path) and args.run_dir is None and args.task == "vqa"
     assert "mmt train TASK RUN_DIR" in capsys.readouterr().err
     args = parser.parse_args(["predict", "runs/x", "--input", "a.jsonl", "--output", "b.jsonl"])
     assert args.out == "b.jsonl" and "use --out" in capsys.readouterr().err
@@ -50,8 +50,10 @@ def test_old_spellings_still_work_and_say_what_to_write_instead(tmp_path, capsys
     for command in (["data", "check", "x.json"], ["data", "pack", "x.json", "--out", "o"]):
         args = parser.parse_args([*command, "--images", "root"])
         assert args.image_root == "root" and "--image-root" in capsys.readouterr().err
-    args = parser.parse_args(["train", "vqa", "runs/v", "--resume"])
+    args = parse(["train", "vqa", "runs/v", "--resume"])
     assert args.run_dir == "runs/v" and args.resume is True
+    args = parse(["train", "vqa", "--preset", "vqa-small", "runs/x", "--set", "train.steps=5"])  # options anywhere
+    assert (args.task, args.run_dir, args.preset, args.set) == ("vqa", "runs/x", "vqa-small", ["train.steps=5"])
 
 
 def test_decoding_flags_mean_the_same_on_eval_and_predict():
@@ -60,7 +62,8 @@ def test_decoding_flags_mean_the_same_on_eval_and_predict():
     parser = build_parser()
     flags = ["--beam", "3", "--length-penalty", "0.6", "--num-return", "2", "--max-new-tokens", "9"]
     for command in (["eval", "runs/x"], ["predict", "runs/x"]):
-        assert _decoding(parser.parse_args([*command, *flags])) == {
-            "num_beams": 3, "length_penalty": 0.6, "num_return": 2, "max_new_tokens": 9
+        assert _decoding(parser.parse_args([*command, *flags])) == {  # beams, so not sampling, whatever the run says
+            "num_beams": 3, "length_penalty": 0.6, "num_return": 2, "max_new_tokens": 9, "do_sample": False
         }
+        assert _decoding(parser.parse_args([*command, "--sample", "--top-p", "0.9"])) == {"do_sample": True, "top_p": 0.9, "num_beams": 1}
         assert _decoding(parser.parse_args(command)) == {}  # unset: the run's own settings

@@ -69,3 +69,42 @@ def test_fixed_length_tuples():
         apply_overrides(TrainConfig(), ["betas=[0.9, 0.99, 0.9]"])
     with pytest.raises(ConfigError, match=r"betas\[1\]: expected a number"):
         apply_overrides(TrainConfig(), ["betas=[0.9, \"x\"]"])
+
+
+def test_keys_of_older_configs_are_dropped_warned_about_or_refused(caplog):
+    # at their old default: dropped quietly; the kernel fields: ignored with a warning (a runtime
+    # setting now); removed experiments switched on: refused, since the model cannot be built
+    old = {"encoder": {"fast_attention": True, "fused_on_bf16_cpu": False}, "coord_channels": False, "conv_layout": "resnet"}
+    assert from_dict(VisionConfig, old) == from_dict(VisionConfig, {"encoder": {}})
+    caplog.set_level("WARNING", logger="mmt")
+    assert from_dict(TransformerConfig, {"fused_on_bf16_cpu": True}) == TransformerConfig()
+    assert "fused_on_bf16_cpu=True ignored: the attention kernel is a runtime setting" in caplog.text
+    for key, value in (("coord_channels", True), ("conv_layout", "plain")):
+        with pytest.raises(ConfigError, match=rf"{key}={value!r}: .*removed in mmt 0.2; this config cannot be built"):
+            from_dict(VisionConfig, {key: value})
+    with pytest.raises(ConfigError, match=r"positions: 'xy' is not one of"):
+        from_dict(VisionConfig, {"positions": "xy"})
+
+
+def test_a_key_an_older_config_lacks_takes_the_value_it_had_then():
+    # mmt 0.1 stretched images to the model's square; a config saved without image_fit is one of
+    # 0.1's, while a config made now crops
+    assert from_dict(VisionConfig, {}).image_fit == "stretch"
+    assert VisionConfig().image_fit == "crop" and from_dict(VisionConfig, to_dict(VisionConfig())).image_fit == "crop"
+    assert apply_overrides(VisionConfig(), ["image_size=32"]).image_fit == "crop"
+
+
+def test_a_saved_run_config_keeps_the_tasks_defaults_for_what_it_lacks(tmp_path):
+    # a 0.1 Sort-of-CLEVR run config has no train.attention (its kernel choice was a model field,
+    # now ignored): resuming it keeps the VQA recipe's fused kernel
+    from mmt.cli import _saved
+    from mmt.tasks.vqa import VQARunConfig
+
+    data = json.loads(json.dumps({"task": "vqa", **to_dict(VQARunConfig())}))
+    del data["train"]["attention"], data["generation"]
+    data["model"]["fusion_encoder"]["fused_on_bf16_cpu"] = True
+    cfg = _saved(VQARunConfig, data, tmp_path / "run_config.json")
+    assert cfg.train.attention == "fused" and cfg.model == from_dict(type(cfg.model), data["model"])
+    data["train"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"run_config\.json: train\.steps: expected an integer"):
+        _saved(VQARunConfig, data, tmp_path / "run_config.json")

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mmt import checkpoint, train as train_lib
+from mmt import checkpoint
+from mmt import train as train_lib
 from mmt.config import apply_overrides
 from mmt.tasks.retrieval import RetrievalRunConfig, RetrievalTask
 from mmt.tasks.vqa import VQARunConfig, VQATask

@@ -207,3 +207,15 @@ def test_a_head_taken_as_columns_decodes_as_the_plain_product(pixels, monkeypatc
     for a, b in zip(columns, plain):
         assert torch.equal(a.ids, b.ids)
         torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_a_forward_replaced_on_the_instance_is_called_as_it_is(pixels):
+    # (as wrappers such as accelerate's hooks do): the view would run the class's forward instead
+    model = captioner()
+    original = model.decoder.layers[0].ffn.forward
+    model.decoder.layers[0].ffn.forward = lambda x: 0.5 * original(x)
+    view = gathered(model.decoder)
+    assert view.layers[0].ffn is model.decoder.layers[0].ffn
+    with torch.no_grad():
+        for fast, modules in steps_side_by_side(model, pixels[:2], rows=2, length=3):
+            assert torch.equal(fast, modules)

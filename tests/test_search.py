@@ -13,8 +13,8 @@ from PIL import Image
 import mmt.search as search_lib
 from mmt import checkpoint
 from mmt.cli import main
-from mmt.data.worlds import shapes
 from mmt.data.images import ImageError, to_pixels
+from mmt.data.worlds import shapes
 from mmt.search import SearchIndex, SearchIndexError, build_index, list_gallery, make_faiss_index, search
 from mmt.tasks.retrieval import embed_texts, load_for_inference
 

@@ -7,9 +7,11 @@
   (the built-in worlds' background). An image over `MAX_PIXELS` is refused from its header,
   before anything is decoded (a decompression bomb costs nothing); a missing, truncated or
   corrupt file is refused with its name.
-- **Fitting to the model's square**: the shorter side is resized to `size` and the centre square
-  kept (bicubic, antialiased when shrinking), so nothing is stretched. An image already
-  `size` x `size` (the built-in worlds) is left exactly as it is.
+- **Fitting to the model's square** (`Fit`, from the model's `vision.image_size` and
+  `vision.image_fit`): "crop", the default, resizes the shorter side to `size` and keeps the
+  centre square (bicubic, antialiased when shrinking), so nothing is stretched; "stretch"
+  resizes both sides (bilinear), as mmt 0.1 did, for models trained that way. An image already
+  `size` x `size` (the built-in worlds) is left exactly as it is either way.
 - **Training augmentation** (with a numpy Generator, so a batch is a pure function of its seed):
   a random resized crop of 50-100% of the area with aspect ratio 3/4-4/3 (milder than
   classification's 8%: a caption or question speaks of most of the picture), then a colour
@@ -23,7 +25,7 @@ import io
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +42,22 @@ CORRUPT_IMAGE = "corrupt_image"
 TOO_LARGE = "too_large"
 
 
+class Fit(NamedTuple):
+    """How images are fitted to a model's square input: its side, and "crop" or "stretch"."""
+
+    size: int
+    mode: str = "crop"
+
+    @classmethod
+    def of(cls, vision) -> "Fit":
+        """The fit a model's vision config (`mmt.config.VisionConfig`) asks for."""
+        return cls(vision.image_size, vision.image_fit)
+
+
+def _as_fit(fit: "int | Fit") -> "Fit":
+    return fit if isinstance(fit, Fit) else Fit(fit)
+
+
 class ImageError(ValueError):
     """An image is missing, unreadable or too large; the message names it."""
 
@@ -54,7 +72,7 @@ def with_image(source: str | Path | bytes, use: Callable[[Image.Image], T], *, n
     header was read and its size checked against `max_pixels`, and (with `load`) decoded
     fully, which is what finds a truncated file. Any failure is an ImageError naming `name`
     (default: the path). `use` runs while the file is open and returns what outlives it."""
-    name = name or str(source)
+    name = name or (f"image of {len(source):,} bytes" if isinstance(source, bytes) else str(source))
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise ImageError(name, "image not found", MISSING_IMAGE)
     try:
@@ -148,18 +166,23 @@ def color_jitter(pixels: np.ndarray, rng: np.random.Generator, strength: float =
     return np.clip(pixels, 0.0, 1.0, out=pixels)
 
 
-def fit(image: Image.Image, size: int, augment: np.random.Generator | None = None) -> np.ndarray:
+def fit(image: Image.Image, size: int | Fit, augment: np.random.Generator | None = None) -> np.ndarray:
     """An RGB PIL image as the model's (size, size, 3) uint8 square (see the module docstring);
     with `augment`, the training augmentation drawn from that generator."""
-    if augment is None:
-        return np.array(center_square(image, size), dtype=np.uint8)
-    pixels = np.asarray(random_resized_crop(image, size, augment), dtype=np.float32) / np.float32(255.0)
-    return np.rint(color_jitter(pixels, augment) * 255.0).astype(np.uint8)
+    size, mode = _as_fit(size)
+    if augment is not None:
+        pixels = np.asarray(random_resized_crop(image, size, augment), dtype=np.float32) / np.float32(255.0)
+        return np.rint(color_jitter(pixels, augment) * 255.0).astype(np.uint8)
+    if mode == "stretch":
+        return np.array(image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    if mode != "crop":
+        raise ValueError(f"image fit {mode!r} is not one of crop, stretch")
+    return np.array(center_square(image, size), dtype=np.uint8)
 
 
-def load_image(source: Any, size: int, name: str | None = None, augment: np.random.Generator | None = None) -> np.ndarray:
+def load_image(source: Any, size: int | Fit, name: str | None = None, augment: np.random.Generator | None = None) -> np.ndarray:
     """`source` (a path, the file's bytes, a PIL image, an array) as the model's (size, size, 3)
-    uint8 square."""
+    uint8 square; `size` an int (cropped to fit) or a `Fit`."""
     return fit(open_image(source, name), size, augment)
 
 

@@ -46,6 +46,11 @@ def set_attention_kernel(kind: Kernel) -> Kernel:
     return previous
 
 
+def current_kernel() -> Kernel:
+    """The attention kernel setting in force (see `set_attention_kernel`)."""
+    return _kernel
+
+
 @contextlib.contextmanager
 def attention_kernel(kind: Kernel) -> Iterator[None]:
     """`with attention_kernel("literal"): ...` runs the block with that kernel (see `set_attention_kernel`)."""

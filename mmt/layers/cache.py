@@ -52,12 +52,19 @@ class _TwoBuffers:
     """Keys or values (N, H, length, Dh) that grow along dim 2, always contiguous, without
     allocating per step: each change is written into the other of two preallocated buffers."""
 
-    def __init__(self, size: int, like: Tensor):
-        self.buffers = [like.new_empty(size), like.new_empty(size)]
+    def __init__(self, rows: int, capacity: int, like: Tensor):
+        N, H, _, Dh = like.shape
+        self.rows, self.capacity = rows, capacity
+        self.buffers = [like.new_empty(rows * H * capacity * Dh), like.new_empty(rows * H * capacity * Dh)]
         self.spare = 0  # the buffer the next change is written into
         self.now: Tensor | None = None
 
     def _into(self, shape: tuple[int, ...]) -> Tensor:
+        if shape[0] > self.rows or shape[2] > self.capacity:
+            raise ValueError(
+                f"keys/values of {shape[0]} rows x {shape[2]} positions outgrow the cache "
+                f"({self.rows} rows x {self.capacity} positions)"
+            )
         out = self.buffers[self.spare][: math.prod(shape)].view(shape)
         self.spare = 1 - self.spare
         return out
@@ -72,7 +79,7 @@ class _TwoBuffers:
 
     def reorder(self, index: Tensor) -> None:
         if self.now is not None:
-            self.now = torch.index_select(self.now, 0, index, out=self._into(self.now.shape))
+            self.now = torch.index_select(self.now, 0, index, out=self._into((len(index), *self.now.shape[1:])))
 
 
 class GrowingKV:
@@ -85,8 +92,8 @@ class GrowingKV:
 
     def update(self, kv: KV) -> tuple[KV, Tensor | None]:
         if self.k is None and self.capacity is not None and not (torch.is_grad_enabled() and kv.k.requires_grad):
-            N, H, _, Dh = kv.k.shape  # (in place only where no gradient flows through the cache)
-            self.k, self.v = _TwoBuffers(N * H * self.capacity * Dh, kv.k), _TwoBuffers(N * H * self.capacity * Dh, kv.v)
+            rows = kv.k.shape[0]  # (in place only where no gradient flows through the cache)
+            self.k, self.v = _TwoBuffers(rows, self.capacity, kv.k), _TwoBuffers(rows, self.capacity, kv.v)
         if isinstance(self.k, _TwoBuffers):
             keys, values = self.k.append(kv.k), self.v.append(kv.v)
         else:

@@ -22,6 +22,8 @@ class Positions1D(nn.Module):
 
     def __init__(self, max_len: int, dim: int, kind: str = "learned"):
         super().__init__()
+        if kind not in ("learned", "sincos"):
+            raise ValueError(f"position embedding {kind!r} is not one of learned, sincos")
         self.max_len = max_len
         if kind == "learned":
             self.table = nn.Parameter(torch.randn(max_len, dim) * 0.02)
@@ -48,6 +50,8 @@ class Positions2D(nn.Module):
 
     def __init__(self, max_rows: int, max_cols: int, dim: int, kind: str = "learned"):
         super().__init__()
+        if kind not in ("learned", "sincos"):
+            raise ValueError(f"position embedding {kind!r} is not one of learned, sincos")
         self.dim = dim
         if kind == "learned":
             self.rows = nn.Parameter(torch.randn(max_rows, dim) * 0.02)

@@ -234,7 +234,8 @@ class Decoder(nn.Module):
         Args:
             context: (B, S, Dc) the other modality's tokens, or their keys/values per layer
                 (`project_context`).
-            key_padding_mask: (B, T) bool, True at padded target positions.
+            key_padding_mask: (B, T) bool, True at padded target positions (with a cache: every
+                stored position and the new ones).
             context_padding_mask: (B, S) bool, True at padded context tokens.
             cache: keys/values of earlier steps (`new_cache()`); `x` then holds only the new
                 positions, whose keys/values each layer stores. The caller advances the cache
@@ -244,10 +245,11 @@ class Decoder(nn.Module):
         """
         contexts = [context] * len(self.layers) if isinstance(context, Tensor) else context
         last = len(self.layers) - 1
-        for i, (layer, layer_context) in enumerate(zip(self.layers, contexts)):
+        for i, (layer, layer_context) in enumerate(zip(self.layers, contexts, strict=True)):
             rows = first if i == last else None
             layer_cache = None if cache is None else cache.layers[i]
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # (not with a cache: recomputing a layer in backward would store its keys/values twice)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(
                     layer, x, layer_context, key_padding_mask=key_padding_mask, context_padding_mask=context_padding_mask,
                     cache=layer_cache, first=rows, use_reentrant=False,

@@ -64,8 +64,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmt.files import atomic_write_text
 from mmt.data.formats.records import is_id
+from mmt.files import atomic_write_text
 from mmt.metrics.captions import read_json
 
 # Number words the official evaluation turns into digits.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmt.config import TransformerConfig, VisionConfig
 from mmt.cuda_graphs import DecodesWithGraphs, replayed

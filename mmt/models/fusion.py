@@ -81,13 +81,15 @@ class FusionLayer(DecoderLayer):
         bias = -scale[..., None] * offsets.square().sum(-1).to(h.dtype)
         return bias if inhibition is None else bias - inhibition
 
-    def fuse(
-        self, x: Tensor, image_kv: KV, text_padding: Tensor | None, image_padding: Tensor | None, *, first: int | None,
-        row_index: Tensor | None, seen: Tensor | None, positions: Tensor | None, look: int | None,
+    def forward(
+        self, x: Tensor, image_kv: KV, text_padding: Tensor | None = None, image_padding: Tensor | None = None, *,
+        first: int | None = None, row_index: Tensor | None = None, seen: Tensor | None = None, positions: Tensor | None = None,
+        look: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """One layer over question states `x`: (new states, where each head's cross-attention
-        looked for the first `look` queries, or None). `row_index` copies distinct questions to
-        their images after the self-attention; `seen` is the layer before's look."""
+        """One fusion layer over question states `x` (the generic decoder layer's sublayers, with
+        this model's steps between them): (new states, where each head's cross-attention looked
+        for the first `look` queries, or None). `row_index` copies distinct questions to their
+        images after the self-attention; `seen` is the layer before's look."""
         x = self.self_attention(x, text_padding, first=first)
         if row_index is not None:
             x = copy_rows(x, row_index)
@@ -156,7 +158,7 @@ class CrossFusion(nn.Module):
             step = (x, image_kv[i], padding, image_padding)
             options = dict(first=rows, row_index=copies, seen=seen, positions=positions, look=look)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, seen = checkpoint(layer.fuse, *step, **options, use_reentrant=False)
+                x, seen = checkpoint(layer, *step, **options, use_reentrant=False)
             else:
-                x, seen = layer.fuse(*step, **options)
+                x, seen = layer(*step, **options)
         return self.norm(x if first is None else x[:, :first])  # (the last layer already kept only those; no layers: here)

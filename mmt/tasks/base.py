@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 
 class Task:
-    """Base class of the built-in tasks; subclasses set `name` and implement the methods that
-    raise NotImplementedError. The others have defaults that suit most tasks."""
+    """Base class of every task, the built-in ones and yours: subclasses set `name` and
+    `run_config` and implement the methods that raise NotImplementedError. The others have
+    defaults that suit most tasks. The trainer calls all of them and probes for nothing."""
 
     name: str = ""
     run_config: ClassVar[type]  # the dataclass of the task's run config (model, data, train, ...)

@@ -20,15 +20,23 @@ import numpy as np
 import torch
 
 from mmt import checkpoint, registry
+from mmt.data.images import Fit, to_pixels
 from mmt.data.worlds import shapes
 from mmt.data.worlds.shapes_truth import fact_scores
-from mmt.data.images import to_pixels
 from mmt.generation import GenerationConfig
 from mmt.metrics.captions import format_scores, score_captions, write_coco_references, write_coco_results
 from mmt.models.caption import CaptionConfig, CaptionModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import (
-    ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+    ImageTexts,
+    ShapesConfig,
+    SourceConfig,
+    StreamedShards,
+    epoch_order,
+    init_tokenizer,
+    own_image_texts,
+    shapes_splits,
+    share,
     test_image_texts,
 )
 from mmt.text import Tokenizer
@@ -94,7 +102,7 @@ class CaptionTask(Task):
         if cfg.captions_per_image < 1:
             raise ValueError(f"captions_per_image={cfg.captions_per_image}: must be at least 1")
         if cfg.source.train:  # your own data: reference captions only (no scene graphs to check truth against)
-            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir, cfg.train)
+            train, val = own_image_texts(cfg.source, Fit.of(model.vision), run_dir, cfg.train)
             self.val_split = None
         else:
             if model.vision.image_size != cfg.data.image_size:
@@ -205,7 +213,7 @@ class CaptionTask(Task):
         """Caption the test images and score them: the COCO caption metrics (METEOR and the PTB
         tokenizer where Java is present) and, on the shapes world, truth against the scenes.
         The captions and references go beside `out` in COCO's formats."""
-        pixels, references, test = test_image_texts(self.cfg, model.config.vision.image_size)
+        pixels, references, test = test_image_texts(self.cfg, Fit.of(model.config.vision))
         started = time.perf_counter()
         captions = caption_images(model, tokenizer, pixels, self.cfg.generation)
         seconds = time.perf_counter() - started

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from mmt import checkpoint
+from mmt.data.images import Fit
 from mmt.data.worlds import shapes
-from mmt.text import Tokenizer
 from mmt.files import atomic_write_text
+from mmt.text import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class ImageTexts:
         return len(self.captions)
 
 
-def load_image_texts(path: str, cfg: SourceConfig, size: int, split: str) -> ImageTexts:
+def load_image_texts(path: str, cfg: SourceConfig, size: "int | Fit", split: str) -> ImageTexts:
     """Read a captions source, check every record and image, and load the images at the
     model's size (the same loader `mmt predict` and `mmt index` use). A shard folder
     (`mmt data pack`) is read whole, in shard order; its images were checked when packed."""
@@ -154,7 +155,7 @@ class StreamedShards:
     and images stream from the shards while training, each process from its own shards
     (`ShardStream`)."""
 
-    def __init__(self, src: SourceConfig, size: int, train_cfg, kind: str):
+    def __init__(self, src: SourceConfig, size: "int | Fit", train_cfg, kind: str):
         from mmt.data.formats.shards import iter_packed, read_index
 
         self.src, self.size, self.train_cfg = src, size, train_cfg
@@ -198,7 +199,7 @@ class StreamedShards:
 
 
 def own_image_texts(
-    src: SourceConfig, size: int, run_dir: Path, train_cfg=None
+    src: SourceConfig, size: "int | Fit", run_dir: Path, train_cfg=None
 ) -> tuple[ImageTexts | StreamedShards, ImageTexts]:
     """source.train and source.val (or a held-out tail of train: the last 10%, at most 1,000
     images), checked and loaded; what was skipped goes to run_dir/data_report.json. A shard
@@ -231,7 +232,7 @@ def _report(run_dir: Path, train: ImageTexts | StreamedShards, val: ImageTexts) 
     return train, val
 
 
-def test_image_texts(cfg, size: int) -> tuple[torch.Tensor, list[list[str]], shapes.ShapesSplit | None]:
+def test_image_texts(cfg, size: "int | Fit") -> tuple[torch.Tensor, list[list[str]], shapes.ShapesSplit | None]:
     """(pixels, captions per image, the shapes split or None) a caption or retrieval run is tested
     on: source.test (else source.val) for a run on its own data, else the shapes world's test split."""
     from mmt.data.images import to_pixels

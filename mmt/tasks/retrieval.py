@@ -26,12 +26,20 @@ import numpy as np
 import torch
 
 from mmt import checkpoint, registry
+from mmt.data.images import Fit, to_pixels
 from mmt.data.worlds import shapes
-from mmt.data.images import to_pixels
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import (
-    ImageTexts, ShapesConfig, SourceConfig, StreamedShards, epoch_order, init_tokenizer, own_image_texts, shapes_splits, share,
+    ImageTexts,
+    ShapesConfig,
+    SourceConfig,
+    StreamedShards,
+    epoch_order,
+    init_tokenizer,
+    own_image_texts,
+    shapes_splits,
+    share,
     test_image_texts,
 )
 from mmt.text import Tokenizer
@@ -241,7 +249,7 @@ class RetrievalTask(Task):
     def prepare(self, run_dir: Path) -> RetrievalConfig:
         cfg, model = self.cfg, copy.deepcopy(self.cfg.model)
         if cfg.source.train:
-            train, val = own_image_texts(cfg.source, model.vision.image_size, run_dir, cfg.train)
+            train, val = own_image_texts(cfg.source, Fit.of(model.vision), run_dir, cfg.train)
             self.groups = None
             corpus = lambda: [c for caps in train.captions for c in caps]  # noqa: E731
         else:
@@ -332,7 +340,7 @@ class RetrievalTask(Task):
     def test(self, model: RetrievalModel, tokenizer: Tokenizer, directory: Path, out: Path) -> tuple[dict, str]:
         """Recall@1/5/10 both ways on the test images and their captions, contrastive and, with a
         matching head, re-ranked (the model's rerank_k candidates)."""
-        pixels, captions, shapes_test = test_image_texts(self.cfg, model.config.vision.image_size)
+        pixels, captions, shapes_test = test_image_texts(self.cfg, Fit.of(model.config.vision))
         groups = SHAPES_CAPTION_GROUPS if shapes_test is not None else None
         started = time.perf_counter()
         result = retrieval_scores(model, tokenizer, pixels, captions, caption_groups=groups)

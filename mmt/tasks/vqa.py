@@ -19,17 +19,17 @@ import numpy as np
 import torch
 
 from mmt import checkpoint, registry
-from mmt.data.worlds import shapes, sort_of_clevr
 from mmt.data.answers import AnswerVocab
 from mmt.data.formats.shards import is_shard_dir
-from mmt.data.images import to_pixels
+from mmt.data.images import Fit, to_pixels
+from mmt.data.worlds import shapes, sort_of_clevr
+from mmt.files import atomic_write_text
 from mmt.generation import GenerationConfig
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import ShapesConfig, SourceConfig, StreamedShards, check_packed, epoch_order, init_tokenizer, shapes_splits, share
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
-from mmt.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def packed_question(image_index: int, meta: dict) -> Question:
     return own_question(image_index, meta["question"], meta["answers"], meta.get("multiple_choice_answer"), meta.get("answer_type", ""))
 
 
-def own_split(path: str, src: SourceConfig, size: int) -> VQASplit:
+def own_split(path: str, src: SourceConfig, size: int | Fit) -> VQASplit:
     """A VQA v2 or JSON Lines source, or a shard folder of one (`mmt data pack`), as a split:
     images in order of first use, questions as `own_question` makes them."""
     from mmt.data.formats import check_dataset, load_source
@@ -160,7 +160,7 @@ def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQA
     Sort-of-CLEVR has no validation split: its test split serves."""
     src = cfg.source
     if src.train:
-        size = cfg.model.vision.image_size
+        size = Fit.of(cfg.model.vision)
         if which == "test" or (which == "val" and src.val):
             path = src.test if which == "test" and src.test else src.val
             if not path:
@@ -259,7 +259,7 @@ class VQATask(Task):
         if is_shard_dir(cfg.source.train):  # shards: questions read up front, images streamed while training
             if not cfg.source.val:
                 raise ValueError(f"{cfg.source.train}: training from shards streams the data; give validation data as source.val (a file or a shard folder)")
-            self.stream = StreamedShards(cfg.source, model.vision.image_size, cfg.train, "vqa")
+            self.stream = StreamedShards(cfg.source, Fit.of(model.vision), cfg.train, "vqa")
             train = VQASplit(np.zeros((0, 1, 1, 3), np.uint8), [packed_question(0, meta) for meta in self.stream.records])
             report = {"train_questions": len(train.questions), "skipped_train": self.stream.skipped}
             atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")

@@ -9,10 +9,9 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFile
 
-from mmt.data.formats import check_dataset, coco, detect_format, format_report, jsonl, load_source, records, source, vqa_v2
+from mmt.data.formats import check_dataset, coco, detect_format, format_report, jsonl, load_source, records, vqa_v2
 from mmt.data.formats.records import BadRecords, CaptionRecord, DataError, VQARecord, check_image, read_json
 from mmt.metrics.vqa import load_results
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmt.data.images import ImageError, center_square, color_jitter, fit, load_image, open_image, to_pixels
+from mmt.data.images import Fit, ImageError, center_square, color_jitter, fit, load_image, open_image, to_pixels
 
 
 def test_center_square_keeps_the_centre_and_leaves_a_square_of_the_size_alone():
@@ -67,3 +67,16 @@ def test_unusable_images_are_refused_with_their_name(tmp_path):
         open_image(np.zeros((3, 3), np.float32))
     with pytest.raises(ImageError, match="cannot read an image from a int"):
         open_image(3)
+
+
+def test_stretching_fits_both_sides_for_models_trained_that_way():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 10, 20))  # a blue quarter on the left
+    stretched = fit(image, Fit(20, "stretch"))
+    cropped = fit(image, Fit(20, "crop"))
+    assert stretched.shape == cropped.shape == (20, 20, 3)
+    assert stretched[10, 2, 2] > 200 and cropped[10, 2, 2] < 50  # stretching keeps the left quarter, cropping cuts it
+    square = np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    assert np.array_equal(fit(Image.fromarray(square), Fit(20, "stretch")), square)  # a square of the size: as it is
+    with pytest.raises(ValueError, match="not one of crop, stretch"):
+        fit(image, Fit(20, "squash"))

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from mmt.data.worlds import shapes
-from mmt.data.worlds.shapes import NUMBERS, Obj, Scene, relation_holds
 from mmt.data.worlds.preview import preview_shapes
+from mmt.data.worlds.shapes import NUMBERS, Obj, Scene, relation_holds
 from mmt.data.worlds.shapes_truth import caption_facts, caption_objects, check_caption, fact_scores
 
 # A hand-built 64x64 scene. Red is left of blue (dx 32) and above green (dy 20), 20 px from

@@ -30,3 +30,10 @@ def test_a_position_held_in_a_tensor_reads_the_same_rows():
     table = Positions1D(10, D)
     assert torch.equal(table(1, torch.tensor([3])), table(1, 3))
     assert torch.equal(table(2, torch.tensor([3])), table(2, 3))
+
+
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="'xy' is not one of learned, sincos"):
+        Positions2D(4, 4, D, "xy")
+    with pytest.raises(ValueError, match="not one of"):
+        Positions1D(4, D, "rotary")

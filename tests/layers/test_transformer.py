@@ -181,3 +181,18 @@ def test_first_rows_refuse_causal_attention():
         Encoder(cfg(True, depth=1))(torch.randn(B, T, D), causal=True, first=1)
     with pytest.raises(ValueError, match="causal"):
         Decoder(cfg(True, depth=1))(torch.randn(B, T, D), torch.randn(B, 4, D), first=1)
+
+
+def test_a_growing_cache_keeps_rows_by_any_index_and_says_when_it_is_full():
+    decoder = Decoder(cfg(True, depth=1)).eval()
+    image = decoder.project_context(torch.randn(B, S, D))
+    cache = decoder.new_cache(capacity=2)
+    with torch.no_grad():
+        decoder(torch.randn(B, 1, D), image, cache=cache)
+        cache.advance(1)
+        cache.reorder(torch.tensor([0, 1]))  # fewer rows: beams of images that finished dropped
+        kept = [kv.select(torch.tensor([0, 1])) for kv in image]
+        decoder(torch.randn(2, 1, D), kept, cache=cache)
+        cache.advance(1)
+        with pytest.raises(ValueError, match="outgrow the cache"):
+            decoder(torch.randn(2, 1, D), kept, cache=cache)

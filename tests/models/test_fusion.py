@@ -27,7 +27,7 @@ def looked(layer, x, context, seen, positions, context_pad=None):
     """Where each head of `layer` looks, for every query of `x`, given the layer before's look."""
     kv = layer.cross_attn.project_kv(context)
     with torch.no_grad():
-        return layer.fuse(x, kv, None, context_pad, first=None, row_index=None, seen=seen, positions=positions, look=x.shape[1])[1]
+        return layer(x, kv, None, context_pad, first=None, row_index=None, seen=seen, positions=positions, look=x.shape[1])[1]
 
 
 def test_focus_bias_draws_attention_towards_or_away_from_the_focus():
@@ -118,8 +118,8 @@ def test_each_layers_focus_is_where_its_heads_looked_in_the_layer_before(checkpo
     with torch.no_grad():  # by hand: each layer gets the attention weights (all rows) of the one before
         h, seen = x, None
         for layer, kv in zip(fusion.layers, image_kv):
-            h_next, look = layer.fuse(h, kv, pad, context_pad, first=None, row_index=None, seen=seen, positions=positions, look=T)
-            _, few = layer.fuse(h, kv, pad, context_pad, first=None, row_index=None, seen=seen, positions=positions, look=2)
+            h_next, look = layer(h, kv, pad, context_pad, first=None, row_index=None, seen=seen, positions=positions, look=T)
+            _, few = layer(h, kv, pad, context_pad, first=None, row_index=None, seen=seen, positions=positions, look=2)
             assert (few - look[:, :, :2]).abs().max() <= 1e-6  # the rows asked for, computed apart
             h, seen = h_next, look
         expected = fusion.norm(h)
@@ -181,3 +181,14 @@ def test_copy_rows_is_indexing():
     index = torch.tensor([3, 0, 0, 2])
     assert torch.equal(copy_rows(x, index), x[index])
     assert copy_rows(x, torch.tensor([], dtype=torch.long)).shape == (0, 3, 2)
+
+
+def test_fusion_layers_are_called_as_modules():
+    # hooks on a fusion layer see its calls (the fusion does not reach around nn.Module's call)
+    torch.manual_seed(0)
+    fusion = CrossFusion(cfg(depth=2), focus_bias=True)
+    seen = []
+    fusion.layers[1].register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    x, context = torch.randn(B, T, D), torch.randn(B, 9, D)
+    fusion(x, fusion.project_context(context), positions=grid_positions(3, 3), first=1)
+    assert seen == [(B, 1, D)]

@@ -13,8 +13,8 @@ from PIL import Image
 
 from mmt import checkpoint, registry
 from mmt.cli import main
-from mmt.data.worlds import shapes
 from mmt.data.images import to_pixels
+from mmt.data.worlds import shapes
 from mmt.models.retrieval import LossWeights, RetrievalModel, contrastive_loss, sample_hard_negatives
 from mmt.models.vqa import VQAModel
 from mmt.tasks.retrieval import ranks_of, recall_at, rerank

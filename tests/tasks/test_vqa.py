@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmt import checkpoint, train as train_lib
+from mmt import checkpoint
+from mmt import train as train_lib
 from mmt.cli import main
 from mmt.config import apply_overrides
 from mmt.data.worlds import sort_of_clevr

@@ -59,10 +59,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmt.files import atomic_write, atomic_write_text
 from mmt.data.formats.records import CaptionRecord, DataError, DataRecord, check_image
 from mmt.data.formats.source import load_source
-from mmt.data.images import ImageError, load_image
+from mmt.data.images import Fit, ImageError, load_image
+from mmt.files import atomic_write, atomic_write_text
 
 __all__ = [
     "INDEX_NAME", "ShardStream", "is_shard_dir", "iter_packed", "pack", "read_index", "sample_image", "shard_dataset", "shard_name",
@@ -308,7 +308,7 @@ def iter_packed(out_dir: str | Path, images: bool = True) -> Iterator[tuple[dict
             raise DataError(path, "", f"holds {seen} complete samples, {INDEX_NAME} lists {count}; pack again")
 
 
-def sample_image(sample: dict[str, Any], size: int, augment: np.random.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def sample_image(sample: dict[str, Any], size: int | Fit, augment: np.random.Generator | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A webdataset sample of a packed shard -> ((size, size, 3) uint8 image, record dict);
     with `augment`, training augmentation drawn from it (`mmt.data.images`)."""
     meta = json.loads(sample["json"])
