@@ -164,7 +164,7 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
     data.pop("mmt_version", None)
     try:
         cls = registry.model_class(model_type)
-        return model_type, config_lib.from_dict(cls.config_class, data)
+        return model_type, config_lib.from_dict(cls.config_class, data, saved=True)
     except (KeyError, config_lib.ConfigError) as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
 

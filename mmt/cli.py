@@ -88,7 +88,7 @@ def _saved(config_class, data: dict, path: Path):
     try:
         cfg = config.merge(config_class(), {k: v for k, v in data.items() if k not in ("task", "model")})
         if "model" in data:
-            cfg.model = config.from_dict(type(cfg.model), data["model"])
+            cfg.model = config.from_dict(type(cfg.model), data["model"], saved=True)
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

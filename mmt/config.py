@@ -92,7 +92,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
+def _coerce(value: Any, tp: Any, path: str, saved: bool = False) -> Any:
     """Check (and gently convert) `value` against the annotation `tp`."""
     origin = get_origin(tp)
     if tp is Any:
@@ -102,7 +102,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, _path=path)
+        return from_dict(tp, value, _path=path, saved=saved)
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -117,7 +117,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, path)
+                return _coerce(value, option, path, saved)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)} ({'; '.join(errors)})")
@@ -126,14 +126,14 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
         args = get_args(tp)
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+            items = [_coerce(v, args[0], f"{path}[{i}]", saved) for i, v in enumerate(value)]
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_coerce(v, a, f"{path}[{i}]", saved) for i, (v, a) in enumerate(zip(value, args))]
         else:
             inner = args[0] if args else Any
-            items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+            items = [_coerce(v, inner, f"{path}[{i}]", saved) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -158,17 +158,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported config type {_type_name(tp)}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
+def from_dict(cls: type[T], data: dict[str, Any], _path: str = "", saved: bool = False) -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types.
 
-    Keys that `data` leaves out take the dataclass defaults.
+    Keys that `data` leaves out take the dataclass defaults; with `saved` (a config a run or
+    model directory wrote, perhaps by an older version), keys added since (`cls.added`) take
+    the value that version used instead.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{_path or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     data = _without_removed(cls, data, _path)
-    data = {**getattr(cls, "added", {}), **data}  # a key an older config lacks: the value it had then
+    if saved:
+        data = {**getattr(cls, "added", {}), **data}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{_path}." if _path else ""
@@ -177,7 +180,7 @@ def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{_path}.{name}" if _path else name)
+        kwargs[name] = _coerce(value, hints[name], f"{_path}.{name}" if _path else name, saved)
     return cls(**kwargs)
 
 
@@ -197,8 +200,13 @@ def _without_removed(cls: type, data: dict[str, Any], path: str) -> dict[str, An
             continue
         if not harmless:
             raise ConfigError(f"{where}={value!r}: {why}; this config cannot be built any more")
-        log.warning("config key %s=%r ignored: %s", where, value, why)
+        if (where, repr(value)) not in _warned:  # a config is read more than once per command
+            _warned.add((where, repr(value)))
+            log.warning("config key %s=%r ignored: %s", where, value, why)
     return kept
+
+
+_warned: set[tuple[str, str]] = set()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

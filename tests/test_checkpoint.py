@@ -105,3 +105,12 @@ def test_mismatched_weights_are_reported_by_key(tmp_path):
     report = load_weights(other, tmp_path / "model.safetensors", strict=False)
     assert ("lm_head.weight", (20, 64), (25, 64)) in report.mismatched
     assert "vision.stem.proj.weight" in report.loaded and not report.unexpected
+
+
+def test_a_model_saved_before_image_fit_existed_loads_stretching_as_it_was_trained(tmp_path):
+    save_pretrained(tiny_model(), tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    assert data["vision"].pop("image_fit") == "crop"
+    path.write_text(json.dumps(data))
+    assert from_pretrained(tmp_path).config.vision.image_fit == "stretch"
