@@ -202,13 +202,20 @@ def prompts(labels: Sequence[str], template: str) -> list[str]:
     return labels
 
 
-def run_settings(path: str | Path) -> dict[str, Any]:
-    """The run config saved beside a model (run_config.json in the run or model directory), or {}."""
+def run_settings(path: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """The run config saved beside a model (run_config.json in the run or model directory) and
+    the file it came from, or ({}, None)."""
     directory = Path(path)
     for candidate in (directory / "run_config.json", checkpoint.model_directory(directory) / "run_config.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}
+            try:
+                data = json.loads(candidate.read_text())
+            except json.JSONDecodeError as e:
+                raise config.ConfigError(f"{candidate}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise config.ConfigError(f"{candidate}: expected a mapping at the top level")
+            return data, candidate
+    return {}, None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()) -> Predictor:
@@ -216,10 +223,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: Sequen
     with its tokenizer and the run's decoding settings. `overrides` ("generation.num_beams=3",
     "model.rerank_k=32") change the saved settings, as `--set` does."""
     model_dir = checkpoint.model_directory(path)
-    settings = run_settings(path)
+    settings, settings_file = run_settings(path)
     model_type, model_cfg = checkpoint.read_config(model_dir)
     # the run's decoding settings; without them, texts as long as the model's positions allow
-    generation = config.from_dict(GenerationConfig, settings.get("generation", {"max_new_tokens": 10_000}))
+    try:
+        generation = config.from_dict(GenerationConfig, settings.get("generation", {"max_new_tokens": 10_000}), saved=True)
+    except config.ConfigError as e:
+        raise config.ConfigError(f"{settings_file}: generation: {e}") from None
     model_overrides = [o for o in overrides if o.startswith("model.")]
     generation = config.apply_overrides(generation, [o.split(".", 1)[1] for o in overrides if o.startswith("generation.")])
     unknown = [o for o in overrides if not o.startswith(("model.", "generation."))]

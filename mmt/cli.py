@@ -81,14 +81,17 @@ def _decoding_overrides(args: argparse.Namespace) -> list[str]:
 
 def _saved(config_class, data: dict, path: Path):
     """A saved run config over the task's defaults: a section or key that an older version did not
-    write keeps the task's default (e.g. the VQA recipe's attention kernel). The model section is
-    read on its own, as a saved model config is (`mmt.config.from_dict`)."""
+    write keeps the task's default, except the attention kernel, which a run of mmt 0.1 chose in
+    its model config and keeps. The model section is read on its own, as a saved model config is
+    (`mmt.config.from_dict`)."""
     from mmt import config
 
     try:
         cfg = config.merge(config_class(), {k: v for k, v in data.items() if k not in ("task", "model")})
         if "model" in data:
             cfg.model = config.from_dict(type(cfg.model), data["model"], saved=True)
+            if "attention" not in data.get("train", {}):
+                cfg.train.attention = config.attention_of_old_model(data["model"]) or cfg.train.attention
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
@@ -159,13 +162,13 @@ def _saved_task(run_dir: Path, overrides: list[str]):
 
     directory = checkpoint.model_directory(run_dir)
     model_type, model_cfg = checkpoint.read_config(directory)
-    settings = run_settings(run_dir)
+    settings, settings_file = run_settings(run_dir)
     name = TASK_OF_MODEL[model_type]
     if model_type == "retrieval" and settings.get("task") == "pretrain":
         name = "pretrain"
     cls = task_class(name)
     if settings:  # the data and decoding the run was made with; the weights' own model config
-        cfg = _saved(cls.run_config, settings, run_dir / "run_config.json")
+        cfg = _saved(cls.run_config, settings, settings_file)
     else:
         log.warning(f"no run_config.json in {run_dir}: testing on the default data settings")
         cfg = cls.run_config()

@@ -209,6 +209,32 @@ def _without_removed(cls: type, data: dict[str, Any], path: str) -> dict[str, An
 _warned: set[tuple[str, str]] = set()
 
 
+def attention_of_old_model(model: dict[str, Any]) -> str | None:
+    """The `train.attention` setting that trains as a model config of mmt 0.1 did, from its
+    Transformer stacks' kernel fields (`fast_attention`, `fused_on_bf16_cpu`); None for a config
+    without them. Stacks that chose differently cannot all be kept: "auto", with a warning."""
+    stacks: list[tuple[bool, bool]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "fast_attention" in node or "fused_on_bf16_cpu" in node:
+                stacks.append((node.get("fast_attention", True), node.get("fused_on_bf16_cpu", False)))
+            for value in node.values():
+                walk(value)
+
+    walk(model)
+    if not stacks:
+        return None
+    if not any(fast for fast, _ in stacks):
+        return "literal"
+    if all(fast and fused for fast, fused in stacks):
+        return "fused"
+    if all(fast and not fused for fast, fused in stacks):
+        return "auto"
+    log.warning("this saved model chose the attention kernel per Transformer stack, which mmt 0.2 does not: training with train.attention=auto")
+    return "auto"
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain JSON-ready dict of a dataclass config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -2,7 +2,13 @@ import json
 
 import pytest
 
+from mmt import config
 from mmt.config import ConfigError, TransformerConfig, VisionConfig, apply_overrides, from_dict, load, save, to_dict
+
+
+@pytest.fixture(autouse=True)
+def warnings_not_yet_given(monkeypatch):
+    monkeypatch.setattr(config, "_warned", set())  # a removed key is warned about once per process
 
 
 def test_round_trip_through_json(tmp_path):
@@ -95,17 +101,46 @@ def test_a_key_an_older_config_lacks_takes_the_value_it_had_then():
     assert apply_overrides(VisionConfig(), ["image_size=32"]).image_fit == "crop"
 
 
-def test_a_saved_run_config_keeps_the_tasks_defaults_for_what_it_lacks(tmp_path):
-    # a 0.1 Sort-of-CLEVR run config has no train.attention (its kernel choice was a model field,
-    # now ignored): resuming it keeps the VQA recipe's fused kernel
-    from mmt.cli import _saved
+def old_run_config(fused_on_bf16_cpu):
+    """A run config as mmt 0.1 wrote it for the VQA task: no train.attention, no generation
+    section, no image_fit, and the kernel fields on each Transformer stack."""
     from mmt.tasks.vqa import VQARunConfig
 
     data = json.loads(json.dumps({"task": "vqa", **to_dict(VQARunConfig())}))
-    del data["train"]["attention"], data["generation"]
-    data["model"]["fusion_encoder"]["fused_on_bf16_cpu"] = True
-    cfg = _saved(VQARunConfig, data, tmp_path / "run_config.json")
-    assert cfg.train.attention == "fused" and cfg.model == from_dict(type(cfg.model), data["model"], saved=True)
+    del data["train"]["attention"], data["generation"], data["model"]["vision"]["image_fit"]
+    stacks = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if {"heads", "depth"} <= set(node):
+                stacks.append(node)
+            for value in node.values():
+                walk(value)
+
+    walk(data["model"])
+    for stack, fused in zip(stacks, fused_on_bf16_cpu(len(stacks)), strict=True):
+        stack.update(fast_attention=True, fused_on_bf16_cpu=fused)
+    return data
+
+
+def test_a_resumed_old_run_keeps_its_kernel_and_image_fit_and_the_tasks_defaults_for_the_rest(tmp_path, caplog):
+    # mmt 0.1 chose the attention kernel in the model config: vqa-fast's stacks all asked for the
+    # fused kernel, the other presets' for none (the "auto" rule); resuming keeps that choice
+    from mmt.cli import _saved
+    from mmt.tasks.vqa import VQARunConfig
+
+    path = tmp_path / "run_config.json"
+    fast = _saved(VQARunConfig, old_run_config(lambda n: [True] * n), path)
+    assert fast.train.attention == "fused" and fast.model.vision.image_fit == "stretch"
+    assert fast.generation == VQARunConfig().generation  # a section 0.1 did not write: the default
+    assert _saved(VQARunConfig, old_run_config(lambda n: [False] * n), path).train.attention == "auto"
+    caplog.set_level("WARNING", logger="mmt")
+    mixed = _saved(VQARunConfig, old_run_config(lambda n: [True] + [False] * (n - 1)), path)
+    assert mixed.train.attention == "auto" and "per Transformer stack" in caplog.text
+    now = json.loads(json.dumps({"task": "vqa", **to_dict(VQARunConfig())}))
+    now["train"]["attention"] = "literal"
+    assert _saved(VQARunConfig, now, path).train.attention == "literal"  # a run of 0.2 says it itself
+    data = old_run_config(lambda n: [True] * n)
     data["train"]["steps"] = "many"
     with pytest.raises(ConfigError, match=r"run_config\.json: train\.steps: expected an integer"):
-        _saved(VQARunConfig, data, tmp_path / "run_config.json")
+        _saved(VQARunConfig, data, path)

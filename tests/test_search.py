@@ -184,6 +184,24 @@ def test_changed_weights_are_refused(run, gallery, tmp_path):
         build_index(model_dir, gallery, out, progress=False)
 
 
+def test_an_index_is_continued_only_with_the_image_fit_it_began_with(run, gallery, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(checkpoint.model_directory(run), model_dir)
+    out = tmp_path / "index"
+    build_index(model_dir, gallery, out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image_fit"] == "crop"
+    config_path = model_dir / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["vision"]["image_fit"] = "stretch"
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(SearchIndexError, match="different image fit"):
+        build_index(model_dir, gallery, out, progress=False)
+    del manifest["image_fit"]  # an index begun by mmt 0.1, which stretched: continued by a stretching model
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    build_index(model_dir, gallery, out, progress=False)
+
+
 def test_jsonl_gallery_resolves_paths_and_names_a_bad_line(gallery, tmp_path):
     listing = gallery / "gallery.jsonl"
     first, second = scene_path(gallery, 0), scene_path(gallery, 3)

@@ -170,13 +170,13 @@ def fit(image: Image.Image, size: int | Fit, augment: np.random.Generator | None
     """An RGB PIL image as the model's (size, size, 3) uint8 square (see the module docstring);
     with `augment`, the training augmentation drawn from that generator."""
     size, mode = _as_fit(size)
+    if mode not in ("crop", "stretch"):
+        raise ValueError(f"image fit {mode!r} is not one of crop, stretch")
     if augment is not None:
         pixels = np.asarray(random_resized_crop(image, size, augment), dtype=np.float32) / np.float32(255.0)
         return np.rint(color_jitter(pixels, augment) * 255.0).astype(np.uint8)
     if mode == "stretch":
         return np.array(image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    if mode != "crop":
-        raise ValueError(f"image fit {mode!r} is not one of crop, stretch")
     return np.array(center_square(image, size), dtype=np.uint8)
 
 
