@@ -88,8 +88,9 @@ def build_attention_mask(
 ) -> Tensor | None:
     """One bool mask, True = may attend, from padding (B, S) (True at padding, torch's
     convention), a causal rule and a mask `allowed` (T, S) that a cache gives.
-    Returns (B, 1, T, S), (T, S) or None when nothing is masked."""
-    if causal:
+    Returns (B, 1, T, S), (T, S) or None when nothing is masked. The causal rule masks nothing
+    for one query (it sits at the last position: a decoding step over a growing cache)."""
+    if causal and q_len > 1:
         causal_mask = causal_allowed(q_len, k_len, device)  # (T, S)
         allowed = causal_mask if allowed is None else allowed & causal_mask
     if key_padding_mask is not None:
@@ -164,7 +165,7 @@ def attend(
         return reference_attention(q, k, v, mask, dropout_p, bias)[0]
     if causal and key_padding_mask is None and allowed is None and bias is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    mask = build_attention_mask(key_padding_mask, causal and T > 1, T, S, q.device, allowed)
+    mask = build_attention_mask(key_padding_mask, causal, T, S, q.device, allowed)
     if bias is not None:  # one additive mask: the bias, -inf where attention is not allowed
         mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from mmt.layers.attention import MultiHeadAttention, attention_kernel, causal_allowed, fused_applies, set_attention_kernel
+from mmt.layers.attention import (
+    MultiHeadAttention,
+    attention_kernel,
+    build_attention_mask,
+    causal_allowed,
+    fused_applies,
+    set_attention_kernel,
+)
 from tests.peers import copy_attention
 
 B, T, S, D, H = 3, 7, 5, 32, 4
@@ -123,6 +130,16 @@ def test_causal_mask_blocks_the_future():
     after = attn(changed, causal=True)
     assert torch.equal(before[:, :4], after[:, :4])
     assert (before[:, 4:] - after[:, 4:]).abs().max() > 1e-3  # and the change is seen from there on
+
+
+def test_one_query_under_the_causal_rule_sees_every_key_and_builds_no_mask():
+    # a decoding step: the new token sits at the last position (masking nothing is exact, and
+    # saves building a mask per layer per step)
+    assert causal_allowed(1, S, torch.device("cpu")).all()
+    assert build_attention_mask(None, True, 1, S, torch.device("cpu")) is None
+    pad = padding([5, 3, 1], S)
+    assert torch.equal(build_attention_mask(pad, True, 1, S, torch.device("cpu")), ~pad[:, None, None, :])
+    assert build_attention_mask(None, True, 2, S, torch.device("cpu")).tolist() == causal_allowed(2, S, torch.device("cpu")).tolist()
 
 
 def test_heads_must_divide_width():
