@@ -3,8 +3,11 @@
     file, bytes, PIL image or array --open_image--> RGB PIL image --fit--> (size, size, 3) uint8
         --to_pixels--> float (N, 3, size, size) in [-1, 1], what every mmt model reads
 
-- **Opening**: any mode Pillow opens becomes RGB; transparent images are composited on white
-  (the built-in worlds' background). An image over `MAX_PIXELS` is refused from its header,
+- **Opening**: every mode Pillow opens becomes the 8-bit RGB picture it shows (`to_rgb`):
+  16-bit integer images (modes "I;16*", and "I", as which Pillow opens 16-bit PGM files) are
+  scaled from 0-65535, float images ("F") from 0-1, transparent images are composited on
+  white (the built-in worlds' background); an integer image with values outside 0-65535 or a
+  float image outside 0-1 is refused, as its brightness cannot be known. An image over `MAX_PIXELS` is refused from its header,
   before anything is decoded (a decompression bomb costs nothing); a missing, truncated or
   corrupt file is refused with its name.
 - **Fitting to the model's square** (`Fit`, from the model's `vision.image_size` and
@@ -66,13 +69,17 @@ class ImageError(ValueError):
         super().__init__(f"{name}: {detail}")
 
 
+def _name_of(source: str | Path | bytes, name: str | None) -> str:
+    return name or (f"image of {len(source):,} bytes" if isinstance(source, bytes) else str(source))
+
+
 def with_image(source: str | Path | bytes, use: Callable[[Image.Image], T], *, name: str | None = None,
                max_pixels: int = MAX_PIXELS, load: bool = True) -> T:
     """`use(image)` of the image in `source` (a path or the file's bytes), opened only after its
     header was read and its size checked against `max_pixels`, and (with `load`) decoded
     fully, which is what finds a truncated file. Any failure is an ImageError naming `name`
     (default: the path). `use` runs while the file is open and returns what outlives it."""
-    name = name or (f"image of {len(source):,} bytes" if isinstance(source, bytes) else str(source))
+    name = _name_of(source, name)
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise ImageError(name, "image not found", MISSING_IMAGE)
     try:
@@ -97,12 +104,37 @@ def with_image(source: str | Path | bytes, use: Callable[[Image.Image], T], *, n
         raise ImageError(name, f"cannot decode image ({type(e).__name__}: {e})") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of any PIL image; transparent images are composited on white."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+def white_level(image: Image.Image, name: str = "image") -> float | None:
+    """For a 16-bit integer ("I;16*", "I") or float ("F") image, the value that shows as white
+    (65535 or 1), after checking that every value lies between 0 and it (an ImageError naming
+    `name` if not: its brightness cannot be known); None for an image of 8-bit channels."""
+    if image.mode == "F":
+        top, kind = 1.0, "float"
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        top, kind = 65535.0, f"integer (mode {image.mode})"
+    else:
+        return None
+    low, high = image.getextrema()
+    if not (0 <= low and high <= top):  # (NaN fails both)
+        raise ImageError(name, f"{kind} image with values from {low:g} to {high:g}: mmt reads such images on a scale of 0 to {top:g}")
+    return top
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """The 8-bit RGB picture any PIL image shows (see the module docstring); an ImageError
+    naming `name` for one whose brightness cannot be known or whose mode Pillow cannot convert."""
+    top = white_level(image, name)
+    if top is not None:  # one gray channel of more than 8 bits
+        image = Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) * (255.0 / top)).astype(np.uint8))
+    if image.mode == "La":  # (premultiplied gray + alpha: Pillow converts it to "LA" only)
+        image = image.convert("LA")
+    if "A" in image.getbands() or "a" in image.getbands() or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    try:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except ValueError as e:  # a mode Pillow opens but cannot convert
+        raise ImageError(name, f"cannot convert a {image.mode} image to RGB ({e})") from None
 
 
 def open_image(source: Any, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -111,13 +143,14 @@ def open_image(source: Any, name: str | None = None, max_pixels: int = MAX_PIXEL
     if isinstance(source, Image.Image):
         if source.width * source.height > max_pixels:
             raise ImageError(name or "image", f"{source.width}x{source.height} image exceeds the {max_pixels:,}-pixel limit", TOO_LARGE)
-        return to_rgb(source)
+        return to_rgb(source, name or "image")
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
             raise ImageError(name or "image", f"an array image must be (H, W, 3) uint8, got {source.shape} {source.dtype}")
         return Image.fromarray(source)
     if isinstance(source, (str, Path, bytes)):
-        return with_image(source, to_rgb, name=name, max_pixels=max_pixels)
+        name = _name_of(source, name)
+        return with_image(source, lambda image: to_rgb(image, name), name=name, max_pixels=max_pixels)
     raise ImageError(name or "image", f"cannot read an image from a {type(source).__name__}")
 
 

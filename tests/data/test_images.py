@@ -69,6 +69,76 @@ def test_unusable_images_are_refused_with_their_name(tmp_path):
         open_image(3)
 
 
+def gradient(height=8, width=32):
+    """An 8-bit gray picture with every level 0..255 (the twin the other modes are compared with)."""
+    return np.arange(height * width, dtype=np.uint8).reshape(height, width)
+
+
+def saved(tmp_path, image, name):
+    """`image` written to a file and opened again as a user's file would be."""
+    path = tmp_path / name
+    image.save(path)
+    return path
+
+
+def test_every_mode_pillow_opens_reads_as_its_8_bit_twin(tmp_path):
+    gray = gradient()
+    twin = np.repeat(gray[..., None], 3, axis=2)  # the RGB picture of the 8-bit gray one
+    colour = np.stack([gray, gray[::-1], np.roll(gray, 7, axis=1)], axis=2)  # an RGB picture
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)  # 0..255 -> 0..65535: the same picture
+    cases = {
+        "16-bit PNG": (saved(tmp_path, sixteen, "g16.png"), twin),
+        "16-bit TIFF": (saved(tmp_path, sixteen, "g16.tif"), twin),
+        "16-bit PGM (opened as I)": (saved(tmp_path, sixteen, "g16.pgm"), twin),
+        "32-bit integer I": (Image.fromarray(gray.astype(np.int32) * 257), twin),
+        "float TIFF": (saved(tmp_path, Image.fromarray(gray.astype(np.float32) / 255), "f.tif"), twin),
+        "1-bit": (saved(tmp_path, Image.fromarray(gray >= 128).convert("1"), "b.png"), np.repeat(np.where(gray >= 128, 255, 0).astype(np.uint8)[..., None], 3, 2)),
+        "L": (saved(tmp_path, Image.fromarray(gray), "l.png"), twin),
+        "LA, opaque": (saved(tmp_path, Image.fromarray(gray).convert("LA"), "la.png"), twin),
+        "La, opaque": (Image.fromarray(gray).convert("LA").convert("La"), twin),
+        "RGB": (saved(tmp_path, Image.fromarray(colour), "rgb.png"), colour),
+        "RGBA, opaque": (saved(tmp_path, Image.fromarray(colour).convert("RGBA"), "rgba.png"), colour),
+        "RGBa, opaque": (Image.fromarray(colour).convert("RGBa"), colour),
+        "RGBX": (Image.fromarray(colour).convert("RGBX"), colour),
+        "P": (saved(tmp_path, Image.fromarray(gray).convert("P"), "p.png"), twin),  # (gray levels fit a palette exactly)
+        "PA, opaque": (Image.fromarray(gray).convert("PA"), twin),
+        "CMYK": (saved(tmp_path, Image.fromarray(colour).convert("CMYK"), "cmyk.tif"), colour),
+    }
+    for what, (source, expected) in cases.items():
+        got = np.asarray(open_image(source))
+        assert got.shape == expected.shape, what
+        assert np.abs(got.astype(int) - expected).max() == 0, what
+    # converted through other colour spaces, within their rounding
+    for mode in ("YCbCr", "HSV", "LAB"):
+        got = np.asarray(open_image(Image.fromarray(colour).convert(mode))).astype(int)
+        assert np.abs(got - colour).mean() < 3, mode
+
+
+def test_transparency_in_any_mode_is_composited_on_white():
+    clear = {"RGBA": (0, 0, 0, 0), "LA": (0, 0), "RGBa": (0, 0, 0, 0), "PA": (0, 0)}
+    for mode, value in clear.items():
+        assert open_image(Image.new(mode, (2, 2), value)).getpixel((0, 0)) == (255, 255, 255), mode
+    assert open_image(Image.new("La", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_images_whose_brightness_cannot_be_known_are_refused_with_their_name(tmp_path):
+    from mmt.data.formats.records import DataError, check_image
+
+    refused = {
+        "too_bright.tif": Image.fromarray(np.full((4, 4), 2.0, np.float32)),  # float above 1
+        "negative.tif": Image.fromarray(np.full((4, 4), -1, np.int32)),
+        "wide.tif": Image.fromarray(np.full((4, 4), 70_000, np.int32)),  # more than 16 bits
+        "nan.tif": Image.fromarray(np.full((4, 4), np.nan, np.float32)),
+    }
+    for name, image in refused.items():
+        path = saved(tmp_path, image, name)
+        with pytest.raises(ImageError, match=rf"{name}: .*image with values from"):
+            open_image(path)
+        with pytest.raises(DataError, match=name):  # and `mmt data check` counts it as bad
+            check_image(path)
+    assert check_image(saved(tmp_path, Image.fromarray(gradient().astype(np.uint16) * 257), "ok16.png")) == (32, 8)
+
+
 def test_stretching_fits_both_sides_for_models_trained_that_way():
     image = Image.new("RGB", (40, 20), (255, 0, 0))
     image.paste((0, 0, 255), (0, 0, 10, 20))  # a blue quarter on the left

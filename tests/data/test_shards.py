@@ -259,3 +259,15 @@ def test_stream_names_a_damaged_shard(tmp_path, workers):
     damaged.write_bytes(damaged.read_bytes()[:700])  # cut inside the first sample's image
     with pytest.raises(DataError, match=r"shard-000003.tar: unreadable shard \(unexpected end of data\)"):
         ShardStream(out, size=4, workers=workers, shuffle=0).take(0, 23)
+
+
+def test_shards_read_a_16_bit_image_as_the_picture_it_shows(tmp_path):
+    # the file's own bytes go into the shard; reading them back takes the one image pipeline
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    (tmp_path / "img").mkdir()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "img" / "deep.png")
+    source = tmp_path / "caps.jsonl"
+    source.write_text(json.dumps({"image": "img/deep.png", "text": ["a deep picture"]}) + "\n")
+    pack(source, tmp_path / "out")
+    [(image, _)] = read_all(tmp_path / "out")
+    assert np.array_equal(np.asarray(image), np.repeat(gray[..., None], 3, axis=2))

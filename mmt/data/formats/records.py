@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Union
 
-from mmt.data.images import CORRUPT_IMAGE, MAX_PIXELS, MISSING_IMAGE, TOO_LARGE, ImageError, with_image
+from mmt.data.images import CORRUPT_IMAGE, MAX_PIXELS, MISSING_IMAGE, TOO_LARGE, ImageError, white_level, with_image
 
 # Kinds of bad data, as `DataError.kind` and as the keys of `BadRecords.counts`.
 MISSING_FILE = "missing_file"  # a data file (not an image) does not exist
@@ -200,9 +200,16 @@ def check_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, load: bool = 
 
     Raises DataError (path = the image) of kind missing_image, too_large (width x height above
     `max_pixels`, read from the header: the pixels are never decoded) or corrupt_image (not an
-    image, or with load=True, any failure to decode all of it, e.g. a truncated file).
+    image, or with load=True, any failure to decode all of it, e.g. a truncated file, or values
+    whose brightness cannot be known: `mmt.data.images.white_level`).
     """
+
+    def size(image):
+        if load:
+            white_level(image, str(path))
+        return image.size
+
     try:
-        return with_image(Path(path), lambda image: image.size, max_pixels=max_pixels, load=load)
+        return with_image(Path(path), size, max_pixels=max_pixels, load=load)
     except ImageError as e:
         raise DataError(path, "", e.detail, kind=e.kind) from None

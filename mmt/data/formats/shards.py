@@ -61,7 +61,7 @@ from PIL import Image
 
 from mmt.data.formats.records import CaptionRecord, DataError, DataRecord, check_image
 from mmt.data.formats.source import load_source
-from mmt.data.images import Fit, ImageError, load_image
+from mmt.data.images import Fit, ImageError, load_image, to_rgb
 from mmt.files import atomic_write, atomic_write_text
 
 __all__ = [
@@ -227,7 +227,8 @@ def _decode(sample: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
     if data is None:  # fall back to whatever non-json member the sample has
         data = next(v for k, v in sample.items() if not k.startswith("__") and k != "json")
     with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB"), meta
+        image.load()  # (the RGB image returned may be this one, read after the file closes)
+        return to_rgb(image, f"{sample.get('__url__', '?')}: {sample.get('__key__', '?')}"), meta
 
 
 def shard_dataset(out_dir: str | Path, shuffle: int = 0, seed: int = 0, split_by_node: bool = True):
