@@ -60,7 +60,7 @@ class Predictor:
         if self.task == "vqa" and model.config.head == "classify":
             if not (directory / ANSWERS_NAME).is_file():
                 raise CheckpointError(f"{directory / ANSWERS_NAME}: not found; a VQA classifier needs its answer vocabulary beside it")
-            self.answers = AnswerVocab.load(directory / ANSWERS_NAME)
+            self.answers = AnswerVocab.load(directory / ANSWERS_NAME, model.config.num_answers)
 
     def __repr__(self) -> str:
         return f"Predictor({self.task} model from {self.directory}, {self.image_size}x{self.image_size} images, on {self.device})"

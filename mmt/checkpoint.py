@@ -108,14 +108,15 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
-    """Copy weights from `path` into `model` where name and shape match.
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True, tensors: dict[str, torch.Tensor] | None = None) -> LoadReport:
+    """Copy weights from `path` (or `tensors` read from it already) into `model` where name and
+    shape match.
 
     With strict=True any missing, unexpected or mis-shaped tensor raises CheckpointError
     (and the model is left untouched); otherwise matching tensors load and the report
     says what did not.
     """
-    file_tensors = read_weights(path)
+    file_tensors = read_weights(path) if tensors is None else tensors
     expected = _unique_state_dict(model)
     report = LoadReport(loaded=[], missing=[], unexpected=[], mismatched=[])
     to_load = {}

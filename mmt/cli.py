@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from mmt import __version__
+from mmt.config import Range
 from mmt.errors import CheckpointError, ConfigError, TrainingError
 
 log = logging.getLogger("mmt")
@@ -35,6 +36,23 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _in(bounds: Range, kind: type = int):
+    """An argparse type: a number of `kind` within `bounds` (the ranges the configs use), so
+    that a flag out of range is refused by its name before any work."""
+
+    def parse(text: str):
+        value = kind(text)  # (a ValueError: argparse says "invalid <kind> value")
+        if not bounds.holds(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is out of range (must be {bounds})")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, AMOUNT = _in(Range(1)), _in(Range(0))
+
+
 def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"change a setting, repeatable, e.g. {example}")
 
@@ -44,15 +62,15 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "decoding (captioning, generative VQA)", "unset flags keep the run's settings (generation.* in its run_config.json)"
     )
-    group.add_argument("--beam", type=int, metavar="N", help="beam search of width N (1: greedy)")
+    group.add_argument("--beam", type=COUNT, metavar="N", help="beam search of width N (1: greedy)")
     group.add_argument("--length-penalty", type=float, metavar="A", help="beam score = log p / length ** A")
     group.add_argument("--sample", action="store_true", default=None, help="sample instead of greedy/beam decoding")
-    group.add_argument("--temperature", type=float, help="sampling: logits / temperature")
-    group.add_argument("--top-k", type=int, metavar="K", help="sampling: keep the K most likely tokens (0: all)")
-    group.add_argument("--top-p", type=float, metavar="P", help="sampling: nucleus threshold")
-    group.add_argument("--num-return", type=int, metavar="N", help="texts returned per input (beams or samples)")
+    group.add_argument("--temperature", type=_in(Range(0, low_open=True), float), help="sampling: logits / temperature")
+    group.add_argument("--top-k", type=AMOUNT, metavar="K", help="sampling: keep the K most likely tokens (0: all)")
+    group.add_argument("--top-p", type=_in(Range(0, 1, low_open=True), float), metavar="P", help="sampling: nucleus threshold")
+    group.add_argument("--num-return", type=COUNT, metavar="N", help="texts returned per input (beams or samples)")
     group.add_argument("--seed", type=int, help="sampling seed")
-    group.add_argument("--max-new-tokens", type=int, metavar="N", help="at most N tokens (also capped by the model)")
+    group.add_argument("--max-new-tokens", type=COUNT, metavar="N", help="at most N tokens (also capped by the model)")
 
 
 _DECODING = {
@@ -107,13 +125,17 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
         path = run_dir / "run_config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found; --resume needs a run directory made by `mmt train`")
-        data = json.loads(path.read_text())
+        data = config.read_data(path)
         if data.pop("task", args.task) != args.task:
             raise ConfigError(f"{path}: this run trained another task; use `mmt train <its task> {run_dir} --resume`")
         return config.apply_overrides(_saved(config_class, data, path), args.set)
     cfg = config_class()
     if args.preset:
-        cfg.model = registry.preset(args.preset)
+        model = registry.preset(args.preset)
+        if not isinstance(model, type(cfg.model)):
+            fitting = [name for name in registry.preset_names() if isinstance(registry.preset(name), type(cfg.model))]
+            raise ConfigError(f"preset {args.preset!r} is not a model of `mmt train {args.task}`; its presets: {', '.join(fitting)}")
+        cfg.model = model
     if args.config:  # the file's keys override the preset's
         data = config.read_data(args.config)
         try:
@@ -143,7 +165,16 @@ def _train(args: argparse.Namespace) -> int:
     if not args.resume and (run_dir / "checkpoints").exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with `mmt train {args.task} {run_dir} --resume` or choose another directory")
     task = task_class(args.task)(cfg)
-    result = train(task, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        result = train(task, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    except KeyboardInterrupt:
+        from mmt.trainer_state import latest_checkpoint
+
+        last = latest_checkpoint(run_dir)
+        where = (f"continue from {last} with `mmt train {args.task} {run_dir} --resume`" if last
+                 else "no checkpoint was written yet: start it again")
+        print(f"\nmmt train: interrupted; {where}", file=sys.stderr)
+        return 130
     if result:
         print(task.format_result(result))
     print(f"run directory: {run_dir}")
@@ -305,7 +336,7 @@ def _search(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.image is None):
         raise ConfigError("give exactly one of --text TEXT or --image IMG")
     index = SearchIndex.load(args.index_dir)
-    if args.nprobe:
+    if args.nprobe is not None:
         index.nprobe = args.nprobe
     n = args.num_results
     hits = index.search_text(args.text, n) if args.text is not None else index.search_image(args.image, n)
@@ -383,7 +414,7 @@ def _add_use(commands) -> None:
     evaluate.add_argument("run_dir", help="a run directory or a model directory")
     evaluate.add_argument("--out", help="JSON file for the scores (default RUN_DIR/eval.json)")
     _add_set(evaluate, "data.num_test=50, source.test=test.jsonl, model.rerank_adds_contrastive=false")
-    evaluate.add_argument("--rerank-k", type=int, metavar="K", help="retrieval: re-rank K contrastive candidates with the matching head (default: the model's)")
+    evaluate.add_argument("--rerank-k", type=AMOUNT, metavar="K", help="retrieval: re-rank K contrastive candidates with the matching head (default: the model's)")
     _add_decoding(evaluate)
     evaluate.set_defaults(run=_eval)
 
@@ -407,7 +438,7 @@ def _add_use(commands) -> None:
     inspect.set_defaults(run=_inspect)
 
     demo = commands.add_parser("demo", help="train a tiny captioner, save, reload and caption new images")
-    demo.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    demo.add_argument("--steps", type=COUNT, default=150, help="training steps (default 150)")
     demo.add_argument("--out", help="directory for the saved model (default: a new temporary directory)")
     _add_set(demo, "decoder.depth=3")
     demo.set_defaults(run=_demo)
@@ -436,7 +467,7 @@ def _add_search(commands) -> None:
     index.add_argument("run_dir", help="a retrieval or pretrain run (or its model directory)")
     index.add_argument("--images", required=True, help='the gallery: a folder of images (searched recursively) or JSON Lines of {"image": PATH}')
     index.add_argument("--out", required=True, help="the index folder; running again after an interruption continues it")
-    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--batch-size", type=COUNT, default=64)
     index.add_argument("--skip-bad", action="store_true", help="skip and count unreadable images instead of stopping")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(index, "model.rerank_k=32")
@@ -446,10 +477,10 @@ def _add_search(commands) -> None:
     search.add_argument("index_dir", help="an index folder made by `mmt index` (it names the model it was made with)")
     search.add_argument("--text", help='query text, e.g. "a red circle left of a blue square"')
     search.add_argument("--image", help="query image")
-    search.add_argument("--num-results", "-n", type=int, default=10, metavar="N", help="results to return (default 10)")
-    search.add_argument("--nprobe", type=int, help="large indexes: inverted lists scanned per query (more: slower, better recall)")
+    search.add_argument("--num-results", "-n", type=COUNT, default=10, metavar="N", help="results to return (default 10)")
+    search.add_argument("--nprobe", type=COUNT, help="large indexes: inverted lists scanned per query (more: slower, better recall)")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
-    search.add_argument("-k", dest="num_results", type=int, action=_Deprecated, instead="use --num-results N (-n N)", help=argparse.SUPPRESS)
+    search.add_argument("-k", dest="num_results", type=COUNT, action=_Deprecated, instead="use --num-results N (-n N)", help=argparse.SUPPRESS)
     search.set_defaults(run=_search)
 
 
@@ -459,8 +490,8 @@ def _add_data(commands) -> None:
     preview = data_commands.add_parser("preview", help="draw scenes with their captions, questions and answers")
     preview.add_argument("dataset", help="sort-of-clevr or shapes")
     preview.add_argument("--out", required=True, help="PNG file to write")
-    preview.add_argument("--scenes", type=int, default=6)
-    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--scenes", type=COUNT, default=6)
+    preview.add_argument("--seed", type=AMOUNT, default=0)
     preview.set_defaults(run=_data_preview)
     check = data_commands.add_parser("check", help="validate a data set (COCO captions, Karpathy split, VQA v2, JSON Lines): records and every image")
     check.add_argument("source", help="captions_*.json, dataset_coco.json, VQA v2 questions or annotations JSON, or a .jsonl file")
@@ -478,7 +509,7 @@ def _add_data(commands) -> None:
     pack.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and index.json")
     pack.add_argument("--image-root", help="the folder the data set's image paths are relative to (COCO, Karpathy, VQA v2)")
     pack.add_argument("--kind", help="skip format detection: coco, karpathy, vqa or jsonl")
-    pack.add_argument("--shard-size", type=int, default=1000, help="records per shard (default 1000)")
+    pack.add_argument("--shard-size", type=COUNT, default=1000, help="records per shard (default 1000)")
     pack.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping at the first")
     pack.add_argument("--images", dest="image_root", action=_Deprecated, instead="use --image-root DIR", help=argparse.SUPPRESS)
     pack.set_defaults(run=_data_pack)

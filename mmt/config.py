@@ -4,6 +4,11 @@ Every config in mmt is a dataclass. `from_dict` builds one from plain JSON data 
 rejects unknown keys and ill-typed values with the dotted path of the offending key,
 so a typo in `config.json` or on the command line fails loudly instead of silently
 training the wrong model. `apply_overrides` implements `--set a.b=c`.
+
+A numeric setting's range is written beside its type, `steps: Annotated[int, Range(1)]` (or
+one of the names below: `Count`, `Fraction`, ...), and checked whenever a config is made (a
+config class derives from `Settings`), so an out-of-range value is refused with its dotted
+key before any work, whether it came from a file, `--set` or Python.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from mmt.errors import ConfigError
 
@@ -22,18 +27,82 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------- ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric setting: low <= value <= high (None: unbounded; `low_open`,
+    `high_open`: the bound itself excluded). Used as `Annotated[int, Range(1)]`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:  # (NaN holds no bound)
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+Count = Annotated[int, Range(1)]  # at least 1
+Amount = Annotated[int, Range(0)]  # 0 or more
+Positive = Annotated[float, Range(0, low_open=True)]  # above 0
+NonNegative = Annotated[float, Range(0)]  # 0 or more
+Fraction = Annotated[float, Range(0, 1)]  # 0 to 1
+Beta = Annotated[float, Range(0, 1, high_open=True)]  # an averaging factor: 0 up to (not) 1
+
+
+def _bounds(hint: Any) -> Range | None:
+    return next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)), None)
+
+
+def out_of_range(cfg: Any) -> str | None:
+    """The first field of config `cfg` (not of the configs inside it) whose value or items lie
+    outside the range its annotation gives, described with its key; None if none does."""
+    for name, hint in get_type_hints(type(cfg), include_extras=True).items():
+        value = getattr(cfg, name, None)
+        bounds = _bounds(hint)
+        if bounds is not None and isinstance(value, (int, float)) and not bounds.holds(value):
+            return f"{name}: {value!r} is out of range (must be {bounds})"
+        inner = get_args(get_args(hint)[0] if get_origin(hint) is Annotated else hint)
+        item_bounds = _bounds(inner[0]) if inner else None
+        if item_bounds is not None and isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if isinstance(item, (int, float)) and not item_bounds.holds(item):
+                    return f"{name}[{i}]: {item!r} is out of range (must be {item_bounds})"
+    return None
+
+
+class Settings:
+    """Base of mmt's config dataclasses: making one checks its fields' ranges (`Range`)."""
+
+    def __post_init__(self) -> None:
+        problem = out_of_range(self)
+        if problem is not None:
+            raise ConfigError(problem)
+
+
 # ----------------------------------------------------------------------------- configs
 
 
 @dataclasses.dataclass
-class TransformerConfig:
+class TransformerConfig(Settings):
     """One stack of encoder or decoder layers."""
 
-    dim: int = 256  # model width d_model
-    depth: int = 4  # number of layers N
-    heads: int = 4  # attention heads h; dim must divide evenly (d_k = dim / heads)
-    ffn_dim: int = 1024  # hidden width of the two-layer feed-forward network
-    dropout: float = 0.1  # dropout on attention weights, residual branches and FFN hidden
+    dim: Count = 256  # model width d_model
+    depth: Amount = 4  # number of layers N
+    heads: Count = 4  # attention heads h; dim must divide evenly (d_k = dim / heads)
+    ffn_dim: Count = 1024  # hidden width of the two-layer feed-forward network
+    dropout: Fraction = 0.1  # dropout on attention weights, residual branches and FFN hidden
     activation: Literal["gelu", "relu"] = "gelu"  # FFN non-linearity
     norm_first: bool = True  # pre-norm (stable, default) or post-norm (the original formula)
 
@@ -46,18 +115,18 @@ class TransformerConfig:
 
 
 @dataclasses.dataclass
-class VisionConfig:
+class VisionConfig(Settings):
     """Image tower: a stem that turns pixels into a grid of tokens, then an encoder."""
 
     stem: Literal["conv", "patch"] = "conv"  # convolutional stem (design's example) or ViT patches
-    image_size: int = 64  # input images are fitted to image_size x image_size
+    image_size: Count = 64  # input images are fitted to image_size x image_size
     # how: "crop" resizes the shorter side and keeps the centre square; "stretch" resizes both
     # sides (mmt 0.1's way: a config without this key is one of 0.1's)
     image_fit: Literal["crop", "stretch"] = "crop"
-    channels: int = 3  # input colour channels
-    patch_size: int = 8  # patch side for the "patch" stem
-    conv_widths: tuple[int, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
-    conv_strides: tuple[int, ...] = (2,)  # conv stem: stride of each 3x3 block (one per width after the first)
+    channels: Count = 3  # input colour channels
+    patch_size: Count = 8  # patch side for the "patch" stem
+    conv_widths: tuple[Count, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
+    conv_strides: tuple[Count, ...] = (2,)  # conv stem: stride of each 3x3 block (one per width after the first)
     conv_norm: Literal["group", "batch"] = "group"  # conv stem normalisation (group: batch-independent)
     positions: Literal["learned", "sincos"] = "learned"  # 2-D position embedding of the token grid
     token_norm: bool = False  # LayerNorm on each stem token before positions are added (keeps their scales comparable)
@@ -75,13 +144,13 @@ class VisionConfig:
 
 
 @dataclasses.dataclass
-class TextConfig:
+class TextConfig(Settings):
     """Text tower: token + position embedding, then an encoder."""
 
-    vocab_size: int = 1000  # rows of the token embedding; set from the tokenizer
-    max_len: int = 64  # longest sequence the 1-D position embedding covers
+    vocab_size: Count = 1000  # rows of the token embedding; set from the tokenizer
+    max_len: Count = 64  # longest sequence the 1-D position embedding covers
     positions: Literal["learned", "sincos"] = "learned"  # 1-D position embedding
-    pad_id: int = 0  # id of [PAD]; its embedding row stays zero and its keys are masked
+    pad_id: Amount = 0  # id of [PAD]; its embedding row stays zero and its keys are masked
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
 
 
@@ -181,7 +250,10 @@ def from_dict(cls: type[T], data: dict[str, Any], _path: str = "", saved: bool =
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{_path}.{name}" if _path else name, saved)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a range (`Settings`): the key's full path
+        raise ConfigError(f"{_path}.{e}" if _path else str(e)) from None
 
 
 def _without_removed(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -248,9 +320,11 @@ def read_data(path: str | Path) -> dict[str, Any]:
     """The mapping in a JSON (or, with PyYAML installed, YAML) file, with errors naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml  # optional; JSON is the native format

@@ -29,29 +29,30 @@ step recorded once as a CUDA graph over a static cache and replayed per token
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Annotated, Any, ClassVar, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mmt import cuda_graphs
+from mmt.config import Amount, Count, Positive, Range, Settings, out_of_range
 from mmt.gathered import gathered
 from mmt.layers import attention
 from mmt.layers.cache import KV
 
 
 @dataclasses.dataclass
-class GenerationConfig:
+class GenerationConfig(Settings):
     """How to decode."""
 
-    max_new_tokens: int = 30  # tokens generated after [BOS], [EOS] included
-    num_beams: int = 1  # > 1: beam search
+    max_new_tokens: Count = 30  # tokens generated after [BOS], [EOS] included
+    num_beams: Count = 1  # > 1: beam search
     length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
     do_sample: bool = False  # sample instead of taking the most likely token
-    temperature: float = 1.0  # sampling: logits / temperature
-    top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
-    top_p: float = 1.0  # sampling: keep the smallest set with probability >= top_p (nucleus)
-    num_return: int = 1  # sequences returned per input (<= num_beams for beam search)
+    temperature: Positive = 1.0  # sampling: logits / temperature
+    top_k: Amount = 0  # sampling: keep the k most likely tokens (0: all)
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0  # sampling: keep the smallest set with probability >= top_p (nucleus)
+    num_return: Count = 1  # sequences returned per input (<= num_beams for beam search)
     seed: int | None = None  # sampling seed (None: torch's global generator)
     use_cache: bool = True  # False recomputes the whole prefix each step (for tests)
     # on a GPU, replay the step recorded as a CUDA graph (the same computation, but attention over
@@ -65,18 +66,17 @@ class GenerationConfig:
     }
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1 or self.num_return < 1:
-            raise ValueError("num_beams and num_return must be >= 1")
+        """Each setting in its range (checked when made, and again here: a field may have been
+        set since), and settings that agree with each other."""
+        problem = out_of_range(self)
+        if problem is not None:
+            raise ValueError(problem)
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("choose beam search (num_beams > 1) or sampling (do_sample), not both")
         if self.num_beams > 1 and self.num_return > self.num_beams:
             raise ValueError(f"num_return={self.num_return} cannot exceed num_beams={self.num_beams}")
         if self.num_beams == 1 and not self.do_sample and self.num_return > 1:
             raise ValueError("greedy decoding returns one sequence; use beams or sampling for num_return > 1")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
 
     def rows(self, batch_size: int) -> int:
         """Sequences decoded side by side for `batch_size` inputs (beams or returned samples per input)."""

@@ -46,46 +46,46 @@ import torch
 from tqdm import tqdm
 
 from mmt import checkpoint
-from mmt.config import to_dict
+from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, to_dict
 from mmt.distributed import Processes, start_processes
-from mmt.errors import TrainingError
+from mmt.errors import CheckpointError, TrainingError
 from mmt.layers.attention import attention_kernel
 from mmt.tasks.base import Task
-from mmt.trainer_state import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from mmt.trainer_state import complete_checkpoints, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint, truncate_metrics
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Optimisation and bookkeeping, shared by every task."""
 
-    steps: int = 3000  # optimizer steps
-    batch_size: int = 32  # samples per step (for VQA: images, each with all its questions)
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.02  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 200  # linear warm-up from 0
-    weight_decay: float = 0.05  # AdamW decay on matrices (not on biases, norms, embeddings' positions)
-    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
-    grad_clip: float = 1.0  # clip the global gradient norm (0 disables)
+    steps: Count = 3000  # optimizer steps
+    batch_size: Count = 32  # samples per step (for VQA: images, each with all its questions)
+    lr: Positive = 1e-3  # peak learning rate
+    min_lr_ratio: Fraction = 0.02  # cosine decays to lr * min_lr_ratio
+    warmup_steps: Amount = 200  # linear warm-up from 0
+    weight_decay: NonNegative = 0.05  # AdamW decay on matrices (not on biases, norms, embeddings' positions)
+    betas: tuple[Beta, Beta] = (0.9, 0.98)  # AdamW betas
+    grad_clip: NonNegative = 1.0  # clip the global gradient norm (0 disables)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
     # attention kernel while training (mmt.layers.attention_kernel): auto takes torch's fused kernel
     # except on a CPU in bf16 without a score bias, where the literal formula is faster
     attention: Literal["auto", "fused", "literal"] = "auto"
-    eval_every: int = 500  # evaluate every N steps (and at the end)
-    save_every: int = 500  # checkpoint every N steps (and at the end)
-    keep_last: int = 2  # checkpoints kept besides the best
-    log_every: int = 50  # write training metrics every N steps
-    seed: int = 0  # seeds weights, data order and dropout
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    eval_every: Count = 500  # evaluate every N steps (and at the end)
+    save_every: Count = 500  # checkpoint every N steps (and at the end)
+    keep_last: Count = 2  # checkpoints kept besides the best
+    log_every: Count = 50  # write training metrics every N steps
+    seed: Amount = 0  # seeds weights, data order and dropout
+    threads: Amount = 0  # torch CPU threads (0: torch's default)
     init: str = ""  # run or model directory whose weights start this run where names and shapes match (--init)
-    accumulate: int = 1  # micro-steps per optimizer step (gradient accumulation); batch_size counts all of them
+    accumulate: Count = 1  # micro-steps per optimizer step (gradient accumulation); batch_size counts all of them
     activation_checkpointing: bool = False  # recompute Transformer layer activations in backward: less memory, ~30% more compute
-    dist_timeout: int = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
-    max_nonfinite: int = 3  # a step whose loss or gradients are not finite is skipped; this many in a row stop training
+    dist_timeout: Count = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
+    max_nonfinite: Count = 3  # a step whose loss or gradients are not finite is skipped; this many in a row stop training
     # BatchNorm layers (if any) evaluate with statistics averaged evenly over the last N training
     # steps before each evaluation instead of torch's exponential average (0: keep torch's)
-    batchnorm_average_steps: int = 10
+    batchnorm_average_steps: Amount = 10
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -199,8 +199,6 @@ class _Run:
 def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train `task` (see mmt.tasks) into `run_dir`; returns the final evaluation."""
     cfg: TrainConfig = task.cfg.train
-    if cfg.accumulate < 1:
-        raise ValueError(f"train.accumulate={cfg.accumulate}: must be at least 1")
     procs = start_processes(cfg.dist_timeout)
     try:
         run = _start(task, cfg, Path(run_dir), resume, procs)
@@ -291,10 +289,20 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
 
 
 def _resume(run: _Run) -> None:
-    last = latest_checkpoint(run.run_dir)
-    if last is None:
+    """Restore the newest checkpoint that loads: one that is damaged (named in a warning) gives
+    way to the one before it."""
+    candidates = complete_checkpoints(run.run_dir)[::-1]
+    if not candidates:
         raise FileNotFoundError(f"{run.run_dir}: no complete checkpoint to resume from")
-    state = load_checkpoint(last, run.core, run.optimizer, run.scheduler, run.procs.rank)
+    for last in candidates:
+        try:
+            files = read_checkpoint(last)
+            break
+        except CheckpointError as e:
+            if last == candidates[-1]:
+                raise CheckpointError(f"no checkpoint of {run.run_dir} can be read; the oldest: {e}") from None
+            log.warning(f"{e}: resuming from the checkpoint before it")
+    state = load_checkpoint(last, run.core, run.optimizer, run.scheduler, run.procs.rank, files)
     run.start_step, run.best = state["step"], state["best"]
     run.task.load_state(state.get("task", {}))
     if run.procs.main:

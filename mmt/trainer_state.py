@@ -14,6 +14,7 @@ are kept.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -21,11 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mmt import checkpoint
+from mmt.errors import CheckpointError
 from mmt.files import atomic_write, atomic_write_text
 
+log = logging.getLogger(__name__)
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
 
@@ -100,18 +103,43 @@ def save_checkpoint(
     return final
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints that were written to the end (renamed into place), oldest first."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE_NAME).is_file())
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    complete = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE_NAME).is_file())
+    complete = complete_checkpoints(run_dir)
     return complete[-1] if complete else None
 
 
-def load_checkpoint(last: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:
+def read_state(last: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state, with an error naming the file if it is damaged."""
+    path = last / STATE_NAME
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e}); it may be truncated or corrupted") from None
+    missing = [key for key in ("step", "optimizer", "scheduler", "rng") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a trainer state (missing {', '.join(missing)})")
+    return state
+
+
+def read_checkpoint(last: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainer state, optimizer and RNG tensors, weights) of checkpoint `last`, each file read
+    whole: a damaged one raises a CheckpointError naming it."""
+    return read_state(last), checkpoint.read_weights(last / OPTIMIZER_NAME), checkpoint.read_weights(last / checkpoint.WEIGHTS_NAME)
+
+
+def load_checkpoint(last: Path, model, optimizer, scheduler, rank: int, files=None) -> dict[str, Any]:
     """Restore the model, optimizer, scheduler and every RNG state of this process (`rank`)
-    from checkpoint `last`; returns its trainer state (step, best, task)."""
-    checkpoint.load_weights(model, last / checkpoint.WEIGHTS_NAME)
-    tensors = load_file(str(last / OPTIMIZER_NAME))
-    state = json.loads((last / STATE_NAME).read_text())
+    from checkpoint `last` (its `read_checkpoint` files, read here unless given); returns its
+    trainer state (step, best, task)."""
+    state, tensors, weights = files if files is not None else read_checkpoint(last)
+    checkpoint.load_weights(model, last / checkpoint.WEIGHTS_NAME, tensors=weights)
+    tensors = dict(tensors)
     rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.")]}
     suffix = f".rank{rank}" if rank else ""
     torch.set_rng_state(rng.get(f"rng.torch{suffix}", rng["rng.torch"]))
@@ -126,7 +154,23 @@ def load_checkpoint(last: Path, model, optimizer, scheduler, rank: int) -> dict[
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after `step` (by a run that then died), so a resumed run's log reads
-    exactly like an uninterrupted one."""
-    if path.is_file():
-        kept = [line for line in path.read_text().split("\n") if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    exactly like an uninterrupted one. A last line cut short (the process died writing it, or
+    the disk filled) is dropped with a warning; a damaged line before it is an error naming it."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            logged = record["step"]
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
+            if all(not rest.strip() for rest in lines[number:]):  # the last line: torn
+                log.warning(f"{path}: line {number} is cut short ({e}); dropped, the run resumes without it")
+                break
+            raise CheckpointError(f"{path}: line {number} is not a metrics record ({e}); remove or repair it to resume") from None
+        if logged <= step:
+            kept.append(line.decode())
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

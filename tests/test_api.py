@@ -86,3 +86,14 @@ def test_overrides_change_the_saved_settings(tmp_path):
     assert mmt.load(directory, overrides=["generation.num_beams=2"]).generation.num_beams == 2
     with pytest.raises(mmt.ConfigError, match="only model.\\* and generation.\\*"):
         mmt.load(directory, overrides=["train.steps=3"])
+
+
+def test_a_vqa_classifier_refuses_answers_that_are_not_its_own(tmp_path):
+    from mmt.data.answers import AnswerVocab
+
+    directory, _ = saved(tmp_path, "vqa-small", num_answers=3)
+    AnswerVocab(["yes", "no"]).save(directory / "answers.json")  # another model's: 2 answers for 3 outputs
+    with pytest.raises(ValueError, match=r"answers\.json: 2 answers for a classifier of 3 outputs"):
+        mmt.load(directory)
+    AnswerVocab(["yes", "no", "2"]).save(directory / "answers.json")
+    assert mmt.load(directory).answers.answers == ["yes", "no", "2"]

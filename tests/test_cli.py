@@ -67,3 +67,24 @@ def test_decoding_flags_mean_the_same_on_eval_and_predict():
         }
         assert _decoding(parser.parse_args([*command, "--sample", "--top-p", "0.9"])) == {"do_sample": True, "top_p": 0.9, "num_beams": 1}
         assert _decoding(parser.parse_args(command)) == {}  # unset: the run's own settings
+
+
+def test_settings_out_of_range_are_refused_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "vqa", str(run), "--set", "train.grad_clip=-1"]) == 2  # would flip the gradients' sign
+    assert "train.grad_clip: -1.0 is out of range (must be >= 0)" in capsys.readouterr().err
+    assert not run.exists()
+    assert main(["train", "vqa", str(run), "--preset", "caption-small"]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'caption-small' is not a model of `mmt train vqa`" in err and "vqa-small" in err
+    for command in (["search", "idx", "--text", "a", "--nprobe", "0"], ["eval", "runs/x", "--beam", "0"],
+                    ["predict", "runs/x", "--top-p", "1.5"], ["index", "runs/x", "g.jsonl", "--out", "i", "--batch-size", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(command)
+        assert exit_.value.code == 2 and "is out of range (must be" in capsys.readouterr().err, command
+
+
+def test_a_corrupt_run_config_is_named_when_resuming(tmp_path, capsys):
+    (tmp_path / "run_config.json").write_text('{"task": "vqa", "train": {')
+    assert main(["train", "vqa", str(tmp_path), "--resume"]) == 2
+    assert f"{tmp_path / 'run_config.json'}: not valid json" in capsys.readouterr().err

@@ -144,3 +144,91 @@ def test_a_resumed_old_run_keeps_its_kernel_and_image_fit_and_the_tasks_defaults
     data["train"]["steps"] = "many"
     with pytest.raises(ConfigError, match=r"run_config\.json: train\.steps: expected an integer"):
         _saved(VQARunConfig, data, path)
+
+
+def _numeric_fields_without_a_range():
+    """(class.field) of every int or float setting (or tuple of them) of every task's run config,
+    models included, that gives no `Range`."""
+    import dataclasses
+    import typing
+
+    from mmt import registry
+    from mmt.config import Range
+    from mmt.tasks import task_class
+
+    missing, seen = [], set()
+
+    def numeric(tp):
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is typing.Annotated:
+            return numeric(args[0])
+        if typing.get_origin(tp) is tuple:
+            return bool(args) and all(numeric(a) for a in args if a is not Ellipsis)
+        return tp in (int, float)
+
+    def has_range(tp):
+        if any(isinstance(m, Range) for m in getattr(tp, "__metadata__", ())):
+            return True
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return typing.get_origin(tp) is tuple and all(has_range(a) for a in args)
+
+    def walk(cls):
+        if cls in seen:
+            return
+        seen.add(cls)
+        for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+            if name not in {f.name for f in dataclasses.fields(cls)}:
+                continue
+            plain = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+            if dataclasses.is_dataclass(plain):
+                walk(plain)
+            elif numeric(tp) and not has_range(tp):
+                missing.append(f"{cls.__name__}.{name}")
+
+    for task in ("vqa", "caption", "retrieval", "pretrain"):
+        walk(task_class(task).run_config)
+    for name in registry.preset_names():
+        walk(type(registry.preset(name)))
+    return sorted(missing)
+
+
+def test_every_numeric_setting_gives_its_range():
+    # token ids may be -1 ("never"), a length penalty may be negative: those are free
+    assert _numeric_fields_without_a_range() == ["CaptionConfig.bos_id", "CaptionConfig.eos_id", "GenerationConfig.length_penalty"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.steps=0", "train.steps=-5", "train.batch_size=0", "train.batch_size=-1", "model.fusion_encoder.heads=0",
+        "train.eval_every=0", "train.save_every=0", "train.log_every=0", "data.num_train=0", "train.keep_last=0",
+        "train.grad_clip=-1", "train.lr=0", "train.betas=[0.9,1.0]", "model.vision.conv_widths=[64,0]",
+        "generation.top_p=0", "model.fusion_encoder.dropout=1.5",
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_with_its_key(override):
+    from mmt.tasks.vqa import VQARunConfig
+
+    key = override.split("=")[0].replace("[", r"\[")
+    with pytest.raises(ConfigError, match=rf"^{key}(\[\d\])?: .* is out of range \(must be "):
+        apply_overrides(VQARunConfig(), [override])
+
+
+def test_ranges_hold_for_configs_made_in_python_and_from_files(tmp_path):
+    from mmt.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^steps: 0 is out of range \(must be >= 1\)"):
+        TrainConfig(steps=0)
+    path = tmp_path / "train.json"
+    path.write_text('{"grad_clip": -1}')
+    with pytest.raises(ConfigError, match=r"train\.json: grad_clip: -1\.0 is out of range"):
+        config.load(TrainConfig, path)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    from mmt.train import TrainConfig
+
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"steps": 5, "note": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.json: not UTF-8 text"):
+        config.load(TrainConfig, path)

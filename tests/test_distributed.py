@@ -21,7 +21,7 @@ from mmt.tasks.vqa import VQARunConfig, VQATask
 # fp32 (on a CPU with bf16, autocast would round a split batch differently from a whole one,
 # far above the tolerances below)
 RETRIEVAL = [
-    "data.image_size=32", "data.num_train=32", "data.num_val=4", "data.num_test=0",
+    "data.image_size=32", "data.num_train=32", "data.num_val=4", "data.num_test=1",
     "train.steps=3", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=3", "train.save_every=3",
     "train.log_every=1", "train.threads=1", "train.dist_timeout=60", "train.precision=fp32",
     "model.losses.itm=0", "model.losses.mlm=0", "model.losses.lm=0",
@@ -145,7 +145,7 @@ def test_accumulation_and_activation_checkpointing_match_the_plain_step(tmp_path
 
 
 CAPTION = [
-    "data.image_size=32", "data.num_train=16", "data.num_val=4", "data.num_test=0", "train.steps=2", "train.batch_size=4",
+    "data.image_size=32", "data.num_train=16", "data.num_val=4", "data.num_test=1", "train.steps=2", "train.batch_size=4",
     "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2", "train.log_every=1", "train.threads=1",
     "train.precision=fp32", "model.vision.conv_norm=group",
 ]

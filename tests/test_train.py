@@ -181,3 +181,70 @@ def test_a_fresh_run_ignores_what_a_dead_attempt_left(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6] and records[0]["loss"] != 123.0
     assert "closest" in (run / "tokenizer.json").read_text()  # rebuilt from the Sort-of-CLEVR questions
+
+
+@pytest.mark.e2e
+def test_a_damaged_newest_checkpoint_gives_way_to_the_one_before(tmp_path, caplog):
+    import shutil
+
+    straight = straight_run(tmp_path)
+    for name, damage in (("trainer_state.json", lambda p: p.write_text('{"step": 6, "optim')),
+                         ("optimizer.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100]))):
+        run = tmp_path / name
+        shutil.copytree(straight, run)
+        newest = latest_checkpoint(run)
+        assert newest.name == "step-0000006"
+        damage(newest / name)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mmt"):
+            assert main(["train", "vqa", str(run), "--resume", "--no-progress"]) == 0
+        assert f"{newest / name}: " in caplog.text and "resuming from the checkpoint before it" in caplog.text
+        assert_same_run(straight, run)  # steps 5 and 6 trained again, as they were
+
+
+@pytest.mark.e2e
+def test_a_torn_last_metrics_line_does_not_block_resuming(tmp_path, caplog):
+    import shutil
+
+    straight = straight_run(tmp_path)
+    run = tmp_path / "torn"
+    shutil.copytree(straight, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000006")  # as if the run died writing step 5's log line
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 5, "answer_lo')
+    with caplog.at_level("WARNING", logger="mmt"):
+        assert main(["train", "vqa", str(run), "--resume", "--no-progress"]) == 0
+    assert "metrics.jsonl: line" in caplog.text and "cut short" in caplog.text
+    assert_same_run(straight, run)
+
+
+def test_a_damaged_metrics_line_before_the_last_is_named(tmp_path):
+    from mmt.errors import CheckpointError
+    from mmt.trainer_state import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl: line 2 is not a metrics record"):
+        truncate_metrics(path, 3)
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+@pytest.mark.e2e
+def test_ctrl_c_says_how_to_continue_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    import mmt.tasks.vqa
+
+    real = mmt.tasks.vqa.VQATask.train_batch
+
+    def interrupted_at_step_3(self, step, part=0, parts=1):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, part, parts)
+
+    monkeypatch.setattr(mmt.tasks.vqa.VQATask, "train_batch", interrupted_at_step_3)
+    run = tmp_path / "run"
+    assert main(["train", "vqa", str(run), "--no-progress", *sets(TINY)]) == 130
+    err = capsys.readouterr().err
+    assert f"mmt train: interrupted; continue from {run / 'checkpoints' / 'step-0000002'} with `mmt train vqa {run} --resume`" in err
+    assert "Traceback" not in err

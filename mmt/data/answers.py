@@ -36,7 +36,9 @@ class AnswerVocab:
         Path(path).write_text(json.dumps({"answers": self.answers}, indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "AnswerVocab":
+    def load(cls, path: str | Path, classes: int | None = None) -> "AnswerVocab":
+        """The vocabulary saved at `path`; with `classes`, checked to have one answer for each
+        output of the classifier it belongs to (another model's would answer wrongly)."""
         try:
             data = json.loads(Path(path).read_text())
             answers = data["answers"]
@@ -44,4 +46,6 @@ class AnswerVocab:
             raise ValueError(f"{path}: not a readable answer vocabulary ({e})") from None
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{path}: 'answers' must be a list of strings")
+        if classes is not None and len(answers) != classes:
+            raise ValueError(f"{path}: {len(answers)} answers for a classifier of {classes} outputs; these are not the model's answers")
         return cls(answers)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmt.config import TextConfig, TransformerConfig, VisionConfig
+from mmt.config import Amount, Count, Fraction, NonNegative, Positive, Settings, TextConfig, TransformerConfig, VisionConfig
 from mmt.distributed import gather_plain, gather_with_grad, rank_offset
 from mmt.layers.transformer import Decoder
 from mmt.models.losses import next_token_loss
@@ -40,35 +40,35 @@ from mmt.vision import VisionTower
 
 
 @dataclasses.dataclass
-class LossWeights:
+class LossWeights(Settings):
     """Weight of each pretraining term in the summed loss; 0 switches the term (and its module) off."""
 
-    itc: float = 1.0  # image-text contrastive
-    itm: float = 1.0  # image-text matching with hard negatives
-    mlm: float = 0.0  # masked language modelling conditioned on the image
-    lm: float = 0.0  # captioning (causal language modelling over the image)
+    itc: NonNegative = 1.0  # image-text contrastive
+    itm: NonNegative = 1.0  # image-text matching with hard negatives
+    mlm: NonNegative = 0.0  # masked language modelling conditioned on the image
+    lm: NonNegative = 0.0  # captioning (causal language modelling over the image)
 
 
 @dataclasses.dataclass
-class RetrievalConfig:
+class RetrievalConfig(Settings):
     """Image tower + text tower, projected for contrast; fusion encoder for matching / MLM; caption decoder for LM."""
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
-    embed_dim: int = 128  # width of the shared, L2-normalised embedding space
-    temperature: float = 0.07  # initial softmax temperature of the contrastive loss (learned)
-    max_logit_scale: float = 100.0  # 1 / temperature is clamped below this
+    embed_dim: Count = 128  # width of the shared, L2-normalised embedding space
+    temperature: Positive = 0.07  # initial softmax temperature of the contrastive loss (learned)
+    max_logit_scale: Positive = 100.0  # 1 / temperature is clamped below this
     fusion_encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))  # ITM, MLM
     decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))  # LM
-    caption_max_len: int = 48  # LM: longest caption in tokens, [BOS] and [EOS] included
+    caption_max_len: Count = 48  # LM: longest caption in tokens, [BOS] and [EOS] included
     losses: LossWeights = dataclasses.field(default_factory=LossWeights)
-    mask_prob: float = 0.15  # MLM: share of caption tokens masked (80% [MASK], 10% random, 10% kept)
-    rerank_k: int = 16  # evaluation: ITM re-scores this many contrastive candidates
+    mask_prob: Fraction = 0.15  # MLM: share of caption tokens masked (80% [MASK], 10% random, 10% kept)
+    rerank_k: Amount = 16  # evaluation: ITM re-scores this many contrastive candidates
     # re-ranking score: ITM log-odds plus the contrastive logit (scale x cosine), both log-odds
     # of a match; False: ITM log-odds alone
     rerank_adds_contrastive: bool = True
-    mask_id: int = 4  # [MASK]
-    special_ids: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)  # never masked and never drawn as random replacements
+    mask_id: Amount = 4  # [MASK]
+    special_ids: tuple[Amount, ...] = (0, 1, 2, 3, 4, 5, 6)  # never masked and never drawn as random replacements
 
 
 def contrastive_loss(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmt.config import TextConfig, TransformerConfig, VisionConfig
+from mmt.config import Count, Settings, TextConfig, TransformerConfig, VisionConfig
 from mmt.cuda_graphs import DecodesWithGraphs
 from mmt.generation import Generated, GenerationConfig, decoder_step, generate
 from mmt.layers.transformer import Decoder, Encoder, init_weights
@@ -35,7 +35,7 @@ from mmt.vision import VisionTower, token_coordinates
 
 
 @dataclasses.dataclass
-class VQAConfig:
+class VQAConfig(Settings):
     """Image tower + question tower + fusion + answer classifier."""
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -51,10 +51,10 @@ class VQAConfig:
     # of the question's state, zero at the start; mmt.models.fusion)
     focus_per_query: bool = False
     head: Literal["classify", "generate"] = "classify"  # answer classifier, or a decoder that writes the answer
-    num_answers: int = 10  # classify: size of the answer vocabulary; set from the training answers
-    head_hidden: int = 256  # classify: hidden width of the two-layer answer classifier
+    num_answers: Count = 10  # classify: size of the answer vocabulary; set from the training answers
+    head_hidden: Count = 256  # classify: hidden width of the two-layer answer classifier
     answer_decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=1))  # generate
-    answer_max_len: int = 8  # generate: longest answer in tokens, [BOS] and [EOS] included (tasks raise it to fit)
+    answer_max_len: Count = 8  # generate: longest answer in tokens, [BOS] and [EOS] included (tasks raise it to fit)
     init: Literal["trunc_normal", "torch"] = "torch"  # weight init: N(0, 0.02) (BERT/ViT) or torch defaults
 
 

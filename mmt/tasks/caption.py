@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmt import checkpoint, registry
+from mmt.config import Count, Settings
 from mmt.data.images import Fit, to_pixels
 from mmt.data.worlds import shapes
 from mmt.data.worlds.shapes_truth import fact_scores
@@ -44,7 +45,7 @@ from mmt.train import TrainConfig
 
 
 @dataclasses.dataclass
-class CaptionRunConfig:
+class CaptionRunConfig(Settings):
     """Everything a `mmt train caption` run needs."""
 
     model: CaptionConfig = dataclasses.field(default_factory=lambda: registry.preset("caption-small"))
@@ -52,7 +53,7 @@ class CaptionRunConfig:
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(steps=4000, batch_size=16, lr=1e-3, warmup_steps=200, eval_every=500, save_every=500)
     )
-    captions_per_image: int = 5  # training captions per image and step; the batch size counts images
+    captions_per_image: Count = 5  # training captions per image and step; the batch size counts images
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)  # your own data (source.train=...) instead of `data`
     # decoding for evaluation; max_new_tokens is capped by the model's max_len
     generation: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(max_new_tokens=100))
@@ -99,8 +100,6 @@ class CaptionTask(Task):
 
     def prepare(self, run_dir: Path) -> CaptionConfig:
         cfg, model = self.cfg, copy.deepcopy(self.cfg.model)
-        if cfg.captions_per_image < 1:
-            raise ValueError(f"captions_per_image={cfg.captions_per_image}: must be at least 1")
         if cfg.source.train:  # your own data: reference captions only (no scene graphs to check truth against)
             train, val = own_image_texts(cfg.source, Fit.of(model.vision), run_dir, cfg.train)
             self.val_split = None
@@ -111,7 +110,7 @@ class CaptionTask(Task):
                 )
             if cfg.captions_per_image > 5:
                 raise ValueError(f"captions_per_image={cfg.captions_per_image}: the shapes world has 5 captions per image (use 1-5)")
-            train_split, self.val_split, _ = shapes_splits(dataclasses.replace(cfg.data, num_test=0))
+            train_split, self.val_split, _ = shapes_splits(cfg.data, only=("train", "val"))
             train = ImageTexts(to_pixels(train_split.images), train_split.captions, {})
             val = ImageTexts(to_pixels(self.val_split.images), self.val_split.captions, {})
         flat = [c for caps in train.captions for c in caps]

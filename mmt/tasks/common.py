@@ -6,12 +6,13 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import numpy as np
 import torch
 
 from mmt import checkpoint
+from mmt.config import Amount, Count, Settings
 from mmt.data.images import Fit
 from mmt.data.worlds import shapes
 from mmt.files import atomic_write_text
@@ -21,18 +22,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class ShapesConfig:
+class ShapesConfig(Settings):
     """Which shapes world to generate (captions, questions)."""
 
-    num_train: int = 10000  # training images (5 captions, ~10 questions each)
-    num_val: int = 500  # validation images: evaluated during training, picks the best checkpoint
-    num_test: int = 1000  # test images: `mmt eval`
-    seed: int = 0  # generation seed; each split uses its own stream of it
-    image_size: int = shapes.IMAGE_SIZE  # rendered image side in pixels
+    num_train: Count = 10000  # training images (5 captions, ~10 questions each)
+    num_val: Count = 500  # validation images: evaluated during training, picks the best checkpoint
+    num_test: Count = 1000  # test images: `mmt eval`
+    seed: Amount = 0  # generation seed; each split uses its own stream of it
+    image_size: Count = shapes.IMAGE_SIZE  # rendered image side in pixels
 
 
-def shapes_splits(data: ShapesConfig) -> tuple[shapes.ShapesSplit, shapes.ShapesSplit, shapes.ShapesSplit]:
-    return shapes.splits(data.num_train, data.num_val, data.num_test, data.seed, data.image_size)
+def shapes_splits(data: ShapesConfig, only: Collection[str] = ("train", "val", "test")) -> tuple[shapes.ShapesSplit, shapes.ShapesSplit, shapes.ShapesSplit]:
+    """The (train, val, test) splits `data` asks for; those not in `only` come out empty (each
+    split draws from its own stream, so the others are the same either way)."""
+    sizes = {k: getattr(data, f"num_{k}") if k in only else 0 for k in ("train", "val", "test")}
+    return shapes.splits(sizes["train"], sizes["val"], sizes["test"], data.seed, data.image_size)
 
 
 def epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
@@ -81,7 +85,7 @@ def init_tokenizer(run_dir: Path, init: str, corpus: Callable[[], Iterable[str]]
 
 
 @dataclasses.dataclass
-class SourceConfig:
+class SourceConfig(Settings):
     """Your own image-text data instead of the built-in world (COCO captions, Karpathy, JSON Lines)."""
 
     train: str = ""  # captions_*.json, dataset_coco.json or pairs.jsonl; empty: the built-in shapes world
@@ -93,8 +97,8 @@ class SourceConfig:
     val_split: str = "val"  # Karpathy: split of `val`
     test_split: str = "test"  # Karpathy: split of `test`
     skip_bad: bool = False  # skip and count bad records and images instead of stopping at the first
-    workers: int = 2  # shards (a `mmt data pack` folder as train): DataLoader processes decoding images, per training process
-    shuffle_buffer: int = 1000  # shards: samples in the shuffle buffer (0: shard order, only the shard order is shuffled)
+    workers: Amount = 2  # shards (a `mmt data pack` folder as train): DataLoader processes decoding images, per training process
+    shuffle_buffer: Amount = 1000  # shards: samples in the shuffle buffer (0: shard order, only the shard order is shuffled)
     augment: bool = False  # shards: random resized crop (50-100% of the area) + mild colour jitter on training images
 
 
@@ -240,7 +244,7 @@ def test_image_texts(cfg, size: "int | Fit") -> tuple[torch.Tensor, list[list[st
 
     source = cfg.source
     if not source.train:
-        _, _, test = shapes_splits(dataclasses.replace(cfg.data, num_train=0, num_val=0))
+        _, _, test = shapes_splits(cfg.data, only=("test",))
         return to_pixels(test.images), test.captions, test
     path = source.test or source.val
     if not path:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mmt import checkpoint, registry
+from mmt.config import Settings
 from mmt.data.images import Fit, to_pixels
 from mmt.data.worlds import shapes
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
@@ -52,7 +53,7 @@ SHAPES_CAPTION_GROUPS = {"listing": [0, 1, 2], "framed": [3, 4]}
 
 
 @dataclasses.dataclass
-class RetrievalRunConfig:
+class RetrievalRunConfig(Settings):
     """Everything a `mmt train retrieval` (or `pretrain`) run needs."""
 
     model: RetrievalConfig = dataclasses.field(default_factory=lambda: registry.preset("retrieval-small"))
@@ -257,7 +258,7 @@ class RetrievalTask(Task):
                 raise ValueError(
                     f"model.vision.image_size={model.vision.image_size} but data.image_size={cfg.data.image_size}: set them equal"
                 )
-            train_split, val_split, _ = shapes_splits(dataclasses.replace(cfg.data, num_test=0))
+            train_split, val_split, _ = shapes_splits(cfg.data, only=("train", "val"))
             train = ImageTexts(to_pixels(train_split.images), train_split.captions, {})
             val = ImageTexts(to_pixels(val_split.images), val_split.captions, {})
             self.groups = SHAPES_CAPTION_GROUPS

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mmt import checkpoint, registry
+from mmt.config import Amount, Count, Fraction, Settings
 from mmt.data.answers import AnswerVocab
 from mmt.data.formats.shards import is_shard_dir
 from mmt.data.images import Fit, to_pixels
@@ -38,16 +39,16 @@ UNKNOWN_ANSWER = -100  # F.cross_entropy's default ignore_index
 
 
 @dataclasses.dataclass
-class SortOfClevrConfig:
+class SortOfClevrConfig(Settings):
     """Which Sort-of-CLEVR to generate."""
 
-    num_train: int = 9800  # training images (20 questions each)
-    num_test: int = 200  # test images (20 questions each)
-    seed: int = 0  # generation seed; train and test use different streams of it
+    num_train: Count = 9800  # training images (20 questions each)
+    num_test: Count = 200  # test images (20 questions each)
+    seed: Amount = 0  # generation seed; train and test use different streams of it
 
 
 @dataclasses.dataclass
-class VQARunConfig:
+class VQARunConfig(Settings):
     """Everything a `mmt train vqa` run needs."""
 
     model: VQAConfig = dataclasses.field(default_factory=lambda: registry.preset("vqa-fast"))
@@ -62,12 +63,12 @@ class VQARunConfig:
     # ones learned beside them keep it finding that object when the other relational
     # questions arrive (without them, some seeds unlearned it there and stalled; docs/lab-notes.md).
     curriculum: tuple[str, ...] = ("non-relational", "count")
-    curriculum_steps: int = 3000  # the curriculum's length (with curriculum_until: its longest)
+    curriculum_steps: Amount = 3000  # the curriculum's length (with curriculum_until: its longest)
     # end the curriculum early, at the first training log (every train.log_every steps) whose
     # training accuracy on its questions reaches this (0: it always lasts curriculum_steps).
     # How soon a run learns its curriculum questions varies with the seed: a fixed length
     # wastes steps on a quick run and lets the rest in too early on a slow one.
-    curriculum_until: float = 0.97
+    curriculum_until: Fraction = 0.97
     # the Sort-of-CLEVR recipe trains with torch's fused attention kernel everywhere: its accuracy
     # was established with it (docs/lab-notes.md, 2026-11-28), though on a CPU in bf16 the
     # literal formula is faster where attention has no score bias
@@ -175,8 +176,7 @@ def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQA
         held = min(1000, max(1, n // 10))
         return _subset(train, 0, n - held) if which == "train" else _subset(train, n - held, n)
     if cfg.dataset == "shapes":
-        sizes = {k: getattr(cfg.shapes, f"num_{k}") if k == which else 0 for k in ("train", "val", "test")}
-        train, val, test = shapes_splits(dataclasses.replace(cfg.shapes, **{f"num_{k}": v for k, v in sizes.items()}))
+        train, val, test = shapes_splits(cfg.shapes, only=(which,))
         split = {"train": train, "val": val, "test": test}[which]
         questions = [Question(i, qa.question, qa.answer, ("overall", qa.qtype)) for i, qas in enumerate(split.qa) for qa in qas]
         return VQASplit(split.images, questions)
@@ -286,8 +286,6 @@ class VQATask(Task):
         self.train_set = None if self.stream else QuestionSet(train, self.tokenizer, self.vocab, model)
         self.curriculum_rows = None  # each image's curriculum questions, while the curriculum lasts
         self.curriculum_end = cfg.curriculum_steps  # the first step that trains on all questions
-        if not 0 <= cfg.curriculum_until <= 1:
-            raise ValueError(f"curriculum_until={cfg.curriculum_until}: a training accuracy, from 0 (off) to 1")
         if cfg.curriculum_steps > 0 and cfg.curriculum and self.stream is not None:
             log.info("curriculum: not applied to data streamed from shards; training on all questions from the start")
         elif cfg.curriculum_steps > 0 and cfg.curriculum:
@@ -421,7 +419,7 @@ class VQATask(Task):
     def test(self, model: VQAModel, tokenizer: Tokenizer, directory: Path, out: Path) -> tuple[dict, str]:
         """Accuracy per question type on the test split (the run's own data: source.test, else source.val)."""
         test = load_split(self.cfg, "test")
-        vocab = AnswerVocab.load(directory / ANSWERS_NAME)
+        vocab = AnswerVocab.load(directory / ANSWERS_NAME, model.config.num_answers if model.config.head == "classify" else None)
         result = self.evaluate(model, QuestionSet(test, tokenizer, vocab, model.config))
         return result, format_table(result, counts_by_type(test.questions))
 

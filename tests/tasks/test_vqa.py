@@ -230,7 +230,7 @@ def test_curriculum_trains_on_its_question_types_first(tmp_path, caplog):
     assert "train on 60 non-relational questions" in logged(caplog)
     assert len(only.train_batch(0)["question_ids"]) == 2 * 10
 
-    shapes_task = VQATask(apply_overrides(VQARunConfig(), ["dataset=shapes", "shapes.num_train=4", "shapes.num_val=2", "shapes.num_test=0",
+    shapes_task = VQATask(apply_overrides(VQARunConfig(), ["dataset=shapes", "shapes.num_train=4", "shapes.num_val=2", "shapes.num_test=1",
                                                           "model.vision.image_size=64", "curriculum_steps=2"]))
     (tmp_path / "shapes").mkdir()
     shapes_task.prepare(tmp_path / "shapes")  # the shapes world has "count" questions, but not every curriculum type
@@ -259,8 +259,8 @@ def test_curriculum_ends_when_its_training_accuracy_reaches_curriculum_until(tmp
     off = VQATask(tiny_cfg(["curriculum_steps=50", "curriculum_until=0"]))
     off.prepare(tmp_path)
     assert off.observe(10, {"train_accuracy": 1.0}) == {} and off.curriculum_end == 50
-    with pytest.raises(ValueError, match="curriculum_until=1.5: a training accuracy"):
-        VQATask(tiny_cfg(["curriculum_until=1.5"])).prepare(tmp_path)
+    with pytest.raises(ValueError, match=r"curriculum_until: 1\.5 is out of range \(must be in \[0, 1\]\)"):  # a training accuracy
+        tiny_cfg(["curriculum_until=1.5"])
 
 
 @pytest.mark.e2e
@@ -304,3 +304,82 @@ def test_curriculum_longer_than_the_run_says_the_whole_run_uses_it(tmp_path, cap
     caplog.set_level(logging.INFO, logger="mmt")
     VQATask(tiny_cfg(["curriculum_until=0"])).prepare(tmp_path)  # default curriculum_steps=3000 > 4 steps
     assert "curriculum: all 4 steps train on 84 non-relational/count questions (curriculum_steps=3000)\n" in logged(caplog)
+
+
+def _generated_lines(rng: np.random.Generator, images, n: int) -> list[bytes]:
+    """`n` JSON Lines input lines drawn from what such a file can legally (and not) hold: good
+    records, other JSON values, fields of other types, text a tokenizer may choke on, line
+    separators that are not newlines, bytes that are not UTF-8, blank lines, CRLF endings."""
+    texts = [
+        "Is the red object on the left?", "   ", "", "what\u2028is\u2029this\x85?", "\u3000", "日本語の質問",
+        "emoji 🙂 question", "a\x00b", "word " * 300, "[MASK] [PAD] [BOS]", "\r", "?" * 5,
+    ]
+    image_values = [str(images / "scene.png"), "gray.jpg", str(images / "missing.png"), "corrupt.png", 123, None, [], "  "]
+    lines = []
+    for _ in range(n):
+        kind = rng.integers(0, 10)
+        if kind < 5:  # a record, its fields drawn from good and bad values
+            record = {"image": image_values[rng.integers(len(image_values))], "question": texts[rng.integers(len(texts))]}
+            if rng.random() < 0.15:
+                del record["question" if rng.random() < 0.5 else "image"]
+            if rng.random() < 0.2:
+                record["question"] = [None, 7, {"a": 1}, ["q"]][rng.integers(4)]
+            if rng.random() < 0.3:
+                record["id"] = int(rng.integers(1000))
+            line = json.dumps(record, ensure_ascii=bool(rng.random() < 0.5)).encode()
+        elif kind == 5:
+            line = [b"[1, 2, 3]", b"null", b"42", b'"text"', b"true"][rng.integers(5)]
+        elif kind == 6:
+            line = [b"{not json", b'{"image": "a.png",', b"\xff\xfe bad bytes", b'{"question": "caf\xe9"}'][rng.integers(4)]
+        elif kind == 7:
+            line = b""
+        else:
+            record = {"image": str(images / "scene.png"), "question": texts[0]}
+            line = json.dumps(record).encode() + (b"\r" if kind == 8 else b"")
+        lines.append(line)
+    return lines
+
+
+def _answerable(number: int, raw: bytes, base) -> bool:
+    """Whether line `number` is a record the model can answer (the contract's oracle)."""
+    try:
+        record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    image, question = record.get("image"), record.get("question")
+    if not (isinstance(image, str) and image.strip() and isinstance(question, str) and question.strip()):
+        return False
+    try:
+        Image.open(base / image).load()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_predict_answers_every_line_in_order_for_generated_inputs(run_dir, images, tmp_path, capsys, seed):
+    # the contract: one output line per input line, in order; every good line answered; every bad
+    # line given "error": "line N: ..."; the exit status says whether any line failed
+    rng = np.random.default_rng(seed)
+    lines = _generated_lines(rng, images, 60)
+    if seed == 1:
+        lines[0] = b"\xef\xbb\xbf" + lines[0]  # a byte-order mark before the first line
+    src = images / f"generated-{seed}.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    status = main(["predict", str(run_dir), "--input", str(src), "--out", str(out)])
+    results = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n")[:-1]]
+    assert len(results) == len(lines)
+    good = [_answerable(number, raw, images) for number, raw in enumerate(lines, 1)]
+    for number, (result, ok) in enumerate(zip(results, good), 1):
+        if ok:
+            assert "error" not in result and result["answer"] in sort_of_clevr.ANSWERS, (number, lines[number - 1], result)
+        else:
+            assert result["answer"] is None and result["error"].startswith(f"line {number}: "), (number, lines[number - 1], result)
+        if ok and b'"id"' in lines[number - 1]:
+            assert result["id"] == json.loads(lines[number - 1].decode("utf-8-sig"))["id"]  # other keys are copied
+    assert status == (0 if all(good) else 1) and any(good) and not all(good)
+    capsys.readouterr()
