@@ -162,11 +162,9 @@ def _train(args: argparse.Namespace) -> int:
         args.run_dir = args.run_dir or args.resume
     run_dir = Path(args.run_dir or args.old_run_dir or f"runs/{args.task}")
     cfg = _run_config(args, run_dir)
-    if not args.resume and (run_dir / "checkpoints").exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with `mmt train {args.task} {run_dir} --resume` or choose another directory")
     task = task_class(args.task)(cfg)
     try:
-        result = train(task, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+        result = train(task, run_dir, resume=bool(args.resume), progress=not args.no_progress, overwrite=args.overwrite)
     except KeyboardInterrupt:
         from mmt.trainer_state import latest_checkpoint
 
@@ -395,6 +393,11 @@ def _add_train(commands) -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
         help="continue the run from its last checkpoint (`--resume RUN_DIR`, without the positional run directory, is the old spelling)",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="start from scratch in a directory that holds a run (its checkpoints, final model and logs are removed) "
+        "or files mmt did not write (left as they are)",
     )
     train.add_argument("--preset", help="named model preset, e.g. vqa-small, seed-vqa, caption-small")
     train.add_argument("--config", help="JSON/YAML file with model/data/train sections")

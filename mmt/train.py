@@ -49,9 +49,19 @@ from mmt import checkpoint
 from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, to_dict
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
+from mmt.files import atomic_write_text
 from mmt.layers.attention import attention_kernel
 from mmt.tasks.base import Task
-from mmt.trainer_state import complete_checkpoints, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint, truncate_metrics
+from mmt.trainer_state import (
+    check_fresh_start,
+    clear_run,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +154,6 @@ def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport
     return checkpoint.load_weights(model, directory / checkpoint.WEIGHTS_NAME, strict=False)
 
 
-# files a run writes before its first checkpoint; a fresh (not resumed) run in the same
-# directory must not append to the log or reuse a vocabulary built from other data or for
-# other --init weights
-STALE_ON_FRESH_START = ("metrics.jsonl", checkpoint.TOKENIZER_NAME, "answers.json", "init_report.json", "data_report.json")
-
-
 def micro_step_scales(task: Task, batches: list[dict[str, Any]], procs: Processes) -> list[float]:
     """What each of this process's micro-step losses is multiplied by before its backward,
     so that the step's gradient (DDP averages it over processes) is that of one batch of all
@@ -196,12 +200,14 @@ class _Run:
         self.window = {"loss": 0.0, "steps": 0, "terms": {}, "correct": 0.0, "count": 0, "samples": 0, "start": time.perf_counter()}
 
 
-def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train `task` (see mmt.tasks) into `run_dir`; returns the final evaluation."""
+def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train `task` (see mmt.tasks) into `run_dir`; returns the final evaluation. A fresh start
+    (not `resume`) refuses a directory holding a run or files mmt did not write, unless
+    `overwrite` (`mmt.trainer_state.prepare_fresh_start`)."""
     cfg: TrainConfig = task.cfg.train
     procs = start_processes(cfg.dist_timeout)
     try:
-        run = _start(task, cfg, Path(run_dir), resume, procs)
+        run = _start(task, cfg, Path(run_dir), resume, procs, overwrite)
         with attention_kernel(cfg.attention):
             final = _loop(run, progress)
         _finish(run)
@@ -211,21 +217,22 @@ def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool 
             torch.distributed.destroy_process_group()
 
 
-def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Processes) -> Any:
+def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Processes, overwrite: bool) -> Any:
     """Seed everything, then let the task read its data: rank 0 first, since it writes the
-    run's tokenizer and vocabularies (and run_config.json), which the other ranks then read
-    instead of racing it. Returns the model config the task asks for."""
+    run's tokenizer and vocabularies, which the other ranks then read instead of racing it.
+    Returns the model config the task asks for."""
     parts = procs.world * cfg.accumulate
     if cfg.batch_size % parts:
         raise ValueError(
             f"train.batch_size={cfg.batch_size} does not split evenly over {procs.world} processes x "
             f"train.accumulate={cfg.accumulate}; choose a multiple of {parts}"
         )
+    if not resume:  # every process checks (so that all refuse alike), before rank 0 clears
+        check_fresh_start(run_dir, overwrite, f"`mmt train {task.name} {run_dir} --resume`")
     if procs.main:
+        if not resume:  # what an earlier attempt (or, with overwrite, run) wrote
+            clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # what an attempt that died before its first checkpoint left: start clean
-            for name in STALE_ON_FRESH_START:
-                (run_dir / name).unlink(missing_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -234,15 +241,14 @@ def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: P
     model_cfg = None
     if procs.main:
         model_cfg = task.prepare(run_dir)
-        run_config = {"task": task.name, **to_dict(dataclasses.replace(task.cfg, model=model_cfg))}
-        (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     procs.barrier()
     return model_cfg if procs.main else task.prepare(run_dir)
 
 
-def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Processes) -> _Run:
-    """Prepare the data, build the model and optimizer, start from --init or resume."""
-    model_cfg = _prepare(task, cfg, run_dir, resume, procs)
+def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Processes, overwrite: bool) -> _Run:
+    """Prepare the data, build the model and optimizer, start from --init or resume; then write
+    run_config.json (not before a resume has succeeded: a failed one leaves the run as it was)."""
+    model_cfg = _prepare(task, cfg, run_dir, resume, procs, overwrite)
     device = torch.device("cuda", procs.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -262,6 +268,9 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
             (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if resume:
         _resume(run)
+    if procs.main:
+        run_config = {"task": task.name, **to_dict(dataclasses.replace(task.cfg, model=model_cfg))}
+        atomic_write_text(run_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     if procs.main:
         log.info(f"{task.name}: {n_params / 1e6:.2f}M parameters, {'bf16 autocast' if bf16 else 'fp32'} on {device}, "
@@ -293,7 +302,10 @@ def _resume(run: _Run) -> None:
     way to the one before it."""
     candidates = complete_checkpoints(run.run_dir)[::-1]
     if not candidates:
-        raise FileNotFoundError(f"{run.run_dir}: no complete checkpoint to resume from")
+        raise FileNotFoundError(
+            f"{run.run_dir}: no complete checkpoint to resume from (the run ended before its first one); "
+            f"start it again without --resume, which replaces what it left"
+        )
     for last in candidates:
         try:
             files = read_checkpoint(last)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmt import checkpoint
-from mmt.errors import CheckpointError
+from mmt.errors import CheckpointError, ConfigError
 from mmt.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,46 @@ def save_checkpoint(
         if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# what a run writes at the top of its directory (`mmt eval` adds eval.json and, for
+# captioning, eval_captions.json and eval_references.json)
+RUN_FILES = (
+    "run_config.json", "metrics.jsonl", checkpoint.TOKENIZER_NAME, "answers.json", "init_report.json", "data_report.json",
+    "eval.json", "eval_captions.json", "eval_references.json",
+)
+RUN_FOLDERS = ("checkpoints", "model")
+
+
+def check_fresh_start(run_dir: Path, overwrite: bool = False, resume_hint: str = "--resume") -> None:
+    """Refuse (ConfigError) to start a run from scratch in `run_dir` where that would destroy
+    something: a run with a complete checkpoint (continue it with `resume_hint`), a finished
+    run (its final model), or a folder holding files mmt did not write; `overwrite` allows it.
+    What an attempt that died before its first checkpoint left may be replaced."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run directory")
+    if overwrite or not run_dir.exists():
+        return
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in sorted(run_dir.iterdir()) if p.name not in RUN_FILES + RUN_FOLDERS]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"{run_dir} is not empty and holds what mmt did not write ({shown}); choose another "
+                          "directory, or pass --overwrite to write the run beside it")
+    if (run_dir / "model" / checkpoint.CONFIG_NAME).is_file():
+        raise ConfigError(f"{run_dir} holds a finished run; evaluate it with `mmt eval {run_dir}`, or pass --overwrite to train it again")
+    last = latest_checkpoint(run_dir)
+    if last is not None:
+        raise ConfigError(f"{run_dir} already holds a run (newest checkpoint {last.name}); continue it with "
+                          f"{resume_hint}, or pass --overwrite to start it again")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a run writes at the top of `run_dir` (`RUN_FILES`, `RUN_FOLDERS`), nothing else."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -248,3 +248,62 @@ def test_ctrl_c_says_how_to_continue_instead_of_a_traceback(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert f"mmt train: interrupted; continue from {run / 'checkpoints' / 'step-0000002'} with `mmt train vqa {run} --resume`" in err
     assert "Traceback" not in err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.e2e
+def test_a_run_directory_is_never_destroyed_by_accident(tmp_path, capsys):
+    import shutil
+
+    train = lambda run, *more: main(["train", "vqa", str(run), "--no-progress", *sets(TINY), *more])
+    # a folder that is not an mmt run: refused, untouched; --overwrite writes beside what is there
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert train(mine) == 2
+    assert "is not empty and holds what mmt did not write (notes.txt)" in capsys.readouterr().err
+    assert _tree(mine) == {"notes.txt": b"my notes"}
+    assert train(mine, "--overwrite") == 0
+    assert (mine / "notes.txt").read_text() == "my notes" and (mine / "model").is_dir()
+    # a finished run with its checkpoints pruned, and a run with checkpoints but no final model:
+    # refused, untouched
+    for removed, message in (("checkpoints", "holds a finished run"), ("model", "already holds a run (newest checkpoint step-0000006)")):
+        run = tmp_path / f"without-{removed}"
+        shutil.copytree(mine, run)
+        shutil.rmtree(run / removed)
+        (run / "notes.txt").unlink()
+        before = _tree(run)
+        assert train(run) == 2
+        assert message in capsys.readouterr().err and _tree(run) == before
+
+
+@pytest.mark.e2e
+def test_an_attempt_killed_in_its_first_checkpoint_starts_again(tmp_path, capsys):
+    from mmt.config import apply_overrides, to_dict
+    from mmt.tasks.vqa import VQARunConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-step-0000002").mkdir(parents=True)  # what a kill inside the first checkpoint leaves
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (run / "run_config.json").write_text(json.dumps({"task": "vqa", **to_dict(apply_overrides(VQARunConfig(), TINY))}))
+    assert main(["train", "vqa", str(run), "--resume", "--no-progress"]) == 2  # nothing to resume: say what to do
+    assert "start it again without --resume" in capsys.readouterr().err
+    assert main(["train", "vqa", str(run), "--no-progress", *sets(TINY)]) == 0
+    assert not (run / "checkpoints" / ".tmp-step-0000002").exists()
+
+
+@pytest.mark.e2e
+def test_a_resume_that_fails_leaves_the_run_as_it_was(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "vqa", str(run), "--no-progress", *sets([*TINY, "train.steps=4"])]) == 0
+    import shutil
+
+    shutil.rmtree(run / "model")  # as if it had stopped before the end
+    saved = (run / "run_config.json").read_bytes()
+    assert main(["train", "vqa", str(run), "--resume", "--no-progress", "--set", "model.fusion_encoder.depth=2"]) == 2
+    assert "weights do not fit" in capsys.readouterr().err
+    assert (run / "run_config.json").read_bytes() == saved  # not rewritten by the failed attempt
+    assert main(["train", "vqa", str(run), "--resume", "--no-progress", "--set", "train.steps=6"]) == 0

@@ -159,7 +159,7 @@ def test_batch_predict_reports_bad_lines_and_answers_the_rest(run_dir, images, t
 @pytest.mark.e2e
 def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
     assert main(["train", "vqa", str(run_dir), "--set", "train.steps=1"]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds a finished run" in capsys.readouterr().err
     assert main(["train", "vqa", str(run_dir) + "-x", "--set", "model.fusion=sideways"]) == 2
     assert "model.fusion: 'sideways' is not one of" in capsys.readouterr().err
 
