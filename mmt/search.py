@@ -262,7 +262,7 @@ def _embed_chunk(model, paths: list[str], size: Fit, batch_size: int, skip_bad: 
                 kept.append(path)
             except ImageError as e:
                 if not skip_bad:
-                    raise ImageError(e.name, f"{e.detail} (index with --skip-bad, skip_bad=True, to leave it out)", e.kind) from None
+                    raise ImageError(e.name, f"{e.detail} (run mmt index with --skip-bad to leave it out)", e.kind) from None
                 skipped.append({"path": path, "error": str(e)})
         if images:
             pixels = to_pixels(np.stack(images)).to(device)  # (B, 3, H, W)

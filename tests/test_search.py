@@ -222,7 +222,7 @@ def test_missing_image_is_named_or_skipped_and_counted(run, gallery, tmp_path):
     listing = tmp_path / "gallery.jsonl"
     missing = tmp_path / "gone" / "lost.png"
     listing.write_text("\n".join(json.dumps({"image": p}) for p in [scene_path(gallery, 0), str(missing), scene_path(gallery, 1)]) + "\n")
-    with pytest.raises(ImageError, match=re.escape(f"{missing}: image not found")):
+    with pytest.raises(ImageError, match=re.escape(f"{missing}: image not found (run mmt index with --skip-bad to leave it out)")):
         build_index(run, listing, tmp_path / "strict", progress=False)
     out = tmp_path / "lenient"
     report = build_index(run, listing, out, skip_bad=True, progress=False)

@@ -383,3 +383,15 @@ def test_batch_predict_answers_every_line_in_order_for_generated_inputs(run_dir,
             assert result["id"] == json.loads(lines[number - 1].decode("utf-8-sig"))["id"]  # other keys are copied
     assert status == (0 if all(good) else 1) and any(good) and not all(good)
     capsys.readouterr()
+
+
+@pytest.mark.e2e
+def test_batch_predict_checks_its_output_before_any_work(run_dir, images, tmp_path, capsys):
+    src = tmp_path / "questions.jsonl"
+    src.write_text(json.dumps({"image": str(images / "scene.png"), "question": "Is the red object on the left?"}) + "\n")
+    before = src.read_bytes()
+    cases = {str(src): "is the input file", str(tmp_path): "is a folder", str(tmp_path / "no" / "out.jsonl"): "does not exist"}
+    for out, reason in cases.items():
+        assert main(["predict", str(run_dir), "--input", str(src), "--out", out]) == 2
+        assert reason in capsys.readouterr().err
+    assert src.read_bytes() == before and not (tmp_path / "no").exists()
