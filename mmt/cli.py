@@ -161,6 +161,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mmt: --resume RUN_DIR is deprecated; write mmt train {args.task} {args.resume} --resume", file=sys.stderr)
         args.run_dir = args.run_dir or args.resume
     run_dir = Path(args.run_dir or args.old_run_dir or f"runs/{args.task}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts one from scratch: give one of them")
     cfg = _run_config(args, run_dir)
     task = task_class(args.task)(cfg)
     try:
@@ -396,8 +398,8 @@ def _add_train(commands) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--overwrite", action="store_true",
-        help="start from scratch in a directory that holds a run (its checkpoints, final model and logs are removed) "
-        "or files mmt did not write (left as they are)",
+        help="start from scratch in a directory that holds a run (what mmt wrote there is removed: checkpoints, "
+        "final model, logs, evaluations) or things mmt did not write (left as they are)",
     )
     train.add_argument("--preset", help="named model preset, e.g. vqa-small, seed-vqa, caption-small")
     train.add_argument("--config", help="JSON/YAML file with model/data/train sections")

@@ -46,6 +46,8 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
+        if self.low is None and self.high is None:
+            return "any number"
         if self.high is None:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
         if self.low is None:
@@ -58,6 +60,7 @@ Amount = Annotated[int, Range(0)]  # 0 or more
 Positive = Annotated[float, Range(0, low_open=True)]  # above 0
 NonNegative = Annotated[float, Range(0)]  # 0 or more
 Fraction = Annotated[float, Range(0, 1)]  # 0 to 1
+Length = Annotated[int, Range(2)]  # a text length counting [BOS] and [EOS]: at least 2
 Beta = Annotated[float, Range(0, 1, high_open=True)]  # an averaging factor: 0 up to (not) 1
 
 

@@ -58,9 +58,10 @@ from mmt.trainer_state import (
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    metrics_up_to,
     read_checkpoint,
     save_checkpoint,
-    truncate_metrics,
+    set_aside,
 )
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class _Run:
 def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train `task` (see mmt.tasks) into `run_dir`; returns the final evaluation. A fresh start
     (not `resume`) refuses a directory holding a run or files mmt did not write, unless
-    `overwrite` (`mmt.trainer_state.prepare_fresh_start`)."""
+    `overwrite` (`mmt.trainer_state.check_fresh_start`)."""
     cfg: TrainConfig = task.cfg.train
     procs = start_processes(cfg.dist_timeout)
     try:
@@ -227,8 +228,9 @@ def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: P
             f"train.batch_size={cfg.batch_size} does not split evenly over {procs.world} processes x "
             f"train.accumulate={cfg.accumulate}; choose a multiple of {parts}"
         )
-    if not resume:  # every process checks (so that all refuse alike), before rank 0 clears
+    if not resume:  # every process checks (so that all refuse alike) before rank 0 clears
         check_fresh_start(run_dir, overwrite, f"`mmt train {task.name} {run_dir} --resume`")
+        procs.barrier()
     if procs.main:
         if not resume:  # what an earlier attempt (or, with overwrite, run) wrote
             clear_run(run_dir)
@@ -298,14 +300,16 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
 
 
 def _resume(run: _Run) -> None:
-    """Restore the newest checkpoint that loads: one that is damaged (named in a warning) gives
-    way to the one before it."""
+    """Restore the newest checkpoint that can be read: a damaged one (named in a warning) is set
+    aside as damaged-step-N and the one before it used. Every process decides from the same
+    files, so all decide alike (or all refuse); rank 0 then renames and trims the log."""
     candidates = complete_checkpoints(run.run_dir)[::-1]
     if not candidates:
         raise FileNotFoundError(
             f"{run.run_dir}: no complete checkpoint to resume from (the run ended before its first one); "
             f"start it again without --resume, which replaces what it left"
         )
+    damaged = []
     for last in candidates:
         try:
             files = read_checkpoint(last)
@@ -313,12 +317,18 @@ def _resume(run: _Run) -> None:
         except CheckpointError as e:
             if last == candidates[-1]:
                 raise CheckpointError(f"no checkpoint of {run.run_dir} can be read; the oldest: {e}") from None
-            log.warning(f"{e}: resuming from the checkpoint before it")
+            if run.procs.main:
+                log.warning(f"{e}: resuming from the checkpoint before it")
+            damaged.append(last)
     state = load_checkpoint(last, run.core, run.optimizer, run.scheduler, run.procs.rank, files)
     run.start_step, run.best = state["step"], state["best"]
     run.task.load_state(state.get("task", {}))
+    metrics = metrics_up_to(run.run_dir / "metrics.jsonl", run.start_step)  # (every process: a damaged log stops all)
+    run.procs.barrier()  # every process has read its checkpoint before rank 0 renames any
     if run.procs.main:
-        truncate_metrics(run.run_dir / "metrics.jsonl", run.start_step)
+        for path in damaged:
+            log.warning(f"{path} set aside as {set_aside(path).name}")
+        atomic_write_text(run.run_dir / "metrics.jsonl", "".join(line + "\n" for line in metrics))
         log.info(f"resumed from {last} at step {run.start_step}")
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -103,25 +104,55 @@ def save_checkpoint(
     return final
 
 
-# what a run writes at the top of its directory (`mmt eval` adds eval.json and, for
-# captioning, eval_captions.json and eval_references.json)
+# what a run writes in its directory: files at the top (`mmt eval` adds eval.json and, for
+# captioning, eval_captions.json and eval_references.json), checkpoints under checkpoints/
+# (step-N, .tmp-step-N while one is written, damaged-step-N set aside by a resume) and the
+# final model's files under model/; `mmt.files.atomic_write` leaves .NAME.*.tmp if killed
 RUN_FILES = (
     "run_config.json", "metrics.jsonl", checkpoint.TOKENIZER_NAME, "answers.json", "init_report.json", "data_report.json",
     "eval.json", "eval_captions.json", "eval_references.json",
 )
-RUN_FOLDERS = ("checkpoints", "model")
+MODEL_FILES = (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME, checkpoint.TOKENIZER_NAME, "answers.json", "run_config.json")
+CHECKPOINT_NAMES = re.compile(r"(\.tmp-|damaged-)?step-\d+")
+
+
+def _written_by_a_run(path: Path, names: Sequence[str]) -> bool:
+    return path.name in names or any(path.name.startswith(f".{name}.") and path.name.endswith(".tmp") for name in names)
+
+
+def run_entries(run_dir: Path) -> tuple[list[Path], list[str]]:
+    """(what a run wrote in `run_dir`, the names of everything else in it: `foreign/` for a
+    folder). A checkpoints/ or model/ folder counts as a run's only as far as its entries do."""
+    ours, foreign = [], []
+    for path in sorted(run_dir.iterdir()):
+        if path.is_dir() and path.name in ("checkpoints", "model"):
+            for entry in sorted(path.iterdir()):
+                if path.name == "checkpoints":
+                    mine = entry.is_dir() and CHECKPOINT_NAMES.fullmatch(entry.name) is not None
+                else:
+                    mine = entry.is_file() and _written_by_a_run(entry, MODEL_FILES)
+                if mine:
+                    ours.append(entry)
+                else:
+                    foreign.append(f"{path.name}/{entry.name}")
+        elif path.is_file() and _written_by_a_run(path, RUN_FILES):
+            ours.append(path)
+        else:
+            foreign.append(path.name + ("/" if path.is_dir() else ""))
+    return ours, foreign
 
 
 def check_fresh_start(run_dir: Path, overwrite: bool = False, resume_hint: str = "--resume") -> None:
     """Refuse (ConfigError) to start a run from scratch in `run_dir` where that would destroy
     something: a run with a complete checkpoint (continue it with `resume_hint`), a finished
-    run (its final model), or a folder holding files mmt did not write; `overwrite` allows it.
-    What an attempt that died before its first checkpoint left may be replaced."""
+    run (its final model) unless `overwrite`, or, always, a folder holding things mmt did not
+    write unless `overwrite` (they are then left alone). What an attempt that died before its
+    first checkpoint left may be replaced."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run directory")
     if overwrite or not run_dir.exists():
         return
-    foreign = [p.name + ("/" if p.is_dir() else "") for p in sorted(run_dir.iterdir()) if p.name not in RUN_FILES + RUN_FOLDERS]
+    foreign = run_entries(run_dir)[1]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConfigError(f"{run_dir} is not empty and holds what mmt did not write ({shown}); choose another "
@@ -135,12 +166,27 @@ def check_fresh_start(run_dir: Path, overwrite: bool = False, resume_hint: str =
 
 
 def clear_run(run_dir: Path) -> None:
-    """Remove what a run writes at the top of `run_dir` (`RUN_FILES`, `RUN_FOLDERS`), nothing else."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        if (run_dir / name).is_dir():
-            shutil.rmtree(run_dir / name)
+    """Remove what a run wrote in `run_dir` (`run_entries`), nothing else; a checkpoints/ or
+    model/ folder left empty goes too."""
+    if not run_dir.is_dir():
+        return
+    for path in run_entries(run_dir)[0]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for name in ("checkpoints", "model"):
+        if (run_dir / name).is_dir() and not any((run_dir / name).iterdir()):
+            (run_dir / name).rmdir()
+
+
+def set_aside(damaged: Path) -> Path:
+    """Rename a checkpoint that cannot be read to damaged-step-N beside it: kept for a look,
+    no longer taken for the newest (nor counted among the kept ones)."""
+    aside = damaged.with_name(f"damaged-{damaged.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    damaged.rename(aside)
+    return aside
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -192,20 +238,20 @@ def load_checkpoint(last: Path, model, optimizer, scheduler, rank: int, files=No
     return state
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (by a run that then died), so a resumed run's log reads
-    exactly like an uninterrupted one. A last line cut short (the process died writing it, or
-    the disk filled) is dropped with a warning; a damaged line before it is an error naming it."""
+def metrics_up_to(path: Path, step: int) -> list[str]:
+    """The lines of `path` logged up to `step` (a resumed run's log must read like an
+    uninterrupted one's), read only. A last line cut short (the process died writing it, or
+    the disk filled) is left out with a warning; a damaged line before it raises a
+    CheckpointError naming it."""
     if not path.is_file():
-        return
+        return []
     lines = path.read_bytes().split(b"\n")
     kept = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            logged = record["step"]
+            logged = json.loads(line)["step"]
         except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
             if all(not rest.strip() for rest in lines[number:]):  # the last line: torn
                 log.warning(f"{path}: line {number} is cut short ({e}); dropped, the run resumes without it")
@@ -213,4 +259,5 @@ def truncate_metrics(path: Path, step: int) -> None:
             raise CheckpointError(f"{path}: line {number} is not a metrics record ({e}); remove or repair it to resume") from None
         if logged <= step:
             kept.append(line.decode())
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return kept
+

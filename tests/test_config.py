@@ -203,7 +203,7 @@ def test_every_numeric_setting_gives_its_range():
         "train.steps=0", "train.steps=-5", "train.batch_size=0", "train.batch_size=-1", "model.fusion_encoder.heads=0",
         "train.eval_every=0", "train.save_every=0", "train.log_every=0", "data.num_train=0", "train.keep_last=0",
         "train.grad_clip=-1", "train.lr=0", "train.betas=[0.9,1.0]", "model.vision.conv_widths=[64,0]",
-        "generation.top_p=0", "model.fusion_encoder.dropout=1.5",
+        "generation.top_p=0", "model.fusion_encoder.dropout=1.5", "model.answer_max_len=1",
     ],
 )
 def test_a_setting_out_of_its_range_is_refused_with_its_key(override):

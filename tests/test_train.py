@@ -199,6 +199,8 @@ def test_a_damaged_newest_checkpoint_gives_way_to_the_one_before(tmp_path, caplo
         with caplog.at_level("WARNING", logger="mmt"):
             assert main(["train", "vqa", str(run), "--resume", "--no-progress"]) == 0
         assert f"{newest / name}: " in caplog.text and "resuming from the checkpoint before it" in caplog.text
+        assert (run / "checkpoints" / "damaged-step-0000006" / name).is_file()  # set aside, for a look
+        assert latest_checkpoint(run).name == "step-0000006"  # written again
         assert_same_run(straight, run)  # steps 5 and 6 trained again, as they were
 
 
@@ -220,15 +222,14 @@ def test_a_torn_last_metrics_line_does_not_block_resuming(tmp_path, caplog):
 
 def test_a_damaged_metrics_line_before_the_last_is_named(tmp_path):
     from mmt.errors import CheckpointError
-    from mmt.trainer_state import truncate_metrics
+    from mmt.trainer_state import metrics_up_to
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(CheckpointError, match=r"metrics\.jsonl: line 2 is not a metrics record"):
-        truncate_metrics(path, 3)
+        metrics_up_to(path, 3)
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
-    truncate_metrics(path, 2)
-    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert metrics_up_to(path, 2) == ['{"step": 1}', '{"step": 2}']
 
 
 @pytest.mark.e2e
@@ -307,3 +308,23 @@ def test_a_resume_that_fails_leaves_the_run_as_it_was(tmp_path, capsys):
     assert "weights do not fit" in capsys.readouterr().err
     assert (run / "run_config.json").read_bytes() == saved  # not rewritten by the failed attempt
     assert main(["train", "vqa", str(run), "--resume", "--no-progress", "--set", "train.steps=6"]) == 0
+
+
+def test_what_a_run_did_not_write_is_never_removed_even_inside_its_folders(tmp_path):
+    from mmt.errors import ConfigError
+    from mmt.trainer_state import check_fresh_start, clear_run
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)  # an attempt's (incomplete) checkpoint
+    (run / "checkpoints" / "my-notes").mkdir()
+    (run / "model").mkdir()
+    (run / "model" / "weights-from-elsewhere.bin").write_bytes(b"x")
+    (run / "model" / "config.json.bak").write_text("{}")
+    (run / ".metrics.jsonl.abc123.tmp").write_text("")  # left by a killed atomic write
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"checkpoints/my-notes, model/config\.json\.bak, model/weights-from-elsewhere\.bin\)"):
+        check_fresh_start(run)
+    check_fresh_start(run, overwrite=True)
+    clear_run(run)
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert left == ["checkpoints", "checkpoints/my-notes", "model", "model/config.json.bak", "model/weights-from-elsewhere.bin"]

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from mmt.config import Amount, Count, Fraction, Settings, TransformerConfig, VisionConfig
+from mmt.config import Amount, Count, Fraction, Length, Settings, TransformerConfig, VisionConfig
 from mmt.cuda_graphs import DecodesWithGraphs, replayed
 from mmt.generation import Generated, GenerationConfig, Step, decoder_step, generate, graphs_apply
 from mmt.layers.transformer import Decoder
@@ -30,7 +30,7 @@ class CaptionConfig(Settings):
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
     vocab_size: Count = 1000  # decoder vocabulary; set from the tokenizer
-    max_len: Count = 32  # longest caption in tokens, [BOS] and [EOS] included (tasks raise it to fit their captions)
+    max_len: Length = 32  # longest caption in tokens, [BOS] and [EOS] included (tasks raise it to fit their captions)
     pad_id: Amount = 0  # [PAD]: ignored by the loss
     bos_id: int = 5  # [BOS]: first input token when generating
     eos_id: int = 6  # [EOS]: generation stops once every caption has produced it

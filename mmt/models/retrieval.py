@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmt.config import Amount, Count, Fraction, NonNegative, Positive, Settings, TextConfig, TransformerConfig, VisionConfig
+from mmt.config import Amount, Count, Fraction, Length, NonNegative, Positive, Settings, TextConfig, TransformerConfig, VisionConfig
 from mmt.distributed import gather_plain, gather_with_grad, rank_offset
 from mmt.layers.transformer import Decoder
 from mmt.models.losses import next_token_loss
@@ -60,7 +60,7 @@ class RetrievalConfig(Settings):
     max_logit_scale: Positive = 100.0  # 1 / temperature is clamped below this
     fusion_encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))  # ITM, MLM
     decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))  # LM
-    caption_max_len: Count = 48  # LM: longest caption in tokens, [BOS] and [EOS] included
+    caption_max_len: Length = 48  # LM: longest caption in tokens, [BOS] and [EOS] included
     losses: LossWeights = dataclasses.field(default_factory=LossWeights)
     mask_prob: Fraction = 0.15  # MLM: share of caption tokens masked (80% [MASK], 10% random, 10% kept)
     rerank_k: Amount = 16  # evaluation: ITM re-scores this many contrastive candidates

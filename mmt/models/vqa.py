@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmt.config import Count, Settings, TextConfig, TransformerConfig, VisionConfig
+from mmt.config import Count, Length, Settings, TextConfig, TransformerConfig, VisionConfig
 from mmt.cuda_graphs import DecodesWithGraphs
 from mmt.generation import Generated, GenerationConfig, decoder_step, generate
 from mmt.layers.transformer import Decoder, Encoder, init_weights
@@ -54,7 +54,7 @@ class VQAConfig(Settings):
     num_answers: Count = 10  # classify: size of the answer vocabulary; set from the training answers
     head_hidden: Count = 256  # classify: hidden width of the two-layer answer classifier
     answer_decoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=1))  # generate
-    answer_max_len: Count = 8  # generate: longest answer in tokens, [BOS] and [EOS] included (tasks raise it to fit)
+    answer_max_len: Length = 8  # generate: longest answer in tokens, [BOS] and [EOS] included (tasks raise it to fit)
     init: Literal["trunc_normal", "torch"] = "torch"  # weight init: N(0, 0.02) (BERT/ViT) or torch defaults
 
 
