@@ -235,16 +235,26 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = load(args.run_dir, overrides=args.set)
     decoding = _decoding(args)
     labels = args.labels.split(",") if args.labels else None
-    if args.input:
-        from mmt.predict import predict_file
+    from mmt.data.images import image_files, is_image_set
+
+    several = args.image is not None and is_image_set(args.image)
+    if args.input or several:
+        from mmt.predict import predict_file, predict_images
 
         if not args.out:
-            raise ConfigError("--input needs --out (the JSON Lines file the results go to)")
-        summary = predict_file(predictor, args.input, args.out, labels, args.template, decoding)
+            raise ConfigError(f"{'--input' if args.input else 'a folder or pattern of images'} needs --out (the JSON Lines file the results go to)")
+        if args.input:
+            summary, unit = predict_file(predictor, args.input, args.out, labels, args.template, decoding), "lines"
+        else:
+            if predictor.task == "vqa" and not args.question:
+                raise ConfigError("a VQA model answers a question: give --question TEXT (asked of every image)")
+            images = image_files(args.image)
+            summary = predict_images(predictor, images, args.out, args.question, labels, args.template, decoding)
+            unit = "images"
         for error in summary.errors:
             print(error, file=sys.stderr)
         failed = f"; {len(summary.errors)} failed" if summary.errors else ""
-        print(f"answered {summary.answered} of {summary.lines} lines into {args.out}{failed}")
+        print(f"answered {summary.answered} of {summary.lines} {unit} into {args.out}{failed}")
         return 1 if summary.errors else 0
     if not args.image:
         raise ConfigError("give --image IMG (and --question TEXT for VQA), or --input IN.jsonl --out OUT.jsonl")
@@ -425,10 +435,10 @@ def _add_use(commands) -> None:
 
     predict = commands.add_parser("predict", help="answer questions about images, caption images, or classify them zero-shot")
     predict.add_argument("run_dir", help="a run directory or a model directory")
-    predict.add_argument("--image", help="an image file")
+    predict.add_argument("--image", help='an image file; or a folder of images (searched recursively) or a quoted pattern ("photos/*.jpg"), with --out')
     predict.add_argument("--question", help="the question (VQA)")
     predict.add_argument("--input", help='JSON Lines of {"image": PATH} (+ "question": TEXT for VQA); paths relative to the file')
-    predict.add_argument("--out", help="with --input: the JSON Lines file of results, one line per input line")
+    predict.add_argument("--out", help="with --input or several images: the JSON Lines file of results, one line per input line or image")
     predict.add_argument("--labels", help='retrieval / pretrain runs: classify zero-shot among these comma-separated labels, e.g. "red,blue,green"')
     predict.add_argument("--template", default="{}", help='prompt each label is put into, e.g. "the largest object is {}" (default "{}")')
     predict.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -38,9 +38,9 @@ class Summary:
         return self.lines - len(self.errors)
 
 
-def check_output(input_path: Path, output_path: Path) -> None:
+def check_output(input_path: Path | None, output_path: Path) -> None:
     """Refuse an output that would replace the input or cannot be written, before any work."""
-    if output_path.resolve() == input_path.resolve():
+    if input_path is not None and output_path.resolve() == input_path.resolve():
         raise ConfigError(f"--out {output_path} is the input file; choose another file for the results")
     if output_path.is_dir():
         raise ConfigError(f"--out {output_path} is a folder; give a file name for the results")
@@ -84,6 +84,28 @@ def predict_file(
     are relative to the input file's folder; a line's other keys are copied to its output."""
     input_path, output_path = Path(input_path), Path(output_path)
     check_output(input_path, output_path)
+    return _predict(predictor, iter_lines(input_path), "line", str(input_path), input_path.parent, output_path, labels, template, decoding)
+
+
+def predict_images(
+    predictor: Predictor, images: Sequence[str | Path], output_path: str | Path, question: str | None = None,
+    labels: Sequence[str] | None = None, template: str = "{}", decoding: dict[str, Any] | None = None,
+) -> Summary:
+    """Answer each image of `images` (with `question`, for VQA) into `output_path`, one line per
+    image in order, as `predict_file` answers lines: {"image": path, ...the result}, or
+    {"error": "image N: ..."} for one that cannot be read."""
+    output_path = Path(output_path)
+    check_output(None, output_path)
+    extra = {} if question is None else {"question": question}
+    records = ((number, {"image": str(image), **extra}) for number, image in enumerate(images, 1))
+    return _predict(predictor, records, "image", "images", Path("."), output_path, labels, template, decoding)
+
+
+def _predict(
+    predictor: Predictor, numbered, unit: str, source: str, base: Path, output_path: Path, labels: Sequence[str] | None,
+    template: str, decoding: dict[str, Any] | None,
+) -> Summary:
+    """The one loop of batch prediction over (number, record | DataError | None) items."""
     decoding = decoding or {}
     predictor.decoding(decoding)  # options, labels and template are checked before any work
     if predictor.task == "retrieval":
@@ -95,8 +117,8 @@ def predict_file(
     pending: list[tuple[int, dict, tuple]] = []  # (line number, record, inputs)
 
     def fail(number: int, record: dict, reason: str) -> None:
-        errors.append(f"{input_path}:{number}: {reason}")
-        results[number - 1] = {**record, **EMPTY[predictor.task], "error": f"line {number}: {reason}"}
+        errors.append(f"{source}:{number}: {reason}" if unit == "line" else f"{unit} {number}: {reason}")
+        results[number - 1] = {**record, **EMPTY[predictor.task], "error": f"{unit} {number}: {reason}"}
 
     def flush() -> None:
         try:
@@ -114,7 +136,7 @@ def predict_file(
                 results[number - 1] = {**record, **result}
         pending.clear()
 
-    for number, value in iter_lines(input_path):  # every line, numbered from 1
+    for number, value in numbered:  # every line (image), numbered from 1
         results.append({})
         if value is None:
             fail(number, {}, "blank line")
@@ -123,7 +145,7 @@ def predict_file(
             fail(number, {}, value.detail)
             continue
         try:
-            pending.append((number, value, _parse(predictor, value, input_path.parent)))
+            pending.append((number, value, _parse(predictor, value, base)))
         except (ValueError, ImageError) as e:
             fail(number, value, str(e))
         if len(pending) == BATCH:

@@ -60,12 +60,11 @@ from mmt import checkpoint
 from mmt.api import load
 from mmt.data.formats.jsonl import iter_lines
 from mmt.data.formats.records import DataError
-from mmt.data.images import Fit, ImageError, load_image, to_pixels
+from mmt.data.images import IMAGE_EXTENSIONS, Fit, ImageError, image_files, load_image, to_pixels
 from mmt.errors import CheckpointError
 from mmt.files import atomic_write, atomic_write_text
 from mmt.tasks.retrieval import embed_texts, load_for_inference
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MANIFEST_NAME = "manifest.json"
 FAISS_NAME = "index.faiss"
 FORMAT = "mmt-image-index"
@@ -94,10 +93,10 @@ def list_gallery(images: str | Path) -> list[str]:
     """
     source = Path(images)
     if source.is_dir():
-        found = [p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-        if not found:
-            raise SearchIndexError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under this folder")
-        return [os.path.abspath(p) for p in sorted(found, key=lambda p: p.relative_to(source).as_posix())]
+        try:
+            return [os.path.abspath(p) for p in image_files(source)]
+        except ValueError as e:
+            raise SearchIndexError(str(e)) from None
     if source.is_file():
         if source.suffix.lower() in IMAGE_EXTENSIONS:
             raise SearchIndexError(f"{source}: an image; the gallery is a folder of images or a JSON Lines file listing them")

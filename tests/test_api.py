@@ -97,3 +97,32 @@ def test_a_vqa_classifier_refuses_answers_that_are_not_its_own(tmp_path):
         mmt.load(directory)
     AnswerVocab(["yes", "no", "2"]).save(directory / "answers.json")
     assert mmt.load(directory).answers.answers == ["yes", "no", "2"]
+
+
+def test_predict_captions_a_folder_or_a_pattern_of_images_into_json_lines(tmp_path, scene, capsys):
+    import json
+
+    from mmt.cli import main
+
+    path, _ = scene
+    directory, _ = saved(tmp_path, "caption-tiny", vocab_size=14)
+    one = mmt.load(directory).caption(path)
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    for name in ("b.png", "trip/a.JPG", "c.png"):
+        Image.open(path).save(photos / name, "PNG" if name.endswith(".png") else "JPEG")
+    (photos / "broken.png").write_bytes(b"not an image")
+    (photos / "notes.txt").write_text("not an image file by its name: not listed")
+    out = tmp_path / "captions.jsonl"
+    assert main(["predict", str(directory), "--image", str(photos), "--out", str(out)]) == 1  # one image failed
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in results] == [str(photos / n) for n in ("b.png", "broken.png", "c.png", "trip/a.JPG")]
+    assert results[0]["caption"] == results[2]["caption"] == one["caption"] and "error" not in results[0]
+    assert results[1]["caption"] is None and results[1]["error"].startswith("image 2: ") and "broken.png" in results[1]["error"]
+    assert "answered 3 of 4 images" in capsys.readouterr().out
+    assert main(["predict", str(directory), "--image", str(photos / "*.png"), "--out", str(out)]) == 1
+    assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == [str(photos / n) for n in ("b.png", "broken.png", "c.png")]
+    assert main(["predict", str(directory), "--image", str(photos)]) == 2  # several images need --out
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["predict", str(directory), "--image", str(tmp_path / "none" / "*.png"), "--out", str(out)]) == 2
+    assert "no image files" in capsys.readouterr().err

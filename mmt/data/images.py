@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what counts as an image in a folder
 MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs) instead of exhausting memory
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's "L" conversion
 _CROP_TRIES = 10
@@ -67,6 +68,28 @@ class ImageError(ValueError):
     def __init__(self, name: str, detail: str, kind: str = CORRUPT_IMAGE):
         self.name, self.detail, self.kind = name, detail, kind
         super().__init__(f"{name}: {detail}")
+
+
+def is_image_set(spec: str | Path) -> bool:
+    """Whether `spec` names several images: a folder, or a glob pattern (*, ?, [...])."""
+    return Path(spec).is_dir() or any(c in str(spec) for c in "*?[")
+
+
+def image_files(spec: str | Path) -> list[Path]:
+    """The image files a folder holds (searched recursively) or a glob pattern matches, by
+    extension (`IMAGE_EXTENSIONS`, any case), sorted by path; a ValueError naming `spec` if
+    there are none."""
+    if Path(spec).is_dir():
+        folder = Path(spec)
+        found = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                       key=lambda p: p.relative_to(folder).as_posix())
+    else:
+        import glob
+
+        found = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file())
+    if not found:
+        raise ValueError(f"{spec}: no image files ({', '.join(IMAGE_EXTENSIONS)}) {'under this folder' if Path(spec).is_dir() else 'match'}")
+    return found
 
 
 def _name_of(source: str | Path | bytes, name: str | None) -> str:
