@@ -122,6 +122,11 @@ def test_predict_captions_a_folder_or_a_pattern_of_images_into_json_lines(tmp_pa
     assert "answered 3 of 4 images" in capsys.readouterr().out
     assert main(["predict", str(directory), "--image", str(photos / "*.png"), "--out", str(out)]) == 1
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == [str(photos / n) for n in ("b.png", "broken.png", "c.png")]
+    capsys.readouterr()
+    odd = photos / "odd[1].png"  # a file whose name looks like a pattern is one image
+    Image.open(path).save(odd)
+    assert main(["predict", str(directory), "--image", str(odd), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["caption"] == one["caption"]
     assert main(["predict", str(directory), "--image", str(photos)]) == 2  # several images need --out
     assert "needs --out" in capsys.readouterr().err
     assert main(["predict", str(directory), "--image", str(tmp_path / "none" / "*.png"), "--out", str(out)]) == 2

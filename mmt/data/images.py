@@ -71,8 +71,9 @@ class ImageError(ValueError):
 
 
 def is_image_set(spec: str | Path) -> bool:
-    """Whether `spec` names several images: a folder, or a glob pattern (*, ?, [...])."""
-    return Path(spec).is_dir() or any(c in str(spec) for c in "*?[")
+    """Whether `spec` names several images: a folder, or a glob pattern (*, ?, [...]) that is not
+    the name of a file."""
+    return Path(spec).is_dir() or (not Path(spec).exists() and any(c in str(spec) for c in "*?["))
 
 
 def image_files(spec: str | Path) -> list[Path]:
