@@ -14,6 +14,7 @@ key before any work, whether it came from a file, `--set` or Python.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import types
@@ -68,16 +69,26 @@ def _bounds(hint: Any) -> Range | None:
     return next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)), None)
 
 
+@functools.cache
+def _ranges(cls: type) -> tuple[tuple[str, Range | None, Range | None], ...]:
+    """(field, its range, its items' range) for each field of `cls` that has either: read from
+    the annotations once per class (a config is made on every decoding call)."""
+    ranges = []
+    for name, hint in get_type_hints(cls, include_extras=True).items():
+        inner = get_args(get_args(hint)[0] if get_origin(hint) is Annotated else hint)
+        bounds, item_bounds = _bounds(hint), _bounds(inner[0]) if inner else None
+        if bounds is not None or item_bounds is not None:
+            ranges.append((name, bounds, item_bounds))
+    return tuple(ranges)
+
+
 def out_of_range(cfg: Any) -> str | None:
     """The first field of config `cfg` (not of the configs inside it) whose value or items lie
     outside the range its annotation gives, described with its key; None if none does."""
-    for name, hint in get_type_hints(type(cfg), include_extras=True).items():
+    for name, bounds, item_bounds in _ranges(type(cfg)):
         value = getattr(cfg, name, None)
-        bounds = _bounds(hint)
         if bounds is not None and isinstance(value, (int, float)) and not bounds.holds(value):
             return f"{name}: {value!r} is out of range (must be {bounds})"
-        inner = get_args(get_args(hint)[0] if get_origin(hint) is Annotated else hint)
-        item_bounds = _bounds(inner[0]) if inner else None
         if item_bounds is not None and isinstance(value, (tuple, list)):
             for i, item in enumerate(value):
                 if isinstance(item, (int, float)) and not item_bounds.holds(item):
