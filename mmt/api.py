@@ -18,7 +18,6 @@ model stays in memory and answers in batches of `batch_size`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -208,13 +207,7 @@ def run_settings(path: str | Path) -> tuple[dict[str, Any], Path | None]:
     directory = Path(path)
     for candidate in (directory / "run_config.json", checkpoint.model_directory(directory) / "run_config.json"):
         if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-            except json.JSONDecodeError as e:
-                raise config.ConfigError(f"{candidate}: not valid JSON ({e})") from None
-            if not isinstance(data, dict):
-                raise config.ConfigError(f"{candidate}: expected a mapping at the top level")
-            return data, candidate
+            return config.read_data(candidate), candidate
     return {}, None
 
 
