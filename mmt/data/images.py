@@ -7,9 +7,9 @@
   16-bit integer images (modes "I;16*", and "I", as which Pillow opens 16-bit PGM files) are
   scaled from 0-65535, float images ("F") from 0-1, transparent images are composited on
   white (the built-in worlds' background); an integer image with values outside 0-65535 or a
-  float image outside 0-1 is refused, as its brightness cannot be known. An image over `MAX_PIXELS` is refused from its header,
-  before anything is decoded (a decompression bomb costs nothing); a missing, truncated or
-  corrupt file is refused with its name.
+  float image outside 0-1 is refused, as its brightness cannot be known. An image over
+  `MAX_PIXELS` is refused from its header, before anything is decoded (a decompression bomb
+  costs nothing); a missing, truncated or corrupt file is refused with its name.
 - **Fitting to the model's square** (`Fit`, from the model's `vision.image_size` and
   `vision.image_fit`): "crop", the default, resizes the shorter side to `size` and keeps the
   centre square (bicubic, antialiased when shrinking), so nothing is stretched; "stretch"
