@@ -18,6 +18,7 @@ from pathlib import Path
 from mmt import __version__
 from mmt.config import Range
 from mmt.errors import CheckpointError, ConfigError, TrainingError
+from mmt.extras import MissingExtra
 
 log = logging.getLogger("mmt")
 
@@ -574,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     _console_logging()
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, TrainingError) as e:  # (ImageError, DataError: ValueErrors)
+    except (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, TrainingError, MissingExtra) as e:  # (ImageError, DataError: ValueErrors)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mmt {args.command}: error: {message}", file=sys.stderr)
         return 2

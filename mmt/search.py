@@ -51,7 +51,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -62,8 +61,11 @@ from mmt.data.formats.jsonl import iter_lines
 from mmt.data.formats.records import DataError
 from mmt.data.images import IMAGE_EXTENSIONS, Fit, ImageError, image_files, load_image, to_pixels
 from mmt.errors import CheckpointError
+from mmt.extras import require
 from mmt.files import atomic_write, atomic_write_text
 from mmt.tasks.retrieval import embed_texts, load_for_inference
+
+faiss = require("faiss", "indexing and searching images (mmt index, mmt search)")
 
 MANIFEST_NAME = "manifest.json"
 FAISS_NAME = "index.faiss"

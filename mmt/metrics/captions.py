@@ -30,7 +30,6 @@ are `{"images": [...], "annotations": [{"image_id": 1, "id": 7, "caption": "..."
 """
 
 import contextlib
-import importlib
 import io
 import json
 import re
@@ -41,6 +40,7 @@ from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmt.extras import require
 from mmt.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -172,16 +172,6 @@ def _meteor(references: dict[Hashable, list[str]], results: dict[Hashable, list[
     return float(score)
 
 
-def _require_pycocoevalcap() -> None:
-    try:
-        importlib.import_module("pycocoevalcap")
-    except ImportError as e:
-        raise ImportError(
-            "scoring captions needs the pycocoevalcap package (an mmt dependency), which is not installed "
-            "in this environment: pip install pycocoevalcap"
-        ) from e
-
-
 def score_captions(
     results: dict[Hashable, str],
     references: dict[Hashable, list[str]],
@@ -205,7 +195,7 @@ def score_captions(
     _check_results(results)
     _check_references(references)
     _check_same_images(results, references)
-    _require_pycocoevalcap()
+    require("pycocoevalcap", "scoring captions")
     java = shutil.which("java") is not None
     tokenize = tokenize or ("ptb" if java else "simple")
     if tokenize not in TOKENIZERS:

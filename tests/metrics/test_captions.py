@@ -284,4 +284,4 @@ except ImportError as e:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("scoring:") and "pip install pycocoevalcap" in out.stdout
+    assert out.stdout.startswith("scoring:") and "pip install 'mmt-vl[captions]'" in out.stdout

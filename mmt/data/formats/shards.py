@@ -62,6 +62,7 @@ from PIL import Image
 from mmt.data.formats.records import CaptionRecord, DataError, DataRecord, check_image
 from mmt.data.formats.source import load_source
 from mmt.data.images import Fit, ImageError, load_image, to_rgb
+from mmt.extras import require
 from mmt.files import atomic_write, atomic_write_text
 
 __all__ = [
@@ -241,7 +242,7 @@ def shard_dataset(out_dir: str | Path, shuffle: int = 0, seed: int = 0, split_by
     (within each rank/worker) and the samples (through a buffer of `shuffle` samples) are
     shuffled deterministically from `seed`; with 0 samples come in shard order.
     """
-    import webdataset as wds
+    wds = require("webdataset", "writing and reading shards (mmt data pack)")
 
     out_dir = Path(out_dir)
     urls = [str(out_dir / s["name"]) for s in read_index(out_dir)["shards"]]
@@ -344,7 +345,7 @@ class _RankStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         import random
 
-        import webdataset as wds
+        wds = require("webdataset", "streaming from shards")
 
         info = torch.utils.data.get_worker_info()
         loader_worker = info.id if info is not None else 0
