@@ -396,6 +396,14 @@ def _data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_export(args: argparse.Namespace) -> int:
+    from mmt.data.worlds.export import export_world
+
+    files = export_world(args.world, args.out, num_scenes=args.scenes, seed=args.seed, split=args.split)
+    print(f"wrote {args.scenes} scenes to {args.out}/ (scene-000.png ...) with {', '.join(f.name for f in files)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- the parser
 
 
@@ -509,6 +517,13 @@ def _add_data(commands) -> None:
     preview.add_argument("--scenes", type=COUNT, default=6)
     preview.add_argument("--seed", type=AMOUNT, default=0)
     preview.set_defaults(run=_data_preview)
+    export = data_commands.add_parser("export", help="write built-in scenes as PNG files with their questions (and captions) as JSON Lines")
+    export.add_argument("world", help="sort-of-clevr or shapes")
+    export.add_argument("--out", required=True, help="a new (or empty) folder for scene-NNN.png, questions.jsonl and, for shapes, captions.jsonl")
+    export.add_argument("--scenes", type=COUNT, default=10, help="how many scenes (default 10)")
+    export.add_argument("--split", default="test", help="which split's scenes: test (default; never trained on), train, or val (shapes)")
+    export.add_argument("--seed", type=AMOUNT, default=0, help="the data seed of the runs the scenes should match (default 0)")
+    export.set_defaults(run=_data_export)
     check = data_commands.add_parser("check", help="validate a data set (COCO captions, Karpathy split, VQA v2, JSON Lines): records and every image")
     check.add_argument("source", help="captions_*.json, dataset_coco.json, VQA v2 questions or annotations JSON, or a .jsonl file")
     check.add_argument("--image-root", help="the folder the data set's image paths are relative to (COCO, Karpathy, VQA v2; JSON Lines paths are relative to the file)")
