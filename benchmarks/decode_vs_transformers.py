@@ -42,8 +42,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmt.config import TransformerConfig, VisionConfig
+from mmt.devices import bf16_supported
 from mmt.models.caption import CaptionConfig, CaptionModel
-from mmt.train import bf16_supported
 
 PAD, BOS = 0, 5
 GOALS = {"greedy": 3.0, "beam": 5.0}  # tracked: mmt / transformers tokens/s (greedy at batch 1; beam search)

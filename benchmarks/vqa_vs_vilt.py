@@ -19,8 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmt.config import TextConfig, TransformerConfig, VisionConfig
+from mmt.devices import bf16_supported
 from mmt.models.vqa import VQAConfig, VQAModel
-from mmt.train import bf16_supported
 
 
 def synchronize(device: torch.device) -> None:

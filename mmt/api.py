@@ -18,6 +18,7 @@ model stays in memory and answers in batches of `batch_size`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +29,7 @@ from torch import Tensor
 from mmt import checkpoint, config
 from mmt.data.answers import AnswerVocab
 from mmt.data.images import Fit, load_image, to_pixels
+from mmt.devices import autocast, autocast_dtype, choose_device, describe
 from mmt.errors import CheckpointError
 from mmt.generation import GenerationConfig
 
@@ -43,13 +45,25 @@ def _listed(items: Any) -> tuple[list, bool]:
     return [items], True
 
 
+def _inference(method):
+    """`method` without gradients, under the predictor's autocast (`Predictor.dtype`)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class Predictor:
     """A saved model with its tokenizer (and answer vocabulary), ready to answer, caption or embed.
 
     Made by `load`. `task` says what the model does: "vqa", "caption" or "retrieval"."""
 
-    def __init__(self, model, tokenizer, directory: Path, generation: GenerationConfig | None = None):
+    def __init__(self, model, tokenizer, directory: Path, generation: GenerationConfig | None = None, dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.directory = model, tokenizer, directory
+        self.dtype = dtype  # autocast dtype of every forward pass (None: fp32)
         self.task = model.model_type
         self.image_size = model.config.vision.image_size
         self.fit = Fit.of(model.config.vision)  # how images are fitted to the model's square
@@ -62,7 +76,7 @@ class Predictor:
             self.answers = AnswerVocab.load(directory / ANSWERS_NAME, model.config.num_answers)
 
     def __repr__(self) -> str:
-        return f"Predictor({self.task} model from {self.directory}, {self.image_size}x{self.image_size} images, on {self.device})"
+        return f"Predictor({self.task} model from {self.directory}, {self.image_size}x{self.image_size} images, on {describe(self.device, self.dtype)})"
 
     # ------------------------------------------------------------------ inputs
 
@@ -101,7 +115,7 @@ class Predictor:
 
     # ------------------------------------------------------------------ tasks
 
-    @torch.inference_mode()
+    @_inference
     def answer(self, images: Any, questions: Any, batch_size: int = 64, **decoding) -> dict | list[dict]:
         """VQA: {"answer", "score"} for each (image, question) pair; `decoding` options (num_beams=3,
         ...) apply to a model that writes its answers."""
@@ -130,7 +144,7 @@ class Predictor:
                 results += [{"answer": self.answers.answers[i], "score": round(s, 4)} for i, s in zip(best.tolist(), score.tolist())]
         return results[0] if single else results
 
-    @torch.inference_mode()
+    @_inference
     def caption(self, images: Any, batch_size: int = 64, **decoding) -> dict | list[dict]:
         """Captioning: {"caption", "score"} per image (score: summed log-probability; beam search:
         length-penalised), with all of them under "captions" when `num_return` > 1."""
@@ -143,16 +157,16 @@ class Predictor:
             results += self._ranked("caption", out.ids, out.scores)
         return results[0] if single else results
 
-    @torch.inference_mode()
+    @_inference
     def embed_images(self, images: Any, batch_size: int = 64) -> Tensor:
         """Retrieval: unit-length image embeddings, (E,) for one image, (N, E) for a list."""
         self._need("retrieval")
         images, single = _listed(images)
-        rows = [self.model.embed_images(self.pixels(images[s : s + batch_size], s)).cpu() for s in range(0, len(images), batch_size)]
+        rows = [self.model.embed_images(self.pixels(images[s : s + batch_size], s)).float().cpu() for s in range(0, len(images), batch_size)]
         out = torch.cat(rows) if rows else torch.zeros(0, self.model.config.embed_dim)
         return out[0] if single else out
 
-    @torch.inference_mode()
+    @_inference
     def embed_texts(self, texts: Any, batch_size: int = 256) -> Tensor:
         """Retrieval: unit-length text embeddings, (E,) for one text, (N, E) for a list."""
         self._need("retrieval")
@@ -160,9 +174,26 @@ class Predictor:
         rows = []
         for start in range(0, len(texts), batch_size):
             ids, _ = self.tokenizer.batch(texts[start : start + batch_size], self.model.config.text.max_len)
-            rows.append(self.model.embed_texts(ids.to(self.device)).cpu())
+            rows.append(self.model.embed_texts(ids.to(self.device)).float().cpu())
         out = torch.cat(rows) if rows else torch.zeros(0, self.model.config.embed_dim)
         return out[0] if single else out
+
+    def search(self, index: Any, text: str | None = None, image: Any = None, k: int = 10) -> list[dict[str, Any]]:
+        """Retrieval: the `k` gallery images of `index` (an `mmt index` folder, or an
+        `mmt.search.SearchIndex`) that best match `text` or `image` (exactly one), best first:
+        [{"rank", "path", "score"}, ...]. The index must have been built with this model."""
+        from mmt.search import SearchIndex, SearchIndexError, model_fingerprint
+
+        self._need("retrieval")
+        if (text is None) == (image is None):
+            raise ValueError("give exactly one query: text=... or image=...")
+        index = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
+        if model_fingerprint(self.directory) != index.manifest["model_fingerprint"]:
+            raise SearchIndexError(f"{index.directory} was built with another model ({index.manifest['model_dir']}); "
+                                   f"search it with that model or rebuild it with {self.directory}")
+        query = self.embed_texts([text]) if text is not None else self.embed_images([image])
+        scores, paths = index.search(query.numpy(), k)
+        return [{"rank": r + 1, "path": p, "score": float(score)} for r, (p, score) in enumerate(zip(paths[0], scores[0]))]
 
     def classify(self, images: Any, labels: Sequence[str], template: str = "{}", batch_size: int = 64) -> dict | list[dict]:
         """Zero-shot classification: each image's labels ranked by a softmax over the temperature-
@@ -211,10 +242,27 @@ def run_settings(path: str | Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()) -> Predictor:
-    """The model saved in `path` (a run directory or a model directory), in eval mode on `device`,
-    with its tokenizer and the run's decoding settings. `overrides` ("generation.num_beams=3",
-    "model.rerank_k=32") change the saved settings, as `--set` does."""
+def load(
+    path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None, overrides: Sequence[str] = ()
+) -> Predictor:
+    """The model saved in `path` (a run directory or a model directory), in eval mode, with its
+    tokenizer and the run's decoding settings.
+
+    Args:
+        device: "auto" (a GPU when torch sees one, else the CPU), "cpu", "cuda", "cuda:1", ...
+        dtype: None or "fp32" (default), or autocast in "bf16" / "fp16" (or torch.bfloat16,
+            torch.float16); "auto": bf16 where the hardware has it, fp16 on other GPUs.
+            The weights stay fp32.
+        overrides: ("generation.num_beams=3", "model.rerank_k=32") change the saved settings,
+            as `--set` does.
+    """
+    target = choose_device(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} is not one of torch.float32, torch.bfloat16, torch.float16")
+        amp = None if dtype == torch.float32 else dtype
+    else:
+        amp = autocast_dtype(dtype or "fp32", target)
     model_dir = checkpoint.model_directory(path)
     settings, settings_file = run_settings(path)
     model_type, model_cfg = checkpoint.read_config(model_dir)
@@ -230,4 +278,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: Sequen
         raise config.ConfigError(f"{unknown[0]}: only model.* and generation.* settings apply to a saved model")
     model_cfg = config.apply_overrides(model_cfg, [o.split(".", 1)[1] for o in model_overrides])
     model, tokenizer, _ = checkpoint.load_for_inference(model_dir, model_cfg)
-    return Predictor(model.to(device), tokenizer, model_dir, generation)
+    return Predictor(model.to(target), tokenizer, model_dir, generation, amp)

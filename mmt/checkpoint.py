@@ -171,16 +171,38 @@ def read_config(directory: str | Path) -> tuple[str, Any]:
 
 
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu", cfg: Any = None) -> nn.Module:
-    """Rebuild the model saved in `directory` and load its weights (strictly), in eval mode
-    (dropout off: what predicting and decoding want; call `.train()` to fine-tune it). `cfg`:
-    the saved config with changes (they must leave the weights' names and shapes as they are)."""
+    """Rebuild the model saved in `directory` (a model directory, or a run directory holding one
+    in model/) and load its weights (strictly), in eval mode (dropout off: what predicting and
+    decoding want; call `.train()` to fine-tune it). `cfg`: the saved config with changes (they
+    must leave the weights' names and shapes as they are)."""
     from mmt import registry
 
+    directory = model_directory(directory)
     model_type, saved = read_config(directory)
     cfg = saved if cfg is None else cfg
     model = registry.model_class(model_type)(cfg)
     load_weights(model, Path(directory) / WEIGHTS_NAME, strict=True)
     return model.to(map_location).eval()
+
+
+class Pretrained:
+    """`save_pretrained` and `from_pretrained` as methods of every mmt model:
+
+        model.save_pretrained("my-model", tokenizer)      # config.json, model.safetensors, tokenizer.json
+        model = CaptionModel.from_pretrained("runs/caption")  # a model or run directory
+
+    The directory has the Hugging Face layout, so `huggingface_hub.upload_folder` can publish it
+    as it is; writes are atomic and loading is strict, as the functions of this module are."""
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+        model = from_pretrained(directory, map_location)
+        if not isinstance(model, cls):
+            raise CheckpointError(f"{model_directory(directory)} holds a {model.model_type} model, not a {cls.__name__}")
+        return model
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer | None:

@@ -221,9 +221,15 @@ def _eval(args: argparse.Namespace) -> int:
     if args.rerank_k and model_type != "retrieval":
         raise ConfigError(f"--rerank-k applies to retrieval and pretraining runs; {run_dir} holds a {model_type} model")
     overrides = args.set + _decoding_overrides(args) + ([f"model.rerank_k={args.rerank_k}"] if args.rerank_k else [])
+    from mmt.devices import autocast, autocast_dtype, choose_device, describe
+
+    device = choose_device(args.device)
+    dtype = autocast_dtype(args.precision, device)
     task, model, tokenizer, directory = _saved_task(run_dir, overrides)
+    log.info(f"evaluating on {describe(device, dtype)}")
     out = Path(args.out) if args.out else run_dir / "eval.json"
-    result, report = task.test(model, tokenizer, directory, out)
+    with autocast(device, dtype):
+        result, report = task.test(model.to(device), tokenizer, directory, out)
     print(report)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
@@ -233,7 +239,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from mmt.api import load
 
-    predictor = load(args.run_dir, overrides=args.set)
+    predictor = load(args.run_dir, device=args.device, dtype=args.precision, overrides=args.set)
     decoding = _decoding(args)
     labels = args.labels.split(",") if args.labels else None
     from mmt.data.images import image_files, is_image_set
@@ -433,6 +439,12 @@ def _add_train(commands) -> argparse.ArgumentParser:
     return train
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (default: a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="fp32 (default), or bf16/fp16 autocast; auto: bf16 where the hardware has it, fp16 on other GPUs")
+
+
 def _add_use(commands) -> None:
     evaluate = commands.add_parser("eval", help="score a run on its test data (VQA: accuracy per question type; captioning: caption metrics and truth; retrieval: Recall@K)")
     evaluate.add_argument("run_dir", help="a run directory or a model directory")
@@ -440,6 +452,7 @@ def _add_use(commands) -> None:
     _add_set(evaluate, "data.num_test=50, source.test=test.jsonl, model.rerank_adds_contrastive=false")
     evaluate.add_argument("--rerank-k", type=AMOUNT, metavar="K", help="retrieval: re-rank K contrastive candidates with the matching head (default: the model's)")
     _add_decoding(evaluate)
+    _add_device(evaluate)
     evaluate.set_defaults(run=_eval)
 
     predict = commands.add_parser("predict", help="answer questions about images, caption images, or classify them zero-shot")
@@ -454,6 +467,7 @@ def _add_use(commands) -> None:
     _add_set(predict, "generation.max_new_tokens=10")
     _add_decoding(predict)
     predict.add_argument("--output", dest="out", action=_Deprecated, instead="use --out", help=argparse.SUPPRESS)
+    _add_device(predict)
     predict.set_defaults(run=_predict)
 
     inspect = commands.add_parser("inspect", help="load a saved run or model directory and report on it")

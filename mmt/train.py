@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from mmt import checkpoint
 from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, to_dict
+from mmt.devices import autocast, autocast_dtype, choose_device, describe
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
 from mmt.files import atomic_write_text
@@ -79,7 +80,11 @@ class TrainConfig(Settings):
     weight_decay: NonNegative = 0.05  # AdamW decay on matrices (not on biases, norms, embeddings' positions)
     betas: tuple[Beta, Beta] = (0.9, 0.98)  # AdamW betas
     grad_clip: NonNegative = 1.0  # clip the global gradient norm (0 disables)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
+    device: str = "auto"  # auto: this process's GPU when torch sees one, else the CPU; or cpu, cuda, cuda:N, mps
+    # auto: bf16 autocast where the CPU/GPU has bf16 units, fp16 (with loss scaling) on a GPU
+    # without them, else fp32 (mmt.devices)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile the model for training; the first step's time (compiling) is logged
     # attention kernel while training (mmt.layers.attention_kernel): auto takes torch's fused kernel
     # except on a CPU in bf16 without a score bias, where the literal formula is faster
     attention: Literal["auto", "fused", "literal"] = "auto"
@@ -97,17 +102,6 @@ class TrainConfig(Settings):
     # BatchNorm layers (if any) evaluate with statistics averaged evenly over the last N training
     # steps before each evaluation instead of torch's exponential average (0: keep torch's)
     batchnorm_average_steps: Amount = 10
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays off on GPUs with bf16 and CPUs with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -186,7 +180,8 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
-    bf16: bool
+    amp_dtype: torch.dtype | None  # autocast dtype; None: fp32
+    scaler: torch.amp.GradScaler  # scales the loss in fp16 (disabled otherwise)
     start_step: int = 0
     best: dict = dataclasses.field(default_factory=lambda: {"metric": -math.inf, "step": None})
     window: dict = dataclasses.field(default_factory=dict)
@@ -251,7 +246,7 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
     """Prepare the data, build the model and optimizer, start from --init or resume; then write
     run_config.json (not before a resume has succeeded: a failed one leaves the run as it was)."""
     model_cfg = _prepare(task, cfg, run_dir, resume, procs, overwrite)
-    device = torch.device("cuda", procs.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = choose_device(cfg.device, procs.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     procs.device = device
@@ -261,8 +256,9 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
             module.activation_checkpointing = cfg.activation_checkpointing
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
-    run = _Run(task, cfg, run_dir, procs, model, model, optimizer, scheduler, device, bf16)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run = _Run(task, cfg, run_dir, procs, model, model, optimizer, scheduler, device, amp_dtype, scaler)
     if cfg.init and not resume:  # a resumed run's weights come from its own checkpoint
         report = init_from(model, cfg.init)
         if procs.main:
@@ -275,8 +271,8 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
         atomic_write_text(run_dir / "run_config.json", json.dumps(run_config, indent=2) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     if procs.main:
-        log.info(f"{task.name}: {n_params / 1e6:.2f}M parameters, {'bf16 autocast' if bf16 else 'fp32'} on {device}, "
-                 f"{cfg.steps} steps of {cfg.batch_size}")
+        log.info(f"{task.name}: {n_params / 1e6:.2f}M parameters on {describe(device, amp_dtype)} "
+                 f"(train.device={cfg.device}, train.precision={cfg.precision}), {cfg.steps} steps of {cfg.batch_size}")
         parts = procs.world * cfg.accumulate
         if parts > 1:
             log.info(f"batch per optimizer step {cfg.batch_size} = {procs.world} processes x {cfg.accumulate} micro-steps x "
@@ -291,6 +287,8 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
         )
         if not resume:  # dropout and sampling differ across processes (a resumed run restored each one's state)
             torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
+    if cfg.compile:
+        run.model = torch.compile(run.model)
     if procs.main:
         run.metrics = (run_dir / "metrics.jsonl").open("a")
         data_report = run_dir / "data_report.json"
@@ -323,6 +321,8 @@ def _resume(run: _Run) -> None:
     state = load_checkpoint(last, run.core, run.optimizer, run.scheduler, run.procs.rank, files)
     run.start_step, run.best = state["step"], state["best"]
     run.task.load_state(state.get("task", {}))
+    if run.scaler.is_enabled() and "grad_scaler" in state:
+        run.scaler.load_state_dict(state["grad_scaler"])
     metrics = metrics_up_to(run.run_dir / "metrics.jsonl", run.start_step)  # (every process: a damaged log stops all)
     run.procs.barrier()  # every process has read its checkpoint before rank 0 renames any
     if run.procs.main:
@@ -345,11 +345,11 @@ def _step(run: _Run, step: int) -> tuple[float, dict[str, float], torch.Tensor |
         last_micro = micro == cfg.accumulate - 1
         sync = contextlib.nullcontext() if last_micro or procs.world == 1 else run.model.no_sync()
         with sync:
-            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+            with autocast(run.device, run.amp_dtype):
                 out = run.model(**batch)
             losses = {k: v for k, v in out.items() if k.endswith("_loss")}
             loss = sum(losses.values())
-            (loss * scale).backward()
+            run.scaler.scale(loss * scale).backward()
         loss_value += loss.item() * scale
         for k, v in losses.items():
             step_losses[k] = step_losses.get(k, 0.0) + v.item() * scale
@@ -358,6 +358,7 @@ def _step(run: _Run, step: int) -> tuple[float, dict[str, float], torch.Tensor |
         run.window["correct"] += correct
         run.window["count"] += count
         run.window["samples"] += count if samples is None else samples
+    run.scaler.unscale_(run.optimizer)  # (fp16: the true gradients, for clipping and the norm; otherwise nothing)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
     return loss_value, step_losses, grad_norm
 
@@ -377,7 +378,8 @@ def _log_window(run: _Run, done: int, grad_norm: torch.Tensor | None, bar: tqdm)
         "train_accuracy": totals[1] / max(1, totals[2]),
         "lr": run.scheduler.get_last_lr()[0],
         "samples_per_s": totals[3] / seconds,
-        "grad_norm": None if grad_norm is None else grad_norm.item(),
+        "grad_norm": None if grad_norm is None or not math.isfinite(grad_norm.item()) else grad_norm.item(),
+        **({"loss_scale": run.scaler.get_scale()} if run.scaler.is_enabled() else {}),  # (fp16: halved on each overflow)
     }
     record.update(run.task.observe(done, record))  # e.g. a curriculum that ends on training accuracy
     run.log(record)
@@ -390,6 +392,7 @@ def _skip(run: _Run, step: int, step_losses: dict[str, float], buffers, running_
     and BatchNorm statistics as they were; too many in a row stop training."""
     done = step + 1
     run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.update()  # (fp16: ends the step's unscaling, so the next step can unscale)
     with torch.no_grad():
         for b, saved in zip(running_stats, buffers):
             b.copy_(saved)
@@ -418,7 +421,7 @@ def _evaluate_and_save(run: _Run, done: int, final_eval: dict[str, Any]) -> dict
     if done % cfg.save_every == 0 or done == cfg.steps:
         rng_states = procs.rng_states()
         if procs.main:
-            extra = {"best": run.best, "task": task.state()}
+            extra = {"best": run.best, "task": task.state(), **({"grad_scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {})}
             save_checkpoint(run.run_dir, run.core, run.optimizer, run.scheduler, done, extra, cfg.keep_last, run.best["step"], rng_states)
         run.window["start"] = time.perf_counter()  # do not count checkpoint time in samples/s
     return final_eval
@@ -436,6 +439,7 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
     norms = [m for m in run.core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     running_stats = [b for m in norms for b in m.buffers()]
     momenta = [m.momentum for m in norms]
+    first_start = time.perf_counter()
     for step in range(run.start_step, cfg.steps):
         run.model.train()
         average, restart = batchnorm_averaging(step, cfg)
@@ -446,15 +450,19 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
         run.optimizer.zero_grad(set_to_none=True)
         buffers = [b.detach().clone() for b in running_stats]  # changed in the forward pass: kept to undo a skipped step
         loss_value, step_losses, grad_norm = _step(run, step)
-        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm.item()))
+        # (in fp16, gradients that overflow are the loss scaler's to handle: it skips the update and lowers the scale)
+        finite = math.isfinite(loss_value) and (run.scaler.is_enabled() or grad_norm is None or math.isfinite(grad_norm.item()))
         done = step + 1
         bar.update(1)
         if not procs.all_finite(finite):  # any process's loss or gradients: every process skips the step
             _skip(run, step, step_losses, buffers, running_stats, nonfinite)
             continue
         nonfinite.clear()
-        run.optimizer.step()
+        run.scaler.step(run.optimizer)  # (optimizer.step(), unless fp16 gradients overflowed)
+        run.scaler.update()
         run.scheduler.step()
+        if step == run.start_step and cfg.compile and procs.main:
+            log.info(f"torch.compile: the first step took {time.perf_counter() - first_start:.1f} s, compiling included")
         run.window["loss"] += loss_value
         run.window["steps"] += 1
         for k, v in step_losses.items():

@@ -131,3 +131,45 @@ def test_predict_captions_a_folder_or_a_pattern_of_images_into_json_lines(tmp_pa
     assert "needs --out" in capsys.readouterr().err
     assert main(["predict", str(directory), "--image", str(tmp_path / "none" / "*.png"), "--out", str(out)]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_a_retrieval_model_searches_an_index_built_with_it(tmp_path, scene):
+    from mmt.search import SearchIndexError, build_index
+
+    directory, _ = saved(tmp_path, "retrieval-tiny")
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(gallery / f"{i}.png")
+    build_index(directory, gallery, tmp_path / "index", progress=False)
+    retrieval = mmt.load(directory)
+    by_image = retrieval.search(tmp_path / "index", image=Image.open(gallery / "2.png"), k=2)
+    assert by_image[0]["path"].endswith("2.png") and by_image[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    by_text = retrieval.search(tmp_path / "index", text="a red circle", k=3)
+    assert [hit["rank"] for hit in by_text] == [1, 2, 3]
+    from mmt.search import search
+
+    assert [hit["path"] for hit in by_text] == [hit["path"] for hit in search(tmp_path / "index", text="a red circle", k=3)]
+    other, _ = saved(tmp_path / "other", "retrieval-tiny", embed_dim=16)
+    with pytest.raises(SearchIndexError, match="built with another model"):
+        mmt.load(other).search(tmp_path / "index", text="a red circle")
+    with pytest.raises(ValueError, match="exactly one query"):
+        retrieval.search(tmp_path / "index")
+
+
+def test_device_and_precision_of_a_loaded_model(tmp_path, scene):
+    path, _ = scene
+    directory, _ = saved(tmp_path, "retrieval-tiny")
+    fp32 = mmt.load(directory)  # device "auto": the CPU here unless torch sees a GPU
+    assert fp32.device.type == ("cuda" if torch.cuda.is_available() else "cpu") and fp32.dtype is None
+    bf16 = mmt.load(directory, device="cpu", dtype="bf16")
+    assert bf16.dtype == torch.bfloat16 and "bf16 autocast" in repr(bf16)
+    a, b = fp32.embed_images(path).cpu(), bf16.embed_images(path)
+    assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05  # the same model, in bf16 arithmetic
+    assert mmt.load(directory, device="cpu", dtype=torch.float32).dtype is None
+    with pytest.raises(ValueError, match="precision 'half' is not one of"):
+        mmt.load(directory, dtype="half")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            mmt.load(directory, device="cuda")

@@ -114,3 +114,17 @@ def test_a_model_saved_before_image_fit_existed_loads_stretching_as_it_was_train
     assert data["vision"].pop("image_fit") == "crop"
     path.write_text(json.dumps(data))
     assert from_pretrained(tmp_path).config.vision.image_fit == "stretch"
+
+
+def test_models_save_and_load_themselves_from_a_model_or_run_directory(tmp_path):
+    from mmt.models.caption import CaptionModel
+    from mmt.models.vqa import VQAModel
+
+    model = tiny_model()
+    pixels, ids = batch()
+    model.save_pretrained(tmp_path / "run" / "model")  # a run directory keeps its model in model/
+    for directory in (tmp_path / "run", tmp_path / "run" / "model"):
+        again = CaptionModel.from_pretrained(directory)
+        assert type(again) is CaptionModel and torch.equal(logits(again, pixels, ids), logits(model, pixels, ids))
+    with pytest.raises(CheckpointError, match="holds a caption model, not a VQAModel"):
+        VQAModel.from_pretrained(tmp_path / "run")

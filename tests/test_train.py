@@ -328,3 +328,24 @@ def test_what_a_run_did_not_write_is_never_removed_even_inside_its_folders(tmp_p
     clear_run(run)
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     assert left == ["checkpoints", "checkpoints/my-notes", "model", "model/config.json.bak", "model/weights-from-elsewhere.bin"]
+
+
+@pytest.mark.e2e
+def test_fp16_training_scales_the_loss_and_resumes_exactly(tmp_path):
+    fp16 = TINY + ["train.precision=fp16"]
+    straight = tmp_path / "straight"
+    assert main(["train", "vqa", str(straight), "--no-progress", *sets(fp16)]) == 0
+    logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in logged if "loss_scale" in r]
+    assert len(scales) == 6 and all(s > 0 for s in scales)
+    # resume from step 4's checkpoint (its loss scale included) and end where the straight run did
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("answers.json", "tokenizer.json", "run_config.json", "metrics.jsonl"):
+        (resumed / name).write_bytes((straight / name).read_bytes())
+    (resumed / "checkpoints").mkdir()
+    step4 = straight / "checkpoints" / "step-0000004"
+    assert json.loads((step4 / "trainer_state.json").read_text())["grad_scaler"]["scale"] == scales[3]
+    os.symlink(step4, resumed / "checkpoints" / "step-0000004")
+    assert main(["train", "vqa", str(resumed), "--resume", "--no-progress", *sets(fp16)]) == 0
+    assert_same_run(straight, resumed)

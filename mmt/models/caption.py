@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from mmt.checkpoint import Pretrained
 from mmt.config import Amount, Count, Fraction, Length, Settings, TransformerConfig, VisionConfig
 from mmt.cuda_graphs import DecodesWithGraphs, replayed
 from mmt.generation import Generated, GenerationConfig, Step, decoder_step, generate, graphs_apply
@@ -38,7 +39,7 @@ class CaptionConfig(Settings):
 
 
 @register_model
-class CaptionModel(DecodesWithGraphs):
+class CaptionModel(Pretrained, DecodesWithGraphs):
     model_type = "caption"
     config_class = CaptionConfig
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmt.checkpoint import Pretrained
 from mmt.config import Amount, Count, Fraction, Length, NonNegative, Positive, Settings, TextConfig, TransformerConfig, VisionConfig
 from mmt.distributed import gather_plain, gather_with_grad, rank_offset
 from mmt.layers.transformer import Decoder
@@ -118,7 +119,7 @@ def sample_hard_negatives(similarity: Tensor, positive: Tensor, generator: torch
 
 
 @register_model
-class RetrievalModel(nn.Module):
+class RetrievalModel(Pretrained, nn.Module):
     model_type = "retrieval"
     config_class = RetrievalConfig
 

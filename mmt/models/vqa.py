@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmt.checkpoint import Pretrained
 from mmt.config import Count, Length, Settings, TextConfig, TransformerConfig, VisionConfig
 from mmt.cuda_graphs import DecodesWithGraphs
 from mmt.generation import Generated, GenerationConfig, decoder_step, generate
@@ -59,7 +60,7 @@ class VQAConfig(Settings):
 
 
 @register_model
-class VQAModel(DecodesWithGraphs):
+class VQAModel(Pretrained, DecodesWithGraphs):
     model_type = "vqa"
     config_class = VQAConfig
 
