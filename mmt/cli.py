@@ -137,19 +137,22 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
             fitting = [name for name in registry.preset_names() if isinstance(registry.preset(name), type(cfg.model))]
             raise ConfigError(f"preset {args.preset!r} is not a model of `mmt train {args.task}`; its presets: {', '.join(fitting)}")
         cfg.model = model
+    if args.init:
+        from mmt.checkpoint import model_directory, read_config
+        from mmt.train import init_architecture
+
+        read_config(model_directory(args.init))  # fail now, with the file named, if it is not a model
+        if not args.preset:  # the source's own architecture
+            cfg.model = init_architecture(cfg.model, args.init)
+        cfg.train.init = str(args.init)
+        cfg.train.allow_partial = args.allow_partial
     if args.config:  # the file's keys override the preset's
         data = config.read_data(args.config)
         try:
             cfg = config.merge(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{args.config}: {e}") from None
-    cfg = config.apply_overrides(cfg, args.set)
-    if args.init:
-        from mmt.checkpoint import model_directory, read_config
-
-        read_config(model_directory(args.init))  # fail now, with the file named, if it is not a model
-        cfg.train.init = str(args.init)
-    return cfg
+    return config.apply_overrides(cfg, args.set)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -429,7 +432,8 @@ def _add_train(commands) -> argparse.ArgumentParser:
     train.add_argument("--preset", help="named model preset, e.g. vqa-small, seed-vqa, caption-small")
     train.add_argument("--config", help="JSON/YAML file with model/data/train sections")
     _add_set(train, "train.steps=500")
-    train.add_argument("--init", metavar="RUN_DIR", help="start from the weights of another run (e.g. pretrain) where names and shapes match")
+    train.add_argument("--init", metavar="RUN_DIR", help="start from another run's model (e.g. pretrain): its architecture (unless --preset) and weights")
+    train.add_argument("--allow-partial", action="store_true", help="with --init: start even if some of the source's weights do not fit this model")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--run-dir", dest="old_run_dir", action=_Deprecated, instead="give the run directory after the task: mmt train TASK RUN_DIR",

@@ -31,6 +31,7 @@ batch of all of them. Rank 0 alone logs, evaluates and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -46,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from mmt import checkpoint
-from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, to_dict
+from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, TextConfig, TransformerConfig, VisionConfig, to_dict
 from mmt.devices import autocast, autocast_dtype, choose_device, describe
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
@@ -94,7 +95,9 @@ class TrainConfig(Settings):
     log_every: Count = 50  # write training metrics every N steps
     seed: Amount = 0  # seeds weights, data order and dropout
     threads: Amount = 0  # torch CPU threads (0: torch's default)
-    init: str = ""  # run or model directory whose weights start this run where names and shapes match (--init)
+    init: str = ""  # run or model directory whose weights start this run (--init); see mmt.train.init_from
+    allow_partial: bool = False  # --init: start even if some of the source's weights do not fit (--allow-partial)
+    new_words: Literal["stop", "extend", "unk"] = "stop"  # --init: words the source's vocabulary lacks stop the run, extend it, or read as [UNK]
     accumulate: Count = 1  # micro-steps per optimizer step (gradient accumulation); batch_size counts all of them
     activation_checkpointing: bool = False  # recompute Transformer layer activations in backward: less memory, ~30% more compute
     dist_timeout: Count = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
@@ -142,11 +145,52 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def init_from(model: torch.nn.Module, init: str | Path) -> checkpoint.LoadReport:
-    """Load every weight of the model saved in `init` (a run or model directory) whose name
-    and shape match `model`'s; the report says what was loaded, new, skipped and unused."""
-    directory = checkpoint.model_directory(init)
-    return checkpoint.load_weights(model, directory / checkpoint.WEIGHTS_NAME, strict=False)
+def init_architecture(model_cfg: Any, init: str | Path) -> Any:
+    """The model config of a run started from `init` (without --preset): the source model's own
+    architecture when it is the same kind of model (the training objective, `losses`, stays
+    the task's); else `model_cfg` with the sections the two share (vision, text, fusion
+    encoder, ...) taken from the source, so that their weights fit."""
+    _, source = checkpoint.read_config(checkpoint.model_directory(init))
+    if type(source) is type(model_cfg):
+        kept = {"losses": model_cfg.losses} if hasattr(model_cfg, "losses") else {}
+        return dataclasses.replace(copy.deepcopy(source), **kept)
+    shared = {
+        field.name: copy.deepcopy(getattr(source, field.name)) for field in dataclasses.fields(model_cfg)
+        if isinstance(getattr(model_cfg, field.name), (VisionConfig, TextConfig, TransformerConfig))
+        and type(getattr(source, field.name, None)) is type(getattr(model_cfg, field.name))
+    }
+    return dataclasses.replace(model_cfg, **shared)
+
+
+def init_from(model: torch.nn.Module, init: str | Path, vocab_rows: tuple[int, int] | None = None) -> checkpoint.LoadReport:
+    """Load every weight of the model saved in `init` (a run or model directory) whose name and
+    shape match `model`'s; the report says what was loaded, new, skipped and unused. With
+    `vocab_rows` (the source's vocabulary size, this run's larger one: `train.new_words=extend`),
+    a tensor with one row per word loads into its first rows; the added words' rows keep their
+    new initialisation."""
+    path = checkpoint.model_directory(init) / checkpoint.WEIGHTS_NAME
+    tensors = checkpoint.read_weights(path)
+    if vocab_rows is not None:
+        old, new = vocab_rows
+        own = model.state_dict()
+        for key, tensor in tensors.items():
+            if key in own and tensor.shape[0] == old and own[key].shape[0] == new and tensor.shape[1:] == own[key].shape[1:]:
+                tensors[key] = torch.cat([tensor, own[key][old:].to(tensor.device, tensor.dtype)])
+    return checkpoint.load_weights(model, path, strict=False, tensors=tensors)
+
+
+def init_problems(report: checkpoint.LoadReport, model: torch.nn.Module) -> list[str]:
+    """What did not fit when starting from another model: tensors of mismatched shape, tensors of
+    the source in a module this model has too that it does not use, and tensors of this model in
+    a module the source has that the source lacks (a module only one of them has, such as a new
+    answer head or a pretraining head, is expected)."""
+    own_modules = {key.split(".")[0] for key in model.state_dict()}
+    source_modules = {key.split(".")[0] for key in [*report.loaded, *report.unexpected, *(k for k, _, _ in report.mismatched)]}
+    return (
+        [f"{key} (source {list(a)}, this model {list(b)})" for key, a, b in report.mismatched]
+        + [f"{key} (unused)" for key in report.unexpected if key.split(".")[0] in own_modules]
+        + [f"{key} (not in the source)" for key in report.missing if key.split(".")[0] in source_modules]
+    )
 
 
 def micro_step_scales(task: Task, batches: list[dict[str, Any]], procs: Processes) -> list[float]:
@@ -242,6 +286,26 @@ def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: P
     return model_cfg if procs.main else task.prepare(run_dir)
 
 
+def _init(model: torch.nn.Module, cfg: TrainConfig, run_dir: Path, procs: Processes) -> None:
+    """Start `model` from the --init model: its weights (strictly, unless train.allow_partial),
+    with the rows of words a grown vocabulary added (train.new_words=extend) left new."""
+    source_words = checkpoint.load_tokenizer(checkpoint.model_directory(cfg.init))
+    run_words = checkpoint.load_tokenizer(run_dir)
+    grown = source_words and run_words and run_words.vocab_size > source_words.vocab_size  # train.new_words=extend
+    report = init_from(model, cfg.init, (source_words.vocab_size, run_words.vocab_size) if grown else None)
+    problems = init_problems(report, model)
+    if procs.main:
+        log.info(report.describe_init(cfg.init))
+        (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if problems and not cfg.allow_partial:
+        listing = "; ".join(problems[:12]) + (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
+        raise CheckpointError(
+            f"--init {cfg.init}: {len(problems)} tensors do not fit this model: {listing}. Start from the source's own "
+            "architecture (no --preset, no --set model.* that changes shapes), or pass --allow-partial to start "
+            "with what fits (the rest keeps its new initialisation)"
+        )
+
+
 def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Processes, overwrite: bool) -> _Run:
     """Prepare the data, build the model and optimizer, start from --init or resume; then write
     run_config.json (not before a resume has succeeded: a failed one leaves the run as it was)."""
@@ -260,10 +324,7 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run = _Run(task, cfg, run_dir, procs, model, model, optimizer, scheduler, device, amp_dtype, scaler)
     if cfg.init and not resume:  # a resumed run's weights come from its own checkpoint
-        report = init_from(model, cfg.init)
-        if procs.main:
-            log.info(report.describe_init(cfg.init))
-            (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        _init(model, cfg, run_dir, procs)
     if resume:
         _resume(run)
     if procs.main:

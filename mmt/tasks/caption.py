@@ -114,7 +114,7 @@ class CaptionTask(Task):
             train = ImageTexts(to_pixels(train_split.images), train_split.captions, {})
             val = ImageTexts(to_pixels(self.val_split.images), self.val_split.captions, {})
         flat = [c for caps in train.captions for c in caps]
-        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: flat)
+        self.tokenizer = init_tokenizer(run_dir, cfg.train, lambda: flat)
         model.vocab_size = self.tokenizer.vocab_size
         self.stream = train if isinstance(train, StreamedShards) else None  # shards: images stream while training
         self.train_pixels = None if self.stream else train.pixels

@@ -67,17 +67,67 @@ def share(items: np.ndarray, part: int, parts: int) -> np.ndarray:
     return items[part * size : (part + 1) * size]
 
 
-def init_tokenizer(run_dir: Path, init: str, corpus: Callable[[], Iterable[str]]) -> Tokenizer:
+def unknown_words(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, int]:
+    """The words of `texts` that `tokenizer` reads as [UNK], as it normalises them, with how
+    often each occurs, most frequent first."""
+    texts = list(texts)
+    counts: dict[str, int] = {}
+    normalizer = tokenizer.backend.normalizer
+    for text, encoding in zip(texts, tokenizer.backend.encode_batch(texts, add_special_tokens=False)):
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token_id == tokenizer.unk_id:
+                word = text[start:end]
+                word = normalizer.normalize_str(word) if normalizer is not None else word
+                counts[word] = counts.get(word, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def with_words(tokenizer: Tokenizer, words: Iterable[str]) -> Tokenizer:
+    """A word-level `tokenizer` with `words` added after its own (its ids keep their meaning)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    backend = tokenizer.backend
+    if not isinstance(backend.model, models.WordLevel):
+        raise ValueError("only a word-level tokenizer can be extended with new words")
+    vocab = dict(sorted(backend.get_vocab().items(), key=lambda item: item[1]))
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    grown = Backend(models.WordLevel(vocab, unk_token=tokenizer.backend.id_to_token(tokenizer.unk_id)))
+    grown.normalizer, grown.pre_tokenizer, grown.decoder = backend.normalizer, backend.pre_tokenizer, backend.decoder
+    return Tokenizer(grown)
+
+
+def init_tokenizer(run_dir: Path, train_cfg, corpus: Callable[[], Iterable[str]]) -> Tokenizer:
     """The run's tokenizer, saved in run_dir: its own when resuming; the --init run's when
-    starting from one (its weights mean nothing under other token ids); else a word
-    tokenizer trained on `corpus()`."""
+    starting from one (its weights mean nothing under other token ids), where words of this
+    run's data it does not know stop the run, extend it or become [UNK] (`train.new_words`);
+    else a word tokenizer trained on `corpus()`."""
     path = run_dir / checkpoint.TOKENIZER_NAME
     if path.is_file():
         return Tokenizer.load(path)
+    init = train_cfg.init
     if init:
         tokenizer = checkpoint.load_tokenizer(checkpoint.model_directory(init))
         if tokenizer is None:
             raise checkpoint.CheckpointError(f"{init}: no tokenizer.json beside the model; --init needs a run or model directory made by mmt")
+        unknown = unknown_words(tokenizer, corpus())
+        if unknown:
+            listing = ", ".join(f"{word!r} ({n})" for word, n in list(unknown.items())[:10]) + (", ..." if len(unknown) > 10 else "")
+            if train_cfg.new_words == "stop":
+                raise ValueError(
+                    f"{len(unknown)} words of this run's texts ({sum(unknown.values())} occurrences) are not in the vocabulary of "
+                    f"{init}: {listing}. Add them to it (--set train.new_words=extend; their embeddings start new) or read "
+                    "them as [UNK] (--set train.new_words=unk)"
+                )
+            if train_cfg.new_words == "extend":
+                try:
+                    tokenizer = with_words(tokenizer, unknown)
+                except ValueError as e:
+                    raise ValueError(f"{init}: {e}; {len(unknown)} words are unknown to it ({listing}): use --set train.new_words=unk") from None
+                log.info(f"added {len(unknown)} words to the vocabulary of {init}: {listing}")
+            else:
+                log.warning(f"{len(unknown)} words ({sum(unknown.values())} occurrences) read as [UNK] (train.new_words=unk): {listing}")
     else:
         tokenizer = Tokenizer.train(corpus(), kind="word")
     tokenizer.save(path)

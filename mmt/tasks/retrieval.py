@@ -265,7 +265,7 @@ class RetrievalTask(Task):
             # the vocabulary of the world's language (captions, questions, answers of the
             # training images), so a VQA or caption run can start from this one's weights
             corpus = lambda: shapes.corpus(train_split)  # noqa: E731
-        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, corpus)
+        self.tokenizer = init_tokenizer(run_dir, cfg.train, corpus)
         model.text.vocab_size = self.tokenizer.vocab_size
         self.stream = train if isinstance(train, StreamedShards) else None  # shards: images stream while training
         self.train_pixels = None if self.stream else train.pixels

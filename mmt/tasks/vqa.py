@@ -267,7 +267,7 @@ class VQATask(Task):
             train = load_split(cfg, "train")
         answers_path = run_dir / ANSWERS_NAME
         # answers are texts too: the generative head writes them
-        self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: [q.text for q in train.questions] + [q.answer for q in train.questions])
+        self.tokenizer = init_tokenizer(run_dir, cfg.train, lambda: [q.text for q in train.questions] + [q.answer for q in train.questions])
         if answers_path.is_file():  # resuming: reuse the run's own
             self.vocab = AnswerVocab.load(answers_path)
         else:
