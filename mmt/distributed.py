@@ -62,24 +62,27 @@ class Processes:
         return [{k: v.cpu() for k, v in s.items()} for s in states]
 
 
-def start_processes(timeout: int) -> Processes:
+def start_processes(timeout: int, device: str = "auto") -> Processes:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT);
-    a single process when WORLD_SIZE is unset or 1. Joining fails after `timeout` seconds
-    instead of hanging."""
+    a single process when WORLD_SIZE is unset or 1. Each process runs on `device`
+    (`mmt.devices.choose_device`: "auto" is the GPU of its local rank when there are GPUs):
+    NCCL between GPUs, gloo between CPUs. Joining fails after `timeout` seconds instead of
+    hanging."""
+    from mmt.devices import choose_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Processes()
     started = False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():  # before the group starts, so NCCL binds each process to its own GPU
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    target = choose_device(device, local_rank)
+    if target.type == "cuda":  # before the group starts, so NCCL binds each process to its own GPU
+        torch.cuda.set_device(target)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
         started = True
-    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, started, device)
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, started, target)
 
 
 def _running() -> bool:

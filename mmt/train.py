@@ -245,7 +245,7 @@ def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool 
     (not `resume`) refuses a directory holding a run or files mmt did not write, unless
     `overwrite` (`mmt.trainer_state.check_fresh_start`)."""
     cfg: TrainConfig = task.cfg.train
-    procs = start_processes(cfg.dist_timeout)
+    procs = start_processes(cfg.dist_timeout, cfg.device)
     try:
         run = _start(task, cfg, Path(run_dir), resume, procs, overwrite)
         with attention_kernel(cfg.attention):
