@@ -413,6 +413,27 @@ def _data_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from mmt.api import load
+    from mmt.explain import explain, render
+
+    predictor = load(args.run_dir, device=args.device, overrides=args.set)
+    if predictor.task == "vqa" and not args.question:
+        raise ConfigError(f"{predictor.directory} is a VQA model: give --question TEXT")
+    if predictor.task == "retrieval" and not args.text:
+        raise ConfigError(f"{predictor.directory} is a retrieval model: give --text TEXT to match the image with")
+    layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
+    head = int(args.head) if args.head.isdigit() else args.head
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: give a PNG file in an existing folder")
+    explained = explain(predictor, args.image, question=args.question, text=args.text, method=args.method, layer=layer, head=head)
+    render(explained).save(out)
+    print(", ".join(f"{k}: {v}" for k, v in explained.result.items() if isinstance(v, (str, int, float))))
+    print(f"wrote {out} ({len(explained.maps)} map{'s' if len(explained.maps) > 1 else ''})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- the parser
 
 
@@ -474,6 +495,19 @@ def _add_use(commands) -> None:
     _add_device(predict)
     predict.set_defaults(run=_predict)
 
+    explain = commands.add_parser("explain", help="where the model looked: heat maps over an image for an answer, each caption word, or a match")
+    explain.add_argument("run_dir", help="a run directory or model directory")
+    explain.add_argument("--image", required=True, help="the image file")
+    explain.add_argument("--question", help="VQA: the question whose answer is explained")
+    explain.add_argument("--text", help="retrieval: the text whose match with the image is explained")
+    explain.add_argument("--out", required=True, help="PNG file: the image with each map over it (a captioner: one panel per word)")
+    explain.add_argument("--method", default="attention", choices=["attention", "gradient", "gradcam"],
+                         help="cross-modal attention weights (default; retrieval: gradient), gradient x input, or Grad-CAM")
+    explain.add_argument("--layer", default="first", help="attention: first (default), last, mean, or a layer number")
+    explain.add_argument("--head", default="mean", help="attention: mean over heads (default) or a head number")
+    explain.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    _add_set(explain, "model.rerank_k=32")
+    explain.set_defaults(run=_explain)
     inspect = commands.add_parser("inspect", help="load a saved run or model directory and report on it")
     inspect.add_argument("run_dir")
     _add_set(inspect, "model.rerank_k=32")
