@@ -242,6 +242,22 @@ def run_settings(path: str | Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
+def saved_run_config(config_class, data: dict, path: Path):
+    """A saved run config (`run_config.json`'s data, read from `path`) over the task's defaults
+    (`config_class`): a section or key that an older version did not write keeps the task's
+    default, except the attention kernel, which a run of mmt 0.1 chose in its model config and
+    keeps. The model section is read on its own, as a saved model config is."""
+    try:
+        cfg = config.merge(config_class(), {k: v for k, v in data.items() if k not in ("task", "model")})
+        if "model" in data:
+            cfg.model = config.from_dict(type(cfg.model), data["model"], saved=True)
+            if "attention" not in data.get("train", {}):
+                cfg.train.attention = config.attention_of_old_model(data["model"]) or cfg.train.attention
+        return cfg
+    except config.ConfigError as e:
+        raise config.ConfigError(f"{path}: {e}") from None
+
+
 def load(
     path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None, overrides: Sequence[str] = ()
 ) -> Predictor:

@@ -98,24 +98,6 @@ def _decoding_overrides(args: argparse.Namespace) -> list[str]:
 # ----------------------------------------------------------------------------- train
 
 
-def _saved(config_class, data: dict, path: Path):
-    """A saved run config over the task's defaults: a section or key that an older version did not
-    write keeps the task's default, except the attention kernel, which a run of mmt 0.1 chose in
-    its model config and keeps. The model section is read on its own, as a saved model config is
-    (`mmt.config.from_dict`)."""
-    from mmt import config
-
-    try:
-        cfg = config.merge(config_class(), {k: v for k, v in data.items() if k not in ("task", "model")})
-        if "model" in data:
-            cfg.model = config.from_dict(type(cfg.model), data["model"], saved=True)
-            if "attention" not in data.get("train", {}):
-                cfg.train.attention = config.attention_of_old_model(data["model"]) or cfg.train.attention
-        return cfg
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
 def _run_config(args: argparse.Namespace, run_dir: Path):
     """The run config: the run's own when resuming, else defaults <- preset <- --config <- --set."""
     from mmt import config, registry
@@ -129,7 +111,9 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
         data = config.read_data(path)
         if data.pop("task", args.task) != args.task:
             raise ConfigError(f"{path}: this run trained another task; use `mmt train <its task> {run_dir} --resume`")
-        return config.apply_overrides(_saved(config_class, data, path), args.set)
+        from mmt.api import saved_run_config
+
+        return config.apply_overrides(saved_run_config(config_class, data, path), args.set)
     cfg = config_class()
     if args.preset:
         model = registry.preset(args.preset)
@@ -192,7 +176,7 @@ def _saved_task(run_dir: Path, overrides: list[str]):
     """(the task with the run's own settings and `overrides`, the model, its tokenizer, the model
     directory) of a saved run or model directory."""
     from mmt import checkpoint, config
-    from mmt.api import run_settings
+    from mmt.api import run_settings, saved_run_config
     from mmt.tasks import TASK_OF_MODEL, task_class
 
     directory = checkpoint.model_directory(run_dir)
@@ -203,7 +187,7 @@ def _saved_task(run_dir: Path, overrides: list[str]):
         name = "pretrain"
     cls = task_class(name)
     if settings:  # the data and decoding the run was made with; the weights' own model config
-        cfg = _saved(cls.run_config, settings, settings_file)
+        cfg = saved_run_config(cls.run_config, settings, settings_file)
     else:
         log.warning(f"no run_config.json in {run_dir}: testing on the default data settings")
         cfg = cls.run_config()
@@ -434,6 +418,17 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mmt.report import write_report
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a folder for report.html")
+    path = write_report(args.run_dir, out, per_kind=args.examples)
+    print(f"wrote {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- the parser
 
 
@@ -508,6 +503,11 @@ def _add_use(commands) -> None:
     explain.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     _add_set(explain, "model.rerank_k=32")
     explain.set_defaults(run=_explain)
+    report = commands.add_parser("report", help="one self-contained HTML page of a run: curves, evaluation, test examples with heat maps")
+    report.add_argument("run_dir", help="a run directory, finished or still training")
+    report.add_argument("--out", required=True, help="folder for report.html")
+    report.add_argument("--examples", type=COUNT, default=6, help="right (and wrong) test examples to show (default 6 each)")
+    report.set_defaults(run=_report)
     inspect = commands.add_parser("inspect", help="load a saved run or model directory and report on it")
     inspect.add_argument("run_dir")
     _add_set(inspect, "model.rerank_k=32")

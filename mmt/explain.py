@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -196,11 +197,13 @@ def render(explanation: Explanation, size: int = 224, columns: int = 4) -> Image
     """A sheet: the result on top, then one panel per map (the image with its map, its label below)."""
     rows = -(-len(explanation.maps) // columns)
     width = max(min(columns, len(explanation.maps)), 1) * size
-    header, label_height = 34, 18
+    result = ", ".join(f"{k}: {v}" for k, v in explanation.result.items() if isinstance(v, (str, float, int)))
+    lines = textwrap.wrap(result, max(20, width // 6))  # (PIL's default font: about 6 pixels a character)
+    header, label_height = 8 + 12 * len(lines), 18
     sheet = Image.new("RGB", (width, header + rows * (size + label_height)), "white")
     draw = ImageDraw.Draw(sheet)
-    result = ", ".join(f"{k}: {v}" for k, v in explanation.result.items() if isinstance(v, (str, float, int)))
-    draw.text((4, 4), result[: width // 6], fill="black")
+    for number, line in enumerate(lines):
+        draw.text((4, 4 + 12 * number), line, fill="black")
     for k, (label, heat) in enumerate(zip(explanation.labels, explanation.maps)):
         x, y = (k % columns) * size, header + (k // columns) * (size + label_height)
         sheet.paste(overlay(explanation.image, heat, size), (x, y))

@@ -7,6 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+_UMASK = os.umask(0o022)  # the process's umask, read once (reading it means setting it)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync, then rename over `path`: readers see old or new, never half."""
@@ -14,6 +17,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # what open() would have given (mkstemp makes files private)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
