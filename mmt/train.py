@@ -39,6 +39,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -501,6 +502,8 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
     running_stats = [b for m in norms for b in m.buffers()]
     momenta = [m.momentum for m in norms]
     first_start = time.perf_counter()
+    if run.scaler.is_enabled():  # a step the loss scaler skips still moves the schedule on (by design), which torch warns of
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
     for step in range(run.start_step, cfg.steps):
         run.model.train()
         average, restart = batchnorm_averaging(step, cfg)

@@ -126,7 +126,7 @@ def old_run_config(fused_on_bf16_cpu):
 def test_a_resumed_old_run_keeps_its_kernel_and_image_fit_and_the_tasks_defaults_for_the_rest(tmp_path, caplog):
     # mmt 0.1 chose the attention kernel in the model config: vqa-fast's stacks all asked for the
     # fused kernel, the other presets' for none (the "auto" rule); resuming keeps that choice
-    from mmt.cli import _saved
+    from mmt.api import saved_run_config as _saved
     from mmt.tasks.vqa import VQARunConfig
 
     path = tmp_path / "run_config.json"
