@@ -249,7 +249,9 @@ def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool 
     procs = start_processes(cfg.dist_timeout, cfg.device)
     try:
         run = _start(task, cfg, Path(run_dir), resume, procs, overwrite)
-        with attention_kernel(cfg.attention):
+        with attention_kernel(cfg.attention), warnings.catch_warnings():
+            if run.scaler.is_enabled():  # a step the loss scaler skips still moves the schedule on (by design), which torch warns of
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
             final = _loop(run, progress)
         _finish(run)
         return final
@@ -502,8 +504,6 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
     running_stats = [b for m in norms for b in m.buffers()]
     momenta = [m.momentum for m in norms]
     first_start = time.perf_counter()
-    if run.scaler.is_enabled():  # a step the loss scaler skips still moves the schedule on (by design), which torch warns of
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
     for step in range(run.start_step, cfg.steps):
         run.model.train()
         average, restart = batchnorm_averaging(step, cfg)
