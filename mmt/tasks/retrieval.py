@@ -32,6 +32,7 @@ from mmt.data.worlds import shapes
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import (
+    ImageTextFiles,
     ImageTexts,
     ShapesConfig,
     SourceConfig,
@@ -41,6 +42,7 @@ from mmt.tasks.common import (
     own_image_texts,
     shapes_splits,
     share,
+    step_images,
     test_image_texts,
 )
 from mmt.text import Tokenizer
@@ -268,7 +270,9 @@ class RetrievalTask(Task):
         self.tokenizer = init_tokenizer(run_dir, cfg.train.init, corpus)
         model.text.vocab_size = self.tokenizer.vocab_size
         self.stream = train if isinstance(train, StreamedShards) else None  # shards: images stream while training
-        self.train_pixels = None if self.stream else train.pixels
+        self.train_pixels = train.pixels if isinstance(train, ImageTexts) else None  # the built-in world, in memory
+        # own files: decoded per batch by worker processes
+        self.train_images = step_images(train.files, cfg.source, cfg.train, self._train_images) if isinstance(train, ImageTextFiles) else None
         self.val_pixels, self.val_captions = val.pixels, val.captions
         # every training caption once, image by image; image i owns rows start[i] .. start[i] + count[i] - 1
         flat = [c for caps in train.captions for c in caps]
@@ -297,11 +301,19 @@ class RetrievalTask(Task):
         share_of = share(np.arange(B), part, parts)
         images, rows = torch.as_tensor(images[share_of]), rows[share_of]
         ids = self.text_ids[rows]
-        batch = {"pixels": self.train_pixels[images], "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
+        pixels = to_pixels(self.train_images.take(step, part, parts)) if self.train_images is not None else self.train_pixels[images]
+        batch = {"pixels": pixels, "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
         if self.model_cfg.losses.lm:
             caps = self.caption_ids[rows]
             batch["caption_ids"] = caps[:, : int((caps != 0).sum(1).max())]
         return batch
+
+    def _train_images(self, step: int, part: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, their slots in the step's batch) of share `part` of `parts` of step
+        `step`: the images `train_batch` takes (`StepImages` decodes them ahead)."""
+        B = self.cfg.train.batch_size
+        slots = share(np.arange(B), part, parts)
+        return epoch_order(self.cfg.train.seed, step, B, len(self.count))[slots], slots
 
     def _streamed_batch(self, step: int, part: int, parts: int) -> dict[str, torch.Tensor]:
         """train_batch from shards: the share's streamed images, one caption each (seeded);
