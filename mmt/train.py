@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from mmt import checkpoint
 from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, to_dict
+from mmt.data.progress import progress_bars
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
 from mmt.files import atomic_write_text
@@ -208,9 +209,10 @@ def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool 
     cfg: TrainConfig = task.cfg.train
     procs = start_processes(cfg.dist_timeout)
     try:
-        run = _start(task, cfg, Path(run_dir), resume, procs, overwrite)
-        with attention_kernel(cfg.attention):
-            final = _loop(run, progress)
+        with progress_bars(progress):  # the data's and evaluation's bars (mmt.data.progress)
+            run = _start(task, cfg, Path(run_dir), resume, procs, overwrite)
+            with attention_kernel(cfg.attention):
+                final = _loop(run, progress)
         _finish(run)
         return final
     finally:

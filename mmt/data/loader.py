@@ -102,7 +102,10 @@ def _loader(files: ImageFiles, keys: Callable[[], Iterator], workers: int) -> It
     dataset = _Decode(files)
     if workers == 0:
         return (dataset[key] for key in keys())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Keys(keys), num_workers=workers, collate_fn=_keep)
+    # its own generator: starting workers draws a seed, which must not move the training's global torch RNG
+    # (a resumed run starts them at another step)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Keys(keys), num_workers=workers, collate_fn=_keep,
+                                         generator=torch.Generator().manual_seed(0))
     return iter(loader)
 
 

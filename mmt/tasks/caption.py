@@ -22,6 +22,7 @@ import torch
 from mmt import checkpoint, registry
 from mmt.config import Count, Settings
 from mmt.data.images import Fit, to_pixels
+from mmt.data.progress import bar
 from mmt.data.worlds import shapes
 from mmt.data.worlds.shapes_truth import fact_scores
 from mmt.generation import GenerationConfig
@@ -69,7 +70,7 @@ def caption_images(
     model.eval()
     device = next(model.parameters()).device
     captions = []
-    for start in range(0, len(pixels), batch_size):
+    for start in bar(range(0, len(pixels), batch_size), desc="caption", unit="batch"):
         out = model.generate(pixels[start : start + batch_size].to(device), generation)
         captions += [tokenizer.decode(row) for row in out.ids[:, 0].cpu()]
     return captions

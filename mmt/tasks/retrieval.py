@@ -28,6 +28,7 @@ import torch
 from mmt import checkpoint, registry
 from mmt.config import Settings
 from mmt.data.images import Fit, to_pixels
+from mmt.data.progress import bar
 from mmt.data.worlds import shapes
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
 from mmt.tasks.base import Task
@@ -85,7 +86,7 @@ def encode_images(model: RetrievalModel, pixels: torch.Tensor, batch_size: int =
     model.eval()
     device = next(model.parameters()).device
     embs, tokens = [], []
-    for start in range(0, len(pixels), batch_size):
+    for start in bar(range(0, len(pixels), batch_size), desc="embed images", unit="batch"):
         t, pad = model.vision(pixels[start : start + batch_size].to(device))
         embs.append(model.image_embedding(t, pad).cpu())
         tokens.append(t.cpu())
@@ -100,7 +101,7 @@ def encode_texts(
     model.eval()
     device = next(model.parameters()).device
     embs, tokens, pads = [], [], []
-    for start in range(0, len(texts), batch_size):
+    for start in bar(range(0, len(texts), batch_size), desc="embed texts", unit="batch"):
         ids, _ = tokenizer.batch(texts[start : start + batch_size], model.config.text.max_len)
         t, pad = model.text(ids.to(device))
         embs.append(model.text_embedding(t).cpu())
@@ -129,7 +130,7 @@ def match_scores(
     device = next(model.parameters()).device
     image_kv = model.fusion.project_context(image_tokens.to(device))
     scores = torch.empty(len(pairs))
-    for start in range(0, len(pairs), batch_size):
+    for start in bar(range(0, len(pairs), batch_size), desc="re-rank", unit="batch"):
         chunk = pairs[start : start + batch_size]
         texts = [text_tokens[i] for i in chunk[:, 0].tolist()]
         pads = [text_padding[i] for i in chunk[:, 0].tolist()]

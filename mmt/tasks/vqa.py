@@ -24,6 +24,7 @@ from mmt.data.answers import AnswerVocab
 from mmt.data.formats.shards import is_shard_dir
 from mmt.data.images import Fit, to_pixels
 from mmt.data.loader import ImageFiles, Pixels, decode_all
+from mmt.data.progress import bar
 from mmt.data.worlds import shapes, sort_of_clevr
 from mmt.files import atomic_write_text
 from mmt.generation import GenerationConfig
@@ -425,7 +426,7 @@ class VQATask(Task):
         device = next(model.parameters()).device
         correct = np.zeros(len(questions.split.questions), dtype=float)
         n = len(questions.questions_of_image)
-        for start in range(0, n, images_per_batch):
+        for start in bar(range(0, n, images_per_batch), desc="answer", unit="batch"):
             images = np.arange(start, min(n, start + images_per_batch))
             batch = {k: v.to(device) for k, v in questions.batch(images).items()}
             rows = torch.cat([questions.questions_of_image[i] for i in images]).numpy()
