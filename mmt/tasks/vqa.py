@@ -195,10 +195,11 @@ def _subset(split: VQASplit, first: int, last: int) -> VQASplit:
     return VQASplit(images, questions)
 
 
-def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQASplit:
+def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"], read: dict[str, VQASplit] | None = None) -> VQASplit:
     """A split of the configured world, or of your own data (source.train; validation is
     source.val or the last 10% of the training images; test is source.test, else source.val).
-    Sort-of-CLEVR has no validation split: its test split serves."""
+    Sort-of-CLEVR has no validation split: its test split serves. `read` keeps source.train
+    as read for the train split, so the held-out tail does not read and check it again."""
     src = cfg.source
     if src.train:
         size = Fit.of(cfg.model.vision)
@@ -207,7 +208,9 @@ def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQA
             if not path:
                 raise ValueError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
             return decoded_split(own_split(path, src, size), src, f"load {Path(path).name}")
-        train = own_split(src.train, src, size)
+        train = read[src.train] if read is not None and src.train in read else own_split(src.train, src, size)
+        if read is not None:
+            read[src.train] = train
         if src.val:
             return fully_checked_split(train, src)
         n = len(train.images)
@@ -300,6 +303,7 @@ class VQATask(Task):
             key = "shapes.image_size" if cfg.dataset == "shapes" else "the Sort-of-CLEVR image size"
             raise ValueError(f"model.vision.image_size={model.vision.image_size} but {key} is {size}: set model.vision.image_size={size}")
         self.stream = None
+        read: dict[str, VQASplit] = {}  # own data: source.train read once for training and its held-out tail
         if is_shard_dir(cfg.source.train):  # shards: questions read up front, images streamed while training
             if not cfg.source.val:
                 raise ValueError(f"{cfg.source.train}: training from shards streams the data; give validation data as source.val (a file or a shard folder)")
@@ -308,7 +312,7 @@ class VQATask(Task):
             report = {"train_questions": len(train.questions), "skipped_train": self.stream.skipped}
             atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
         else:
-            train = load_split(cfg, "train")
+            train = load_split(cfg, "train", read)
         answers_path = run_dir / ANSWERS_NAME
         # answers are texts too: the generative head writes them
         self.tokenizer = init_tokenizer(run_dir, cfg.train.init, lambda: [q.text for q in train.questions] + [q.answer for q in train.questions])
@@ -351,7 +355,7 @@ class VQATask(Task):
             else:
                 log.info(f"curriculum: no training question has type {'/'.join(missing)}; training on all questions from the start")
         which = "val" if cfg.dataset == "shapes" or cfg.source.train else "test"
-        self.eval_set = QuestionSet(load_split(cfg, which), self.tokenizer, self.vocab, model)
+        self.eval_set = QuestionSet(load_split(cfg, which, read), self.tokenizer, self.vocab, model)
         return model
 
     def build_model(self, model_cfg: VQAConfig) -> VQAModel:
