@@ -19,6 +19,7 @@ from mmt.api import Predictor, prompts
 from mmt.data.formats.jsonl import iter_lines
 from mmt.data.formats.records import DataError
 from mmt.data.images import ImageError, load_image
+from mmt.data.progress import bar
 from mmt.errors import ConfigError
 from mmt.files import atomic_write_text
 
@@ -136,7 +137,7 @@ def _predict(
                 results[number - 1] = {**record, **result}
         pending.clear()
 
-    for number, value in numbered:  # every line (image), numbered from 1
+    for number, value in bar(numbered, desc="predict", unit=unit):  # every line (image), numbered from 1
         results.append({})
         if value is None:
             fail(number, {}, "blank line")

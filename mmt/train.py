@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from mmt import checkpoint
 from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, TextConfig, TransformerConfig, VisionConfig, to_dict
+from mmt.data.progress import progress_bars
 from mmt.devices import autocast, autocast_dtype, choose_device, describe
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
@@ -248,11 +249,12 @@ def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool 
     cfg: TrainConfig = task.cfg.train
     procs = start_processes(cfg.dist_timeout, cfg.device)
     try:
-        run = _start(task, cfg, Path(run_dir), resume, procs, overwrite)
-        with attention_kernel(cfg.attention), warnings.catch_warnings():
-            if run.scaler.is_enabled():  # a step the loss scaler skips still moves the schedule on (by design), which torch warns of
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-            final = _loop(run, progress)
+        with progress_bars(progress):  # the data's and evaluation's bars (mmt.data.progress)
+            run = _start(task, cfg, Path(run_dir), resume, procs, overwrite)
+            with attention_kernel(cfg.attention), warnings.catch_warnings():
+                if run.scaler.is_enabled():  # a step the loss scaler skips still moves the schedule on (by design), which torch warns of
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+                final = _loop(run, progress)
         _finish(run)
         return final
     finally:

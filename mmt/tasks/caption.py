@@ -22,6 +22,7 @@ import torch
 from mmt import checkpoint, registry
 from mmt.config import Count, Settings
 from mmt.data.images import Fit, to_pixels
+from mmt.data.progress import bar
 from mmt.data.worlds import shapes
 from mmt.data.worlds.shapes_truth import fact_scores
 from mmt.generation import GenerationConfig
@@ -29,6 +30,7 @@ from mmt.metrics.captions import format_scores, score_captions, write_coco_refer
 from mmt.models.caption import CaptionConfig, CaptionModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import (
+    ImageTextFiles,
     ImageTexts,
     ShapesConfig,
     SourceConfig,
@@ -38,6 +40,7 @@ from mmt.tasks.common import (
     own_image_texts,
     shapes_splits,
     share,
+    step_images,
     test_image_texts,
 )
 from mmt.text import Tokenizer
@@ -67,7 +70,7 @@ def caption_images(
     model.eval()
     device = next(model.parameters()).device
     captions = []
-    for start in range(0, len(pixels), batch_size):
+    for start in bar(range(0, len(pixels), batch_size), desc="caption", unit="batch"):
         out = model.generate(pixels[start : start + batch_size].to(device), generation)
         captions += [tokenizer.decode(row) for row in out.ids[:, 0].cpu()]
     return captions
@@ -117,7 +120,9 @@ class CaptionTask(Task):
         self.tokenizer = init_tokenizer(run_dir, cfg.train, lambda: flat)
         model.vocab_size = self.tokenizer.vocab_size
         self.stream = train if isinstance(train, StreamedShards) else None  # shards: images stream while training
-        self.train_pixels = None if self.stream else train.pixels
+        self.train_pixels = train.pixels if isinstance(train, ImageTexts) else None  # the built-in world, in memory
+        # own files: decoded per batch by worker processes
+        self.train_images = step_images(train.files, cfg.source, cfg.train, self._train_images) if isinstance(train, ImageTextFiles) else None
         self.val_pixels, self.val_captions = val.pixels, val.captions
         # every training caption, tokenised once, image by image: image i owns rows
         # start[i] .. start[i] + count[i] - 1. The model's positions must cover the longest
@@ -155,7 +160,16 @@ class CaptionTask(Task):
             rows = (self.start[images][:, None] + which[mine]).reshape(-1)
         ids = self.train_ids[torch.as_tensor(rows)]
         ids = ids[:, : int((ids != self.model_cfg.pad_id).sum(1).max())]  # drop all-padding columns
+        if self.train_images is not None:
+            return {"pixels": to_pixels(self.train_images.take(step, part, parts)), "caption_ids": ids}
         return {"pixels": self.train_pixels[torch.as_tensor(images)], "caption_ids": ids}
+
+    def _train_images(self, step: int, part: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, their slots in the step's batch) of share `part` of `parts` of step
+        `step`: the images `train_batch` takes (`StepImages` decodes them ahead)."""
+        B = self.cfg.train.batch_size
+        slots = share(np.arange(B), part, parts)
+        return epoch_order(self.cfg.train.seed, step, B, len(self.count))[slots], slots
 
     def _streamed_batch(self, step: int, part: int, parts: int) -> dict[str, torch.Tensor]:
         """train_batch from shards: the share's streamed images, with captions chosen as above."""

@@ -1,4 +1,5 @@
-"""Pieces every built-in task shares: the shapes world's settings and the seeded data order."""
+"""Pieces every built-in task shares: the shapes world's settings, the seeded data order, and
+your own data (files read lazily, shards streamed)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +15,8 @@ import torch
 from mmt import checkpoint
 from mmt.config import Amount, Count, Settings
 from mmt.data.images import Fit
+from mmt.data.loader import ImageFiles, Pixels, StepImages, decode_all
+from mmt.data.progress import bar
 from mmt.data.worlds import shapes
 from mmt.files import atomic_write_text
 from mmt.text import Tokenizer
@@ -146,17 +149,18 @@ class SourceConfig(Settings):
     train_split: str = "train"  # Karpathy: split of `train` (restval folded in)
     val_split: str = "val"  # Karpathy: split of `val`
     test_split: str = "test"  # Karpathy: split of `test`
-    skip_bad: bool = False  # skip and count bad records and images instead of stopping at the first
-    workers: Amount = 2  # shards (a `mmt data pack` folder as train): DataLoader processes decoding images, per training process
+    skip_bad: bool = False  # skip and count bad records and images instead of stopping at the first (then training images are decoded once before training)
+    workers: Amount = 2  # DataLoader processes decoding images (training batches, validation and test sets), per training process
     shuffle_buffer: Amount = 1000  # shards: samples in the shuffle buffer (0: shard order, only the shard order is shuffled)
-    augment: bool = False  # shards: random resized crop (50-100% of the area) + mild colour jitter on training images
+    augment: bool = False  # random resized crop (50-100% of the area) + mild colour jitter on training images (files and shards)
 
 
 @dataclasses.dataclass
 class ImageTexts:
-    """Images (N, 3, H, W) in [-1, 1] and each one's captions (any number per image)."""
+    """Images in memory, (N, 3, H, W) in [-1, 1] (float, or uint8 `Pixels` that index as
+    float), and each one's captions (any number per image)."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | Pixels
     captions: list[list[str]]
     skipped: dict  # bad records skipped, by kind (empty unless skip_bad)
 
@@ -164,33 +168,99 @@ class ImageTexts:
         return len(self.captions)
 
 
-def load_image_texts(path: str, cfg: SourceConfig, size: "int | Fit", split: str) -> ImageTexts:
-    """Read a captions source, check every record and image, and load the images at the
-    model's size (the same loader `mmt predict` and `mmt index` use). A shard folder
-    (`mmt data pack`) is read whole, in shard order; its images were checked when packed."""
+@dataclasses.dataclass
+class ImageTextFiles:
+    """Images on disk (decoded when a batch needs them) and each one's captions: own
+    training data."""
+
+    files: ImageFiles
+    captions: list[list[str]]
+    skipped: dict  # bad records skipped, by kind (empty unless skip_bad)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, indices: Sequence[int] | slice) -> "ImageTextFiles":
+        chosen = range(len(self))[indices] if isinstance(indices, slice) else indices
+        return ImageTextFiles(self.files.subset(chosen), [self.captions[i] for i in chosen], self.skipped)
+
+
+def checked_records(path: str, cfg: SourceConfig, split: str | None = None) -> tuple[list, dict]:
+    """(the good records of a data file, what was skipped by kind), checked the fast way: every
+    record, and every image's header and size (missing, unreadable or too large images);
+    nothing is decoded. Corrupt pixels are found by the one decode that follows
+    (`decode_all`, or training's `StepImages`)."""
     from mmt.data.formats import check_dataset, load_source
+
+    source = load_source(path, image_root=cfg.image_root or None, kind=cfg.kind or None, skip_bad=cfg.skip_bad, split=split)
+    report = check_dataset(source, load=False, skip_bad=cfg.skip_bad)
+    return report.records, dict(report.bad.counts)
+
+
+def _merged(*counts: dict) -> dict:
+    total: dict = {}
+    for c in counts:
+        for kind, n in c.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
+def read_image_texts(path: str, cfg: SourceConfig, size: "int | Fit", split: str) -> ImageTextFiles:
+    """A captions source's records, checked (`checked_records`), with their images left on disk."""
     from mmt.data.formats.records import CaptionRecord, DataError
+
+    records, skipped = checked_records(path, cfg, split)
+    usable = [r for r in records if isinstance(r, CaptionRecord) and r.captions]
+    if len(usable) < len(records):
+        raise DataError(path, "records", "holds VQA records or images without captions; retrieval trains on image-text pairs")
+    if not usable:
+        raise DataError(path, "records", "no usable image-text records")
+    fit = size if isinstance(size, Fit) else Fit(size)
+    return ImageTextFiles(ImageFiles.of_records(usable, fit), [list(r.captions) for r in usable], skipped)
+
+
+def decoded(texts: ImageTextFiles, cfg: SourceConfig, desc: str) -> ImageTexts:
+    """`texts` with every image decoded once into memory as uint8 (for evaluation); with
+    source.skip_bad a corrupt image is left out and counted, else it stops with its name."""
+    images, kept, bad = decode_all(texts.files, cfg.workers, cfg.skip_bad, desc)
+    return ImageTexts(Pixels(images), [texts.captions[i] for i in kept], _merged(texts.skipped, bad.counts))
+
+
+def fully_checked(texts: ImageTextFiles, cfg: SourceConfig) -> ImageTextFiles:
+    """With source.skip_bad, `texts` less the images that do not decode, each decoded once
+    (by source.workers processes) and counted; without it, `texts` as it is (a corrupt image
+    then stops training when met, naming it)."""
+    if not cfg.skip_bad:
+        return texts
+    _, kept, bad = decode_all(texts.files, cfg.workers, skip_bad=True, desc="check images", keep=False)
+    if not kept:
+        from mmt.data.formats.records import DataError
+
+        raise DataError(cfg.train, "records", "no image decodes")
+    result = texts.subset(kept)
+    result.skipped = _merged(texts.skipped, bad.counts)
+    return result
+
+
+def load_image_texts(path: str, cfg: SourceConfig, size: "int | Fit", split: str) -> ImageTexts:
+    """Read a captions source, check its records and image headers, and decode every image once
+    into memory (uint8 at the model's size, `Pixels`), by source.workers processes: evaluation
+    data. A shard folder (`mmt data pack`) is read whole, in shard order; its images were
+    checked when packed."""
+    from mmt.data.formats.records import DataError
     from mmt.data.formats.shards import INDEX_NAME, is_shard_dir, iter_packed, read_index
-    from mmt.data.images import load_image, to_pixels
+    from mmt.data.images import load_image
 
     if is_shard_dir(path):
         images, captions = [], []
-        for meta, data in iter_packed(path):
+        for meta, data in bar(iter_packed(path), total=read_index(path).get("num_samples"), desc="load shards"):
             check_packed(path, meta, "caption")
             images.append(load_image(data, size, f"{path}: sample {meta.get('index')}"))
             captions.append(list(meta["captions"]))
         if not images:
             raise DataError(Path(path) / INDEX_NAME, "shards", "no samples")
-        return ImageTexts(to_pixels(np.stack(images)), captions, dict(read_index(path)["skipped"].get("counts", {})))
-    source = load_source(path, image_root=cfg.image_root or None, kind=cfg.kind or None, skip_bad=cfg.skip_bad, split=split)
-    report = check_dataset(source, load=True, skip_bad=cfg.skip_bad)
-    records = [r for r in report.records if isinstance(r, CaptionRecord) and r.captions]
-    if len(records) < len(report.records):
-        raise DataError(path, "records", "holds VQA records or images without captions; retrieval trains on image-text pairs")
-    if not records:
-        raise DataError(path, "records", "no usable image-text records")
-    images = np.stack([load_image(r.image_path, size) for r in records])
-    return ImageTexts(to_pixels(images), [list(r.captions) for r in records], dict(report.bad.counts))
+        return ImageTexts(Pixels(np.stack(images)), captions, dict(read_index(path)["skipped"].get("counts", {})))
+    return decoded(read_image_texts(path, cfg, size, split), cfg, f"load {Path(path).name}")
 
 
 def check_packed(path: str, meta: dict, kind: str) -> None:
@@ -254,11 +324,12 @@ class StreamedShards:
 
 def own_image_texts(
     src: SourceConfig, size: "int | Fit", run_dir: Path, train_cfg=None
-) -> tuple[ImageTexts | StreamedShards, ImageTexts]:
+) -> tuple[ImageTextFiles | StreamedShards, ImageTexts]:
     """source.train and source.val (or a held-out tail of train: the last 10%, at most 1,000
-    images), checked and loaded; what was skipped goes to run_dir/data_report.json. A shard
-    folder as source.train streams (`StreamedShards`, with train_cfg's seed, batch size
-    and accumulation) and needs source.val."""
+    images), checked; the training images stay on disk (decoded per batch, `StepImages`),
+    the validation images are decoded once into memory. What was skipped goes to
+    run_dir/data_report.json. A shard folder as source.train streams (`StreamedShards`, with
+    train_cfg's seed, batch size and accumulation) and needs source.val."""
     from mmt.data.formats.shards import is_shard_dir
 
     if is_shard_dir(src.train):
@@ -266,19 +337,28 @@ def own_image_texts(
             raise ValueError(f"{src.train}: training from shards streams the data; give validation data as source.val (a file or a shard folder)")
         train = StreamedShards(src, size, train_cfg, "caption")
         return _report(run_dir, train, load_image_texts(src.val, src, size, src.val_split))
-    train = load_image_texts(src.train, src, size, src.train_split)
+    train = read_image_texts(src.train, src, size, src.train_split)
     if src.val:
         val = load_image_texts(src.val, src, size, src.val_split)
     else:
         if len(train) < 2:
             raise ValueError(f"{src.train}: {len(train)} usable image(s); give source.val or more training images")
         n = min(1000, max(1, len(train) // 10))
-        val = ImageTexts(train.pixels[-n:], train.captions[-n:], {})
-        train = ImageTexts(train.pixels[:-n], train.captions[:-n], train.skipped)
-    return _report(run_dir, train, val)
+        tail = train.subset(slice(len(train) - n, len(train)))
+        tail.skipped = {}
+        val = decoded(tail, src, "load validation images")
+        train = train.subset(slice(0, len(train) - n))
+    return _report(run_dir, fully_checked(train, src), val)
 
 
-def _report(run_dir: Path, train: ImageTexts | StreamedShards, val: ImageTexts) -> tuple[ImageTexts | StreamedShards, ImageTexts]:
+def step_images(files: ImageFiles, src: SourceConfig, train_cfg, plan) -> StepImages:
+    """The training images of own data, decoded per batch as the task's `plan(step, part,
+    parts)` -> (image indices, slots in the step's batch) chooses them (`StepImages`), with
+    source.augment and source.workers."""
+    return StepImages(files, plan, seed=train_cfg.seed, augment=src.augment, workers=src.workers, accumulate=train_cfg.accumulate)
+
+
+def _report(run_dir: Path, train: ImageTextFiles | StreamedShards, val: ImageTexts) -> tuple[ImageTextFiles | StreamedShards, ImageTexts]:
     report = {"train_images": len(train), "val_images": len(val), "skipped_train": train.skipped, "skipped_val": val.skipped}
     if train.skipped or val.skipped:
         log.warning(f"skipped bad records (source.skip_bad): train {train.skipped or 0}, val {val.skipped or 0}")
@@ -286,7 +366,7 @@ def _report(run_dir: Path, train: ImageTexts | StreamedShards, val: ImageTexts) 
     return train, val
 
 
-def test_image_texts(cfg, size: "int | Fit") -> tuple[torch.Tensor, list[list[str]], shapes.ShapesSplit | None]:
+def test_image_texts(cfg, size: "int | Fit") -> tuple[torch.Tensor | Pixels, list[list[str]], shapes.ShapesSplit | None]:
     """(pixels, captions per image, the shapes split or None) a caption or retrieval run is tested
     on: source.test (else source.val) for a run on its own data, else the shapes world's test split."""
     from mmt.data.images import to_pixels

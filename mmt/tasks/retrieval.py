@@ -28,10 +28,12 @@ import torch
 from mmt import checkpoint, registry
 from mmt.config import Settings
 from mmt.data.images import Fit, to_pixels
+from mmt.data.progress import bar
 from mmt.data.worlds import shapes
 from mmt.models.retrieval import RetrievalConfig, RetrievalModel
 from mmt.tasks.base import Task
 from mmt.tasks.common import (
+    ImageTextFiles,
     ImageTexts,
     ShapesConfig,
     SourceConfig,
@@ -41,6 +43,7 @@ from mmt.tasks.common import (
     own_image_texts,
     shapes_splits,
     share,
+    step_images,
     test_image_texts,
 )
 from mmt.text import Tokenizer
@@ -83,7 +86,7 @@ def encode_images(model: RetrievalModel, pixels: torch.Tensor, batch_size: int =
     model.eval()
     device = next(model.parameters()).device
     embs, tokens = [], []
-    for start in range(0, len(pixels), batch_size):
+    for start in bar(range(0, len(pixels), batch_size), desc="embed images", unit="batch"):
         t, pad = model.vision(pixels[start : start + batch_size].to(device))
         embs.append(model.image_embedding(t, pad).cpu())
         tokens.append(t.cpu())
@@ -98,7 +101,7 @@ def encode_texts(
     model.eval()
     device = next(model.parameters()).device
     embs, tokens, pads = [], [], []
-    for start in range(0, len(texts), batch_size):
+    for start in bar(range(0, len(texts), batch_size), desc="embed texts", unit="batch"):
         ids, _ = tokenizer.batch(texts[start : start + batch_size], model.config.text.max_len)
         t, pad = model.text(ids.to(device))
         embs.append(model.text_embedding(t).cpu())
@@ -127,7 +130,7 @@ def match_scores(
     device = next(model.parameters()).device
     image_kv = model.fusion.project_context(image_tokens.to(device))
     scores = torch.empty(len(pairs))
-    for start in range(0, len(pairs), batch_size):
+    for start in bar(range(0, len(pairs), batch_size), desc="re-rank", unit="batch"):
         chunk = pairs[start : start + batch_size]
         texts = [text_tokens[i] for i in chunk[:, 0].tolist()]
         pads = [text_padding[i] for i in chunk[:, 0].tolist()]
@@ -268,7 +271,9 @@ class RetrievalTask(Task):
         self.tokenizer = init_tokenizer(run_dir, cfg.train, corpus)
         model.text.vocab_size = self.tokenizer.vocab_size
         self.stream = train if isinstance(train, StreamedShards) else None  # shards: images stream while training
-        self.train_pixels = None if self.stream else train.pixels
+        self.train_pixels = train.pixels if isinstance(train, ImageTexts) else None  # the built-in world, in memory
+        # own files: decoded per batch by worker processes
+        self.train_images = step_images(train.files, cfg.source, cfg.train, self._train_images) if isinstance(train, ImageTextFiles) else None
         self.val_pixels, self.val_captions = val.pixels, val.captions
         # every training caption once, image by image; image i owns rows start[i] .. start[i] + count[i] - 1
         flat = [c for caps in train.captions for c in caps]
@@ -297,11 +302,19 @@ class RetrievalTask(Task):
         share_of = share(np.arange(B), part, parts)
         images, rows = torch.as_tensor(images[share_of]), rows[share_of]
         ids = self.text_ids[rows]
-        batch = {"pixels": self.train_pixels[images], "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
+        pixels = to_pixels(self.train_images.take(step, part, parts)) if self.train_images is not None else self.train_pixels[images]
+        batch = {"pixels": pixels, "text_ids": ids[:, : int((ids != 0).sum(1).max())], "image_ids": images}
         if self.model_cfg.losses.lm:
             caps = self.caption_ids[rows]
             batch["caption_ids"] = caps[:, : int((caps != 0).sum(1).max())]
         return batch
+
+    def _train_images(self, step: int, part: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, their slots in the step's batch) of share `part` of `parts` of step
+        `step`: the images `train_batch` takes (`StepImages` decodes them ahead)."""
+        B = self.cfg.train.batch_size
+        slots = share(np.arange(B), part, parts)
+        return epoch_order(self.cfg.train.seed, step, B, len(self.count))[slots], slots
 
     def _streamed_batch(self, step: int, part: int, parts: int) -> dict[str, torch.Tensor]:
         """train_batch from shards: the share's streamed images, one caption each (seeded);

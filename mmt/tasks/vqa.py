@@ -23,12 +23,25 @@ from mmt.config import Amount, Count, Fraction, Settings
 from mmt.data.answers import AnswerVocab
 from mmt.data.formats.shards import is_shard_dir
 from mmt.data.images import Fit, to_pixels
+from mmt.data.loader import ImageFiles, Pixels, decode_all
+from mmt.data.progress import bar
 from mmt.data.worlds import shapes, sort_of_clevr
 from mmt.files import atomic_write_text
 from mmt.generation import GenerationConfig
 from mmt.models.vqa import VQAConfig, VQAModel
 from mmt.tasks.base import Task
-from mmt.tasks.common import ShapesConfig, SourceConfig, StreamedShards, check_packed, epoch_order, init_tokenizer, shapes_splits, share
+from mmt.tasks.common import (
+    ShapesConfig,
+    SourceConfig,
+    StreamedShards,
+    check_packed,
+    checked_records,
+    epoch_order,
+    init_tokenizer,
+    shapes_splits,
+    share,
+    step_images,
+)
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -94,7 +107,7 @@ class Question:
 
 @dataclasses.dataclass
 class VQASplit:
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray | Pixels | ImageFiles  # (N, H, W, 3) uint8 (own data: as `Pixels`), or own image files not decoded yet
     questions: list[Question]
 
 
@@ -114,7 +127,6 @@ def packed_question(image_index: int, meta: dict) -> Question:
 def own_split(path: str, src: SourceConfig, size: int | Fit) -> VQASplit:
     """A VQA v2 or JSON Lines source, or a shard folder of one (`mmt data pack`), as a split:
     images in order of first use, questions as `own_question` makes them."""
-    from mmt.data.formats import check_dataset, load_source
     from mmt.data.formats.records import DataError, VQARecord
     from mmt.data.formats.shards import is_shard_dir, iter_packed
     from mmt.data.images import load_image
@@ -130,35 +142,64 @@ def own_split(path: str, src: SourceConfig, size: int | Fit) -> VQASplit:
             questions.append(packed_question(image_of[meta["image_path"]], meta))
         if not images:
             raise DataError(path, "shards", "no samples")
-        return VQASplit(np.stack(images), questions)
-    source = load_source(path, image_root=src.image_root or None, kind=src.kind or None, skip_bad=src.skip_bad)
-    report = check_dataset(source, load=True, skip_bad=src.skip_bad)
-    records = report.records
-    if report.bad.total:
-        log.warning(f"{path}: skipped bad records (source.skip_bad): {dict(report.bad.counts)}")
+        return VQASplit(Pixels(np.stack(images)), questions)
+    records, skipped = checked_records(path, src)
+    if skipped:
+        log.warning(f"{path}: skipped bad records (source.skip_bad): {skipped}")
     if not records or not all(isinstance(r, VQARecord) for r in records):
         raise DataError(path, "records", "needs question-answer records (VQA v2 questions + annotations, or JSON Lines with question and answer)")
     image_of: dict[str, int] = {}
+    first: list = []  # the first record of each image, which names it in errors
     questions = []
     for r in records:
         if not r.answers:
             raise DataError(path, r.where or f"question {r.question_id}", "has no answers (a test split without annotations cannot train or score)")
         index = image_of.setdefault(str(r.image_path), len(image_of))
+        if index == len(first):
+            first.append(r)
         questions.append(own_question(index, r.question, r.answers, r.multiple_choice_answer, r.answer_type))
-    images = np.stack([load_image(p, size) for p in image_of])
+    return VQASplit(ImageFiles.of_records(first, size if isinstance(size, Fit) else Fit(size)), questions)
+
+
+def decoded_split(split: VQASplit, src: SourceConfig, desc: str) -> VQASplit:
+    """`split` with its own image files decoded once into memory (uint8; evaluation data);
+    with source.skip_bad an image that does not decode is left out with its questions."""
+    if not isinstance(split.images, ImageFiles):
+        return split
+    images, kept, bad = decode_all(split.images, src.workers, src.skip_bad, desc)
+    return _kept(split, Pixels(images), kept, bad)
+
+
+def fully_checked_split(split: VQASplit, src: SourceConfig) -> VQASplit:
+    """With source.skip_bad, a training split of image files less the images that do not
+    decode (each decoded once, by source.workers processes) and their questions."""
+    if not src.skip_bad or not isinstance(split.images, ImageFiles):
+        return split
+    _, kept, bad = decode_all(split.images, src.workers, skip_bad=True, desc="check images", keep=False)
+    return _kept(split, split.images.subset(kept), kept, bad)
+
+
+def _kept(split: VQASplit, images, kept: list[int], bad) -> VQASplit:
+    """`split` with only the images `kept` (now `images`) and their questions, re-indexed."""
+    if bad.total:
+        log.warning(f"skipped images that do not decode (source.skip_bad): {dict(bad.counts)}")
+    new_index = {old: new for new, old in enumerate(kept)}
+    questions = [dataclasses.replace(q, image_index=new_index[q.image_index]) for q in split.questions if q.image_index in new_index]
     return VQASplit(images, questions)
 
 
 def _subset(split: VQASplit, first: int, last: int) -> VQASplit:
     """Images first..last-1 of a split with their questions (re-indexed)."""
     questions = [dataclasses.replace(q, image_index=q.image_index - first) for q in split.questions if first <= q.image_index < last]
-    return VQASplit(split.images[first:last], questions)
+    images = split.images.subset(slice(first, last)) if isinstance(split.images, ImageFiles) else split.images[first:last]
+    return VQASplit(images, questions)
 
 
-def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQASplit:
+def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"], read: dict[str, VQASplit] | None = None) -> VQASplit:
     """A split of the configured world, or of your own data (source.train; validation is
     source.val or the last 10% of the training images; test is source.test, else source.val).
-    Sort-of-CLEVR has no validation split: its test split serves."""
+    Sort-of-CLEVR has no validation split: its test split serves. `read` keeps source.train
+    as read for the train split, so the held-out tail does not read and check it again."""
     src = cfg.source
     if src.train:
         size = Fit.of(cfg.model.vision)
@@ -166,15 +207,19 @@ def load_split(cfg: VQARunConfig, which: Literal["train", "val", "test"]) -> VQA
             path = src.test if which == "test" and src.test else src.val
             if not path:
                 raise ValueError("this run trained on source.train with a held-out validation tail; give --set source.test=FILE")
-            return own_split(path, src, size)
-        train = own_split(src.train, src, size)
+            return decoded_split(own_split(path, src, size), src, f"load {Path(path).name}")
+        train = read[src.train] if read is not None and src.train in read else own_split(src.train, src, size)
+        if read is not None:
+            read[src.train] = train
         if src.val:
-            return train
+            return fully_checked_split(train, src)
         n = len(train.images)
         if n < 2:
             raise ValueError(f"{src.train}: {n} usable image(s); give source.val or more training images")
         held = min(1000, max(1, n // 10))
-        return _subset(train, 0, n - held) if which == "train" else _subset(train, n - held, n)
+        if which == "train":
+            return fully_checked_split(_subset(train, 0, n - held), src)
+        return decoded_split(_subset(train, n - held, n), src, "load validation images")
     if cfg.dataset == "shapes":
         train, val, test = shapes_splits(cfg.shapes, only=(which,))
         split = {"train": train, "val": val, "test": test}[which]
@@ -194,7 +239,9 @@ class QuestionSet:
 
     def __init__(self, split: VQASplit, tokenizer: Tokenizer, vocab: AnswerVocab | None, model: VQAConfig):
         self.split, self.tokenizer = split, tokenizer
-        self.pixels = to_pixels(split.images)  # (N, 3, H, W)
+        # (N, 3, H, W): float for a built-in world; own data as uint8 `Pixels`, or, for
+        # training images left on disk, None (`VQATask.train_batch` has them decoded)
+        self.pixels = split.images if isinstance(split.images, Pixels) else None if isinstance(split.images, ImageFiles) else to_pixels(split.images)
         texts = sorted({q.text for q in split.questions})  # templates repeat: tokenise each sentence once
         ids, _ = tokenizer.batch(texts, model.text.max_len, wrap="cls")
         row = {t: i for i, t in enumerate(texts)}
@@ -237,7 +284,7 @@ class QuestionSet:
         if answers.ndim == 2 and not answers.is_floating_point():  # answer tokens: drop all-padding columns
             answers = answers[:, : int((answers != 0).sum(1).max())]
         return {
-            "pixels": self.pixels[torch.as_tensor(images)],
+            **({"pixels": self.pixels[torch.as_tensor(images)]} if self.pixels is not None else {}),
             "question_ids": self.question_ids[rows],
             "answers": answers,
             "image_index": torch.arange(len(images)).repeat_interleave(counts),  # rows come image by image
@@ -256,6 +303,7 @@ class VQATask(Task):
             key = "shapes.image_size" if cfg.dataset == "shapes" else "the Sort-of-CLEVR image size"
             raise ValueError(f"model.vision.image_size={model.vision.image_size} but {key} is {size}: set model.vision.image_size={size}")
         self.stream = None
+        read: dict[str, VQASplit] = {}  # own data: source.train read once for training and its held-out tail
         if is_shard_dir(cfg.source.train):  # shards: questions read up front, images streamed while training
             if not cfg.source.val:
                 raise ValueError(f"{cfg.source.train}: training from shards streams the data; give validation data as source.val (a file or a shard folder)")
@@ -264,7 +312,7 @@ class VQATask(Task):
             report = {"train_questions": len(train.questions), "skipped_train": self.stream.skipped}
             atomic_write_text(run_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
         else:
-            train = load_split(cfg, "train")
+            train = load_split(cfg, "train", read)
         answers_path = run_dir / ANSWERS_NAME
         # answers are texts too: the generative head writes them
         self.tokenizer = init_tokenizer(run_dir, cfg.train, lambda: [q.text for q in train.questions] + [q.answer for q in train.questions])
@@ -284,6 +332,9 @@ class VQATask(Task):
             model.answer_max_len = max(model.answer_max_len, answer_ids.shape[1])
         self.model_cfg = model
         self.train_set = None if self.stream else QuestionSet(train, self.tokenizer, self.vocab, model)
+        self.train_images = None
+        if isinstance(train.images, ImageFiles):  # own image files: decoded per batch
+            self.train_images = step_images(train.images, cfg.source, cfg.train, self._train_images)
         self.curriculum_rows = None  # each image's curriculum questions, while the curriculum lasts
         self.curriculum_end = cfg.curriculum_steps  # the first step that trains on all questions
         if cfg.curriculum_steps > 0 and cfg.curriculum and self.stream is not None:
@@ -304,7 +355,7 @@ class VQATask(Task):
             else:
                 log.info(f"curriculum: no training question has type {'/'.join(missing)}; training on all questions from the start")
         which = "val" if cfg.dataset == "shapes" or cfg.source.train else "test"
-        self.eval_set = QuestionSet(load_split(cfg, which), self.tokenizer, self.vocab, model)
+        self.eval_set = QuestionSet(load_split(cfg, which, read), self.tokenizer, self.vocab, model)
         return model
 
     def build_model(self, model_cfg: VQAConfig) -> VQAModel:
@@ -318,9 +369,19 @@ class VQATask(Task):
             taken = self.stream.take(step, part, parts)
             split = VQASplit(np.stack([image for image, _ in taken]), [packed_question(i, meta) for i, (_, meta) in enumerate(taken)])
             return QuestionSet(split, self.tokenizer, self.vocab, self.model_cfg).batch(np.arange(len(taken)))
-        images = epoch_order(self.cfg.train.seed, step, self.cfg.train.batch_size, len(self.train_set.questions_of_image))
+        images, _ = self._train_images(step, part, parts)
         rows = self.curriculum_rows if self.curriculum_rows is not None and step < self.curriculum_end else None
-        return self.train_set.batch(share(images, part, parts), rows)
+        batch = self.train_set.batch(images, rows)
+        if self.train_images is not None:  # own image files, decoded ahead by worker processes
+            batch = {"pixels": to_pixels(self.train_images.take(step, part, parts)), **batch}
+        return batch
+
+    def _train_images(self, step: int, part: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, their slots in the step's batch) of share `part` of `parts` of step
+        `step` (`StepImages` decodes them ahead for own data)."""
+        B = self.cfg.train.batch_size
+        slots = share(np.arange(B), part, parts)
+        return epoch_order(self.cfg.train.seed, step, B, len(self.train_set.questions_of_image))[slots], slots
 
     def observe(self, step: int, record: dict) -> dict:
         """Called with each training log record (`step` steps done; its accuracy is summed over
@@ -369,7 +430,7 @@ class VQATask(Task):
         device = next(model.parameters()).device
         correct = np.zeros(len(questions.split.questions), dtype=float)
         n = len(questions.questions_of_image)
-        for start in range(0, n, images_per_batch):
+        for start in bar(range(0, n, images_per_batch), desc="answer", unit="batch"):
             images = np.arange(start, min(n, start + images_per_batch))
             batch = {k: v.to(device) for k, v in questions.batch(images).items()}
             rows = torch.cat([questions.questions_of_image[i] for i in images]).numpy()

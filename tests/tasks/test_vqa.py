@@ -395,3 +395,29 @@ def test_batch_predict_checks_its_output_before_any_work(run_dir, images, tmp_pa
         assert main(["predict", str(run_dir), "--input", str(src), "--out", out]) == 2
         assert reason in capsys.readouterr().err
     assert src.read_bytes() == before and not (tmp_path / "no").exists()
+
+
+def test_own_vqa_images_stay_on_disk_for_training_and_split_into_equal_shares(tmp_path):
+    """Own VQA data: training images are decoded per batch (the shares of a step make up the
+    whole step's images, the ones the pipeline fits), validation images are held as uint8."""
+    from mmt.data.images import Fit, load_image, to_pixels
+    from mmt.data.loader import ImageFiles, Pixels
+    from mmt.tasks.vqa import VQATask
+
+    split = shapes_images(tmp_path, 12, seed=3)
+    lines = [json.dumps({"image": f"img/{i}.png", "question": qa.question, "answer": qa.answer}) for i, qas in enumerate(split.qa) for qa in qas]
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = apply_overrides(VQARunConfig(), [f"source.train={tmp_path / 'qa.jsonl'}", "source.workers=0", "model.vision.image_size=16",
+                                           "train.batch_size=4"])
+    task = VQATask(cfg)
+    (tmp_path / "run").mkdir()
+    task.prepare(tmp_path / "run")
+    assert isinstance(task.train_set.split.images, ImageFiles) and len(task.train_set.split.images) == 11  # the last image held out
+    assert isinstance(task.eval_set.pixels, Pixels) and len(task.eval_set.pixels) == 1
+    whole = task.train_batch(5)
+    images, _ = task._train_images(5, 0, 1)
+    paths = task.train_set.split.images.paths
+    assert torch.equal(whole["pixels"], to_pixels(np.stack([load_image(paths[i], Fit(16)) for i in images])))
+    halves = [task.train_batch(5, part, 2) for part in range(2)]
+    for key in ("pixels", "question_ids"):
+        assert torch.equal(torch.cat([h[key] for h in halves]), whole[key])

@@ -62,6 +62,7 @@ from PIL import Image
 from mmt.data.formats.records import CaptionRecord, DataError, DataRecord, check_image
 from mmt.data.formats.source import load_source
 from mmt.data.images import Fit, ImageError, load_image, to_rgb
+from mmt.data.progress import bar
 from mmt.extras import require
 from mmt.files import atomic_write, atomic_write_text
 
@@ -165,7 +166,7 @@ def pack(
         shards.append({"name": name, "count": len(buffer), "bytes": (out_dir / name).stat().st_size})
         buffer, buffer_bytes = [], 0
 
-    for index, record in enumerate(source.records):
+    for index, record in enumerate(bar(source.records, desc="pack", unit="rec")):
         try:
             image_bytes, ext = _image_of(record, checked)
         except DataError as error:
@@ -442,7 +443,9 @@ class ShardStream:
         if self.workers == 0:
             self._samples = iter(dataset)
         else:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_keep)
+            # its own generator: starting workers draws a seed, which must not move the training's global torch RNG
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_keep,
+                                                 generator=torch.Generator().manual_seed(0))
             self._samples = iter(loader)
 
 

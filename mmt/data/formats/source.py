@@ -22,6 +22,7 @@ from mmt.data.formats.records import (
     handle,
     read_json,
 )
+from mmt.data.progress import bar
 
 FORMATS = ("coco", "karpathy", "vqa", "jsonl")  # what `load_source` reads (its `kind` argument)
 
@@ -102,7 +103,7 @@ def check_dataset(
     skipped_while_reading = bad.total
     problems: dict[Path, DataError | None] = {}
     good: list[DataRecord] = []
-    for record in items:
+    for record in bar(items, desc="check images" if load else "check image headers", unit="rec"):
         image = Path(record.image_path)
         if image not in problems:
             try:
