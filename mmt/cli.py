@@ -148,6 +148,9 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
 
         read_config(model_directory(args.init))  # fail now, with the file named, if it is not a model
         cfg.train.init = str(args.init)
+    for key in ("init_text", "init_vision"):  # Hugging Face directories, read when training starts (mmt.interop)
+        if getattr(args, key, None):
+            setattr(cfg.train, key, str(getattr(args, key)))
     return cfg
 
 
@@ -415,6 +418,8 @@ def _add_train(commands) -> argparse.ArgumentParser:
     train.add_argument("--config", help="JSON/YAML file with model/data/train sections")
     _add_set(train, "train.steps=500")
     train.add_argument("--init", metavar="RUN_DIR", help="start from the weights of another run (e.g. pretrain) where names and shapes match")
+    train.add_argument("--init-text", metavar="HF_DIR", help="text tower (architecture, weights, tokenizer) from a Hugging Face BERT-family directory")
+    train.add_argument("--init-vision", metavar="HF_DIR", help="image tower (architecture, weights) from a Hugging Face ViT or CLIP directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--run-dir", dest="old_run_dir", action=_Deprecated, instead="give the run directory after the task: mmt train TASK RUN_DIR",

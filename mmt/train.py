@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from mmt import checkpoint
+from mmt.interop import runs as interop_runs
 from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, to_dict
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
@@ -90,6 +91,8 @@ class TrainConfig(Settings):
     seed: Amount = 0  # seeds weights, data order and dropout
     threads: Amount = 0  # torch CPU threads (0: torch's default)
     init: str = ""  # run or model directory whose weights start this run where names and shapes match (--init)
+    init_text: str = ""  # Hugging Face BERT-family directory: the text tower's architecture, weights and tokenizer (--init-text)
+    init_vision: str = ""  # Hugging Face ViT or CLIP directory: the image tower's architecture and weights (--init-vision)
     accumulate: Count = 1  # micro-steps per optimizer step (gradient accumulation); batch_size counts all of them
     activation_checkpointing: bool = False  # recompute Transformer layer activations in backward: less memory, ~30% more compute
     dist_timeout: Count = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
@@ -241,7 +244,10 @@ def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: P
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model_cfg = None
+    interop_runs.configure(task.cfg.model, cfg.init_text, cfg.init_vision, cfg.init)  # before the data is read
     if procs.main:
+        if not resume:
+            interop_runs.write_tokenizer(run_dir, cfg.init_text)
         model_cfg = task.prepare(run_dir)
     procs.barrier()
     return model_cfg if procs.main else task.prepare(run_dir)
@@ -268,6 +274,8 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
         if procs.main:
             log.info(report.describe_init(cfg.init))
             (run_dir / "init_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if (cfg.init_text or cfg.init_vision) and not resume:
+        interop_runs.load_towers(model, cfg.init_text, cfg.init_vision)
     if resume:
         _resume(run)
     if procs.main:
