@@ -46,11 +46,11 @@ import torch
 from tqdm import tqdm
 
 from mmt import checkpoint
-from mmt.interop import runs as interop_runs
 from mmt.config import Amount, Beta, Count, Fraction, NonNegative, Positive, Settings, to_dict
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
 from mmt.files import atomic_write_text
+from mmt.interop import runs as interop_runs
 from mmt.layers.attention import attention_kernel
 from mmt.tasks.base import Task
 from mmt.trainer_state import (
