@@ -321,3 +321,26 @@ def test_init_text_refusals(minilm_dir):
     assert (cfg.text.encoder.dim, cfg.fusion_encoder.dim, cfg.mask_id) == (384, 384, 103)
     with pytest.raises(CheckpointError, match="a vision tower is read from vit, clip"):
         runs.configure(registry.preset("retrieval-tiny"), "", str(minilm_dir))
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip"])
+def test_tower_reads_mmt_pixels_as_the_original_reads_its_processors(kind, tmp_path):
+    """Training runs feed mmt's pixels (raw / 127.5 - 1); the processor's normalisation is folded into the patch stem."""
+    from mmt.data.images import to_pixels
+    from mmt.interop import pixel_statistics
+
+    reference = _vit(tmp_path) if kind == "vit" else _clip(tmp_path)
+    if kind == "clip":
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.25]}))
+    raw = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    mean, std = (torch.tensor(v)[None, :, None, None] for v in pixel_statistics(tmp_path))
+    processed = (raw.permute(0, 3, 1, 2).float() / 255 - mean) / std  # what the image processor hands the model
+    tower = load_vision_tower(tmp_path, mmt_pixels=True)
+    with torch.no_grad():
+        ours = tower(to_pixels(raw.numpy()))[0][:, 0]
+        encoder = reference if kind == "vit" else reference.vision_model
+        theirs = encoder(pixel_values=processed)
+        theirs = theirs.last_hidden_state[:, 0] if kind == "vit" else theirs.pooler_output
+    difference = (ours - theirs).abs().max().item()
+    print(f"{kind} from mmt pixels, class token max abs difference {difference:.2e}")
+    assert difference <= 1e-4

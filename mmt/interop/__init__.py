@@ -19,7 +19,16 @@ from typing import Any
 from mmt.config import TextConfig, VisionConfig
 from mmt.errors import CheckpointError
 from mmt.interop import bert, clip, vit
-from mmt.interop.weights import CONFIG_NAME, Mapping, load_mapped, read_config, read_weights
+from mmt.interop.weights import (
+    CONFIG_NAME,
+    Mapping,
+    fold_pixel_normalisation,
+    load_mapped,
+    read_config,
+    read_json,
+    read_weights,
+    setting,
+)
 
 
 def _model_type(config: dict[str, Any], directory: str | Path, accepted: tuple[str, ...], what: str) -> str:
@@ -39,12 +48,50 @@ def text_config(directory: str | Path) -> TextConfig:
     return bert.text_config(config, path) if kind in bert.MODEL_TYPES else clip.text_config(config, path)
 
 
-def vision_config(directory: str | Path) -> VisionConfig:
-    """The VisionConfig of the image tower in a ViT or CLIP directory."""
+# what the image processors of these checkpoints normalise with when preprocessor_config.json is absent
+# (ViT's 0.5, 0.5 are mmt's own; CLIP's are its training set's statistics)
+PIXEL_STATISTICS = {
+    "vit": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+}
+
+
+def pixel_statistics(directory: str | Path) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel of the pixels the directory's image tower was trained on, from
+    preprocessor_config.json (pixels rescaled by 1/255 first), else its kind's defaults."""
+    kind = read_config(directory).get("model_type")
+    path = Path(directory) / "preprocessor_config.json"
+    if not path.is_file():
+        return PIXEL_STATISTICS[kind]
+    config = read_json(path)
+    if not setting(config, "do_rescale", bool, path, True) or abs(setting(config, "rescale_factor", float, path, 1 / 255) - 1 / 255) > 1e-9:
+        raise CheckpointError(f"{path}: mmt reads towers trained on pixels rescaled by 1/255 (do_rescale, rescale_factor)")
+    if not setting(config, "do_normalize", bool, path, True):
+        return [0.0] * 3, [1.0] * 3
+    mean, std = config.get("image_mean", PIXEL_STATISTICS[kind][0]), config.get("image_std", PIXEL_STATISTICS[kind][1])
+    for key, value in (("image_mean", mean), ("image_std", std)):
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise CheckpointError(f"{path}: {key} should be 3 numbers, got {value!r}")
+    if min(std) <= 0:
+        raise CheckpointError(f"{path}: image_std {std} has a value <= 0")
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def vision_config(directory: str | Path, mmt_pixels: bool = False) -> VisionConfig:
+    """The VisionConfig of the image tower in a ViT or CLIP directory.
+
+    Args:
+        mmt_pixels: the tower will read mmt's pixels (in [-1, 1]) rather than the image
+            processor's: its patch stem then has a bias, into which the difference is folded
+            (`load_vision_weights`).
+    """
     config = read_config(directory)
     path = Path(directory) / CONFIG_NAME
     kind = _model_type(config, directory, vit.MODEL_TYPES + clip.MODEL_TYPES, "vision")
-    return vit.vision_config(config, path) if kind in vit.MODEL_TYPES else clip.vision_config(config, path)
+    cfg = vit.vision_config(config, path) if kind in vit.MODEL_TYPES else clip.vision_config(config, path)
+    if mmt_pixels:
+        cfg.patch_bias = True
+    return cfg
 
 
 def load_text_weights(tower: Any, directory: str | Path) -> None:
@@ -59,15 +106,18 @@ def load_text_weights(tower: Any, directory: str | Path) -> None:
     load_mapped(tower, tensors, mapping, path)
 
 
-def load_vision_weights(tower: Any, directory: str | Path) -> None:
+def load_vision_weights(tower: Any, directory: str | Path, mmt_pixels: bool = False) -> None:
     """Copy a ViT or CLIP directory's image tower into `tower` (an mmt VisionTower built from
-    `vision_config(directory)`), strictly."""
+    `vision_config(directory, mmt_pixels)`), strictly. With `mmt_pixels`, the tower reads mmt's
+    pixels as the original read its image processor's (`fold_pixel_normalisation`)."""
     kind = read_config(directory).get("model_type")
     tensors, path = read_weights(directory)
     if kind in vit.MODEL_TYPES:
         mapping: Mapping = vit.vision_mapping(tower.cfg, vit.file_prefix(list(tensors)))
     else:
         mapping = clip.vision_mapping(tower.cfg)
+    if mmt_pixels:
+        fold_pixel_normalisation(mapping, *pixel_statistics(directory))
     load_mapped(tower, tensors, mapping, path)
 
 
@@ -92,12 +142,12 @@ def load_text_tower(directory: str | Path):
     return tower.eval(), load_tokenizer(directory)
 
 
-def load_vision_tower(directory: str | Path):
-    """VisionTower of a ViT or CLIP directory, in eval mode."""
+def load_vision_tower(directory: str | Path, mmt_pixels: bool = False):
+    """VisionTower of a ViT or CLIP directory, in eval mode; `mmt_pixels` as in `vision_config`."""
     from mmt.vision import VisionTower
 
-    tower = VisionTower(vision_config(directory))
-    load_vision_weights(tower, directory)
+    tower = VisionTower(vision_config(directory, mmt_pixels))
+    load_vision_weights(tower, directory, mmt_pixels)
     return tower.eval()
 
 

@@ -55,7 +55,7 @@ def configure(model_cfg: Any, init_text: str, init_vision: str, init: str = "") 
     if init_vision:
         if not hasattr(model_cfg, "vision"):
             raise ConfigError(f"--init-vision (train.init_vision): a {kind} has no image tower")
-        model_cfg.vision = vision_config(init_vision)
+        model_cfg.vision = vision_config(init_vision, mmt_pixels=True)  # (mmt's pixels, the processor's normalisation folded in)
 
 
 def _follow_text_width(model_cfg: Any, dim: int) -> None:
@@ -81,7 +81,7 @@ def load_towers(model: Any, init_text: str, init_vision: str) -> dict[str, str]:
         load_text_weights(model.text, init_text)
         loaded["text"] = str(init_text)
     if init_vision:
-        load_vision_weights(model.vision, init_vision)
+        load_vision_weights(model.vision, init_vision, mmt_pixels=True)
         loaded["vision"] = str(init_vision)
     for part, directory in loaded.items():
         log.info("%s tower loaded from %s", part, directory)

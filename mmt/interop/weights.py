@@ -160,3 +160,28 @@ def attention(mmt_prefix: str, file_prefix: str, names: dict[str, str]) -> dict[
 def pairs(mmt_name: str, file_name: str) -> dict[str, str]:
     """weight and bias of one layer."""
     return {f"{mmt_name}.weight": f"{file_name}.weight", f"{mmt_name}.bias": f"{file_name}.bias"}
+
+
+def entry(mapping: Mapping, mmt_name: str) -> tuple[tuple[str, ...], Callable[..., Tensor]]:
+    """A mapping's entry as (the file's names, how to combine them), a plain copy included."""
+    source = mapping.tensors[mmt_name]
+    return ((source,), lambda t: t) if isinstance(source, str) else source
+
+
+def fold_pixel_normalisation(mapping: Mapping, mean: list[float], std: list[float], stem: str = "stem.proj") -> None:
+    """Make a patch stem trained on pixels (raw / 255 - mean) / std read mmt's pixels, raw / 127.5 - 1
+    (`mmt.data.images.to_pixels`), by changing its weights: with x mmt's pixel, the stem's
+    input is x * 0.5 / std + (0.5 - mean) / std, and a strided conv without padding is linear
+    in it, so W' = W * 0.5 / std per input channel and b' = b + sum of W * (0.5 - mean) / std.
+    The mapping must give the stem a bias (`vision.patch_bias`)."""
+    scale = torch.tensor([0.5 / s for s in std])[None, :, None, None]  # (1, C, 1, 1)
+    shift = torch.tensor([(0.5 - m) / s for m, s in zip(mean, std)])[None, :, None, None]
+    weight_names, weight_of = entry(mapping, f"{stem}.weight")
+    mapping.tensors[f"{stem}.weight"] = (weight_names, lambda *t: weight_of(*t) * scale.to(t[0].dtype))
+    n = len(weight_names)
+    if f"{stem}.bias" in mapping.tensors:
+        bias_names, bias_of = entry(mapping, f"{stem}.bias")
+        combine = lambda *t: bias_of(*t[n:]) + (weight_of(*t[:n]) * shift.to(t[0].dtype)).sum((1, 2, 3))  # noqa: E731
+        mapping.tensors[f"{stem}.bias"] = (weight_names + bias_names, combine)
+    else:
+        mapping.tensors[f"{stem}.bias"] = (weight_names, lambda *t: (weight_of(*t) * shift.to(t[0].dtype)).sum((1, 2, 3)))
