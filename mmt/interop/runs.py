@@ -46,11 +46,10 @@ def configure(model_cfg: Any, init_text: str, init_vision: str, init: str = "") 
         text = text_config(init_text)
         if text.causal:
             raise ConfigError(f"{init_text}: mmt trains text towers from BERT-family directories only (CLIP's BPE tokenizer is not read)")
-        load_tokenizer(init_text)  # fail now, with the file named, before any data is read
+        tokenizer = load_tokenizer(init_text)  # (fails now, with the file named, before any data is read)
         model_cfg.text = text
         _follow_text_width(model_cfg, text.encoder.dim)
         if hasattr(model_cfg, "special_ids"):  # MLM: the vocabulary's own special tokens
-            tokenizer = load_tokenizer(init_text)
             model_cfg.mask_id, model_cfg.special_ids = tokenizer.mask_id, tokenizer.special_ids
     if init_vision:
         if not hasattr(model_cfg, "vision"):
