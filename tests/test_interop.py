@@ -344,3 +344,14 @@ def test_tower_reads_mmt_pixels_as_the_original_reads_its_processors(kind, tmp_p
     difference = (ours - theirs).abs().max().item()
     print(f"{kind} from mmt pixels, class token max abs difference {difference:.2e}")
     assert difference <= 1e-4
+
+
+def test_vqa_focus_bias_refuses_a_class_token():
+    from mmt import registry
+    from mmt.models.vqa import VQAModel
+
+    cfg = registry.preset("vqa-small")
+    cfg.fusion, cfg.focus_bias = "cross", True
+    cfg.vision.stem, cfg.vision.class_token, cfg.vision.positions = "patch", True, "flat"
+    with pytest.raises(ValueError, match="focus_bias needs image tokens on a grid"):
+        VQAModel(cfg)
