@@ -244,10 +244,11 @@ def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: P
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model_cfg = None
-    interop_runs.configure(task.cfg.model, cfg.init_text, cfg.init_vision, cfg.init)  # before the data is read
-    if procs.main:
-        if not resume:
+    if not resume:  # (a resumed run's config and tokenizer hold the pretrained towers already)
+        interop_runs.configure(task.cfg.model, cfg.init_text, cfg.init_vision, cfg.init)  # before the data is read
+        if procs.main:
             interop_runs.write_tokenizer(run_dir, cfg.init_text)
+    if procs.main:
         model_cfg = task.prepare(run_dir)
     procs.barrier()
     return model_cfg if procs.main else task.prepare(run_dir)

@@ -304,6 +304,7 @@ def test_train_retrieval_from_hf_towers_and_reload_without_them(minilm_dir, tmp_
     assert retrieval.tokenizer.cls_id == 101
     assert retrieval.embed_texts(["a red circle", "Two BLUE squares!"]).shape == (2, 32)
     assert main(["eval", str(run), "--out", str(tmp_path / "eval.json")]) == 0
+    assert main(["train", "pretrain", str(run), "--resume", "--no-progress", "--set", "train.steps=3", "--set", "train.eval_every=3"]) == 0
 
 
 def test_init_text_refusals(minilm_dir):

@@ -7,8 +7,8 @@ Three calls from the trainer, in this order:
   2. `write_tokenizer(run_dir, ...)`, also before: the directory's tokenizer becomes the run's
      tokenizer.json, which the task then takes as its own (as when resuming);
   3. `load_towers(model, ...)` after the model is built: the weights, strictly.
-The run's config and saved model then hold everything: `mmt.load` and `mmt eval` never read
-the directories again.
+The run's config and saved model then hold everything: `mmt.load`, `mmt eval` and `--resume`
+never read the directories again.
 """
 
 from __future__ import annotations
