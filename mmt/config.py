@@ -117,8 +117,9 @@ class TransformerConfig(Settings):
     heads: Count = 4  # attention heads h; dim must divide evenly (d_k = dim / heads)
     ffn_dim: Count = 1024  # hidden width of the two-layer feed-forward network
     dropout: Fraction = 0.1  # dropout on attention weights, residual branches and FFN hidden
-    activation: Literal["gelu", "relu"] = "gelu"  # FFN non-linearity
+    activation: Literal["gelu", "relu", "quick_gelu"] = "gelu"  # FFN non-linearity (gelu: exact, erf; quick_gelu: CLIP's x*sigmoid(1.702x))
     norm_first: bool = True  # pre-norm (stable, default) or post-norm (the original formula)
+    norm_eps: Annotated[float, Range(0, 1e-2, low_open=True)] = 1e-5  # LayerNorm epsilon (torch's default; BERT and ViT use 1e-12)
 
     # keys that configs saved by mmt 0.1 may hold: (their old default, whether another value can
     # still be honoured, why they are gone). The attention kernel is a runtime setting now.
@@ -142,8 +143,13 @@ class VisionConfig(Settings):
     conv_widths: tuple[Count, ...] = (64, 128)  # conv stem: channels of the 7x7 conv, then of each 3x3 block
     conv_strides: tuple[Count, ...] = (2,)  # conv stem: stride of each 3x3 block (one per width after the first)
     conv_norm: Literal["group", "batch"] = "group"  # conv stem normalisation (group: batch-independent)
-    positions: Literal["learned", "sincos"] = "learned"  # 2-D position embedding of the token grid
+    # position embedding of the token grid: 2-D (a row's plus a column's), learned or sinusoidal;
+    # "flat": one learned row per token of the flattened grid, the class token's first (ViT, CLIP)
+    positions: Literal["learned", "sincos", "flat"] = "learned"
     token_norm: bool = False  # LayerNorm on each stem token before positions are added (keeps their scales comparable)
+    patch_bias: bool = True  # the patch stem's projection has a bias (CLIP's has none)
+    class_token: bool = False  # a learned token put before the grid's (ViT's and CLIP's [CLS]); its mask is never padding
+    input_norm: bool = False  # LayerNorm on the tokens, positions added, before the encoder (CLIP's pre-LayerNorm)
     relative_bias: bool = False  # encoder attention adds a learned bias per head for each (row, col) offset between tokens
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
 
@@ -165,6 +171,10 @@ class TextConfig(Settings):
     max_len: Count = 64  # longest sequence the 1-D position embedding covers
     positions: Literal["learned", "sincos"] = "learned"  # 1-D position embedding
     pad_id: Amount = 0  # id of [PAD]; its embedding row stays zero and its keys are masked
+    # LayerNorm over token + position embeddings before the encoder (BERT's embedding LayerNorm;
+    # its epsilon is encoder.norm_eps)
+    embed_norm: bool = False
+    causal: bool = False  # each token attends only to itself and earlier tokens (CLIP's text tower)
     encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(depth=2))
 
 

@@ -2,8 +2,12 @@
 
 The tokenizer lowercases, splits on whitespace and punctuation, and maps words to ids
 either whole (word-level, for small closed vocabularies such as generated worlds) or as
-WordPiece sub-words (Wu et al. 2016; open vocabularies). Its special tokens have fixed
-ids 0..6 so every model agrees on them. It saves and loads as `tokenizer.json`.
+WordPiece sub-words (Wu et al. 2016; open vocabularies). It saves and loads as `tokenizer.json`.
+
+Special tokens are found by name. mmt's own tokenizers hold all seven, at ids 0..6 (the
+order of SPECIAL_TOKENS). A BERT vocabulary (read by `mmt.interop`) holds [PAD], [UNK],
+[CLS], [SEP], [MASK] wherever it puts them and no [BOS]/[EOS]: there [BOS] is [CLS] and
+[EOS] is [SEP], so a decoder's text is [CLS] text [SEP] as BERT's own sequences are.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from mmt.layers.positions import Positions1D
 from mmt.layers.transformer import Encoder
 
 PAD, UNK, CLS, SEP, MASK, BOS, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"
-SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK, BOS, EOS]  # their ids are their positions here
+SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK, BOS, EOS]  # a tokenizer mmt trains gives them ids 0..6, in this order
+REQUIRED_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # every tokenizer has these; [BOS]/[EOS] default to [CLS]/[SEP]
 
 
 class Tokenizer:
@@ -31,11 +36,23 @@ class Tokenizer:
     """
 
     def __init__(self, backend: _Backend):
-        for expected_id, token in enumerate(SPECIAL_TOKENS):
-            if backend.token_to_id(token) != expected_id:
-                raise ValueError(f"tokenizer must map {token} to id {expected_id}, got {backend.token_to_id(token)}")
+        ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
+        missing = [token for token in REQUIRED_TOKENS if ids[token] is None]
+        if missing:
+            raise ValueError(f"tokenizer has no {', '.join(missing)} token; mmt needs {', '.join(REQUIRED_TOKENS)}")
+        # mmt pads and cuts texts itself (`batch`): a tokenizer.json that pads or truncates
+        # (Hugging Face's often do) would hand back rows of another length
+        backend.no_padding()
+        backend.no_truncation()
         self.backend = backend
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.bos_id, self.eos_id = range(7)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[token] for token in REQUIRED_TOKENS)
+        self.bos_id = ids[BOS] if ids[BOS] is not None else self.cls_id
+        self.eos_id = ids[EOS] if ids[EOS] is not None else self.sep_id
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids of the special tokens, ascending (never masked, never drawn as random words)."""
+        return tuple(sorted({self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.bos_id, self.eos_id}))
 
     @classmethod
     def train(
@@ -172,17 +189,19 @@ class LogitsHead(nn.Linear):
 
 
 class TextTower(nn.Module):
-    """Token embedding -> Transformer encoder over the text."""
+    """Token embedding (-> LayerNorm) -> Transformer encoder over the text (causal if the config says)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.encoder.dim, cfg.max_len, cfg.positions, cfg.pad_id)
+        self.embed_norm = nn.LayerNorm(cfg.encoder.dim, eps=cfg.encoder.norm_eps) if cfg.embed_norm else nn.Identity()
         self.encoder = Encoder(cfg.encoder)
 
     def forward(self, ids: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """ids (B, T) -> text_tokens (B, T, D), text_padding_mask (B, T) (True = padding)."""
         if padding_mask is None:
             padding_mask = ids == self.cfg.pad_id
-        text_tokens = self.encoder(self.embed(ids), key_padding_mask=padding_mask)
+        embedded = self.embed_norm(self.embed(ids))
+        text_tokens = self.encoder(embedded, key_padding_mask=padding_mask, causal=self.cfg.causal)
         return text_tokens, padding_mask

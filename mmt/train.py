@@ -54,6 +54,7 @@ from mmt.devices import autocast, autocast_dtype, choose_device, describe
 from mmt.distributed import Processes, start_processes
 from mmt.errors import CheckpointError, TrainingError
 from mmt.files import atomic_write_text
+from mmt.interop import runs as interop_runs
 from mmt.layers.attention import attention_kernel
 from mmt.tasks.base import Task
 from mmt.trainer_state import (
@@ -100,6 +101,8 @@ class TrainConfig(Settings):
     init: str = ""  # run or model directory whose weights start this run (--init); see mmt.train.init_from
     allow_partial: bool = False  # --init: start even if some of the source's weights do not fit (--allow-partial)
     new_words: Literal["stop", "extend", "unk"] = "stop"  # --init: words the source's vocabulary lacks stop the run, extend it, or read as [UNK]
+    init_text: str = ""  # Hugging Face BERT-family directory: the text tower's architecture, weights and tokenizer (--init-text)
+    init_vision: str = ""  # Hugging Face ViT or CLIP directory: the image tower's architecture and weights (--init-vision)
     accumulate: Count = 1  # micro-steps per optimizer step (gradient accumulation); batch_size counts all of them
     activation_checkpointing: bool = False  # recompute Transformer layer activations in backward: less memory, ~30% more compute
     dist_timeout: Count = 1800  # seconds a process waits for the others (process-group start, collectives) before failing
@@ -285,6 +288,10 @@ def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: P
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model_cfg = None
+    if not resume:  # (a resumed run's config and tokenizer hold the pretrained towers already)
+        interop_runs.configure(task.cfg.model, cfg.init_text, cfg.init_vision, cfg.init)  # before the data is read
+        if procs.main:
+            interop_runs.write_tokenizer(run_dir, cfg.init_text)
     if procs.main:
         model_cfg = task.prepare(run_dir)
     procs.barrier()
@@ -330,6 +337,8 @@ def _start(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: Pro
     run = _Run(task, cfg, run_dir, procs, model, model, optimizer, scheduler, device, amp_dtype, scaler)
     if cfg.init and not resume:  # a resumed run's weights come from its own checkpoint
         _init(model, cfg, run_dir, procs)
+    if (cfg.init_text or cfg.init_vision) and not resume:
+        interop_runs.load_towers(model, cfg.init_text, cfg.init_vision)
     if resume:
         _resume(run)
     if procs.main:

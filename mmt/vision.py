@@ -4,7 +4,9 @@ Two stems turn pixels into tokens. `ConvStem` is the design's convolutional enco
 (7x7 stride-2 conv -> ReLU -> 3x3 stride-2 max-pool -> further conv blocks), whose
 feature map is read as a grid of tokens. `PatchEmbed` is the ViT stem (Dosovitskiy et
 al. 2021): non-overlapping patches, each linearly projected. `VisionTower` adds 2-D
-position embeddings and runs a Transformer encoder over the tokens.
+position embeddings and runs a Transformer encoder over the tokens; for ViT and CLIP
+checkpoints (`mmt.interop`) it can put a class token first, embed positions as one flat
+table and normalise the tokens before the encoder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmt.config import VisionConfig
-from mmt.layers.positions import Positions2D
+from mmt.layers.positions import Positions1D, Positions2D
 from mmt.layers.transformer import Encoder
 
 
@@ -59,9 +61,9 @@ class ConvStem(nn.Module):
 class PatchEmbed(nn.Module):
     """Split into patch_size x patch_size patches and project each to dim (a strided conv)."""
 
-    def __init__(self, in_channels: int, patch_size: int, dim: int):
+    def __init__(self, in_channels: int, patch_size: int, dim: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, pixels: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, D, H / patch, W / patch)."""
@@ -94,12 +96,20 @@ class VisionTower(nn.Module):
         if cfg.stem == "conv":
             self.stem: nn.Module = ConvStem(cfg.channels, cfg.conv_widths, dim, cfg.conv_strides, cfg.conv_norm)
         else:
-            self.stem = PatchEmbed(cfg.channels, cfg.patch_size, dim)
+            self.stem = PatchEmbed(cfg.channels, cfg.patch_size, dim, cfg.patch_bias)
         self.token_norm = nn.LayerNorm(dim) if cfg.token_norm else nn.Identity()
         rows, cols = self.grid_size(cfg.image_size)
-        self.positions = Positions2D(rows, cols, dim, cfg.positions)
+        if cfg.class_token:
+            self.class_token = nn.Parameter(torch.randn(dim) * 0.02)
+        if cfg.positions == "flat":  # the class token's row first, then the grid's, row-major
+            self.positions: nn.Module = Positions1D(int(cfg.class_token) + rows * cols, dim)
+        else:
+            self.positions = Positions2D(rows, cols, dim, cfg.positions)
+        self.input_norm = nn.LayerNorm(dim, eps=cfg.encoder.norm_eps) if cfg.input_norm else nn.Identity()
         self.encoder = Encoder(cfg.encoder)
         if cfg.relative_bias:
+            if cfg.class_token:
+                raise ValueError("vision.relative_bias=true has no offset for the class token: set vision.class_token=false")
             if cfg.encoder.depth == 0:
                 raise ValueError("vision.relative_bias=true needs vision.encoder.depth >= 1: the bias is added in the encoder's attention")
             # one table shared by the encoder's layers (as T5 shares its relative bias), zero
@@ -139,11 +149,18 @@ class VisionTower(nn.Module):
         features = self.stem(pixels)  # (B, D, rows, cols)
         B, D, rows, cols = features.shape
         tokens = self.token_norm(features.flatten(2).transpose(1, 2))  # (B, N, D), row-major grid
-        tokens = tokens + self.positions(rows, cols).to(tokens.dtype)
         if pixel_mask is None:
             padding = torch.zeros(B, rows * cols, dtype=torch.bool, device=pixels.device)
         else:
             padding = token_padding_mask(pixel_mask, rows, cols)
+        if self.cfg.class_token:
+            tokens = torch.cat([self.class_token.to(tokens.dtype).expand(B, 1, D), tokens], dim=1)  # (B, 1 + N, D)
+            padding = torch.cat([padding.new_zeros(B, 1), padding], dim=1)
+        if self.cfg.positions == "flat":
+            positions = self.positions(tokens.shape[1])
+        else:
+            positions = self.positions(rows, cols)
+        tokens = self.input_norm(tokens + positions.to(tokens.dtype))
         bias = self.relative_position_bias(rows, cols).to(tokens.dtype) if self.cfg.relative_bias else None
         tokens = self.encoder(tokens, key_padding_mask=padding if pixel_mask is not None else None, bias=bias)
         return tokens, padding

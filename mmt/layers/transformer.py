@@ -39,13 +39,24 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
                     m.weight[m.padding_idx].zero_()
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU that CLIP was trained with
+    (Hendrycks & Gimpel 2016, sec. 2)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "quick_gelu": QuickGELU}  # (exact GELU, the erf form)
+
+
 class FeedForward(nn.Module):
     """Two-layer position-wise network: Linear -> activation -> dropout -> Linear."""
 
     def __init__(self, dim: int, hidden: int, dropout: float, activation: str):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = ACTIVATIONS[activation]()
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim)
 
@@ -73,8 +84,8 @@ class EncoderLayer(nn.Module):
         self.norm_first = cfg.norm_first
         self.attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.drop1 = nn.Dropout(cfg.dropout)
         self.drop2 = nn.Dropout(cfg.dropout)
 
@@ -115,9 +126,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout)
         self.cross_attn = MultiHeadAttention(cfg.dim, cfg.heads, cfg.dropout, context_dim)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.dropout, cfg.activation)
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.norm2 = nn.LayerNorm(cfg.dim)
-        self.norm3 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.drop1 = nn.Dropout(cfg.dropout)
         self.drop2 = nn.Dropout(cfg.dropout)
         self.drop3 = nn.Dropout(cfg.dropout)
@@ -175,7 +186,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
         self.activation_checkpointing = False  # training: recompute each layer's activations in backward
 
     def forward(
@@ -203,7 +214,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TransformerConfig, context_dim: int | None = None, causal: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg, context_dim, causal) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim) if cfg.norm_first else nn.Identity()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
         self.activation_checkpointing = False  # training: recompute each layer's activations in backward
 
     def project_context(self, context: Tensor) -> list[KV]:

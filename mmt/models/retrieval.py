@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,11 @@ class RetrievalConfig(Settings):
     rerank_adds_contrastive: bool = True
     mask_id: Amount = 4  # [MASK]
     special_ids: tuple[Amount, ...] = (0, 1, 2, 3, 4, 5, 6)  # never masked and never drawn as random replacements
+    # a text's embedding is read from: its first token ([CLS]), the mean of its tokens (as
+    # sentence-transformers pools), or its last real token (CLIP's end-of-text)
+    text_pool: Literal["cls", "mean", "last"] = "cls"
+    image_pool: Literal["mean", "first"] = "mean"  # an image's: the mean of its tokens, or the first (a class token)
+    projection_bias: bool = True  # the projections into the shared space have biases (CLIP's have none)
 
 
 def contrastive_loss(
@@ -129,8 +135,10 @@ class RetrievalModel(Pretrained, nn.Module):
         vdim, tdim = cfg.vision.encoder.dim, cfg.text.encoder.dim
         self.vision = VisionTower(cfg.vision)
         self.text = TextTower(cfg.text)
-        self.image_proj = nn.Linear(vdim, cfg.embed_dim)
-        self.text_proj = nn.Linear(tdim, cfg.embed_dim)
+        if cfg.image_pool == "first" and not cfg.vision.class_token:
+            raise ValueError("image_pool='first' reads a class token: set vision.class_token=true")
+        self.image_proj = nn.Linear(vdim, cfg.embed_dim, bias=cfg.projection_bias)
+        self.text_proj = nn.Linear(tdim, cfg.embed_dim, bias=cfg.projection_bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         w = cfg.losses
         if w.itm and not w.itc:
@@ -156,12 +164,27 @@ class RetrievalModel(Pretrained, nn.Module):
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
     def image_embedding(self, image_tokens: Tensor, image_padding: Tensor) -> Tensor:
-        keep = (~image_padding).unsqueeze(-1).to(image_tokens.dtype)
-        pooled = (image_tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
+        if self.config.image_pool == "first":
+            pooled = image_tokens[:, 0]
+        else:
+            keep = (~image_padding).unsqueeze(-1).to(image_tokens.dtype)
+            pooled = (image_tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
         return F.normalize(self.image_proj(pooled).float(), dim=-1)
 
-    def text_embedding(self, text_tokens: Tensor) -> Tensor:
-        return F.normalize(self.text_proj(text_tokens[:, 0]).float(), dim=-1)
+    def text_embedding(self, text_tokens: Tensor, text_padding: Tensor | None = None) -> Tensor:
+        """text_tokens (B, T, D), text_padding (B, T) True at padding (needed unless text_pool is "cls")."""
+        pool = self.config.text_pool
+        if pool == "cls":
+            pooled = text_tokens[:, 0]
+        elif text_padding is None:
+            raise ValueError(f"text_pool={pool!r} needs the texts' padding mask")
+        elif pool == "mean":
+            keep = (~text_padding).unsqueeze(-1).to(text_tokens.dtype)
+            pooled = (text_tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
+        else:  # the last real token of each row
+            last = (~text_padding).long().cumsum(1).argmax(1)  # (B,) the first position holding the row's count of real tokens
+            pooled = text_tokens[torch.arange(len(text_tokens), device=text_tokens.device), last]
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def embed_images(self, pixels: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, embed_dim), unit length."""
@@ -169,7 +192,7 @@ class RetrievalModel(Pretrained, nn.Module):
 
     def embed_texts(self, text_ids: Tensor) -> Tensor:
         """(B, T) ids, [CLS] first -> (B, embed_dim), unit length."""
-        return self.text_embedding(self.text(text_ids)[0])
+        return self.text_embedding(*self.text(text_ids))
 
     # ------------------------------------------------------------------ matching
 
@@ -196,9 +219,22 @@ class RetrievalModel(Pretrained, nn.Module):
         targets = ids.masked_fill(~chosen, -100)
         roll = torch.rand(ids.shape, device=ids.device)
         masked = ids.masked_fill(chosen & (roll < 0.8), cfg.mask_id)
-        randoms = torch.randint(len(cfg.special_ids), cfg.text.vocab_size, ids.shape, device=ids.device)
+        randoms = self.random_words(ids.shape, ids.device)
         masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), randoms, masked)
         return masked, targets
+
+    def random_words(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """Ids drawn evenly from the vocabulary's non-special ids. With mmt's own tokenizers
+        (special ids 0..n-1) this is randint(n, vocab_size), the draw it always was; a BERT
+        vocabulary has its special tokens elsewhere (100..103): the k-th non-special id then."""
+        cfg = self.config
+        special = sorted(set(cfg.special_ids))
+        if special == list(range(len(special))):
+            return torch.randint(len(special), cfg.text.vocab_size, shape, device=device)
+        words = torch.ones(cfg.text.vocab_size, dtype=torch.bool, device=device)
+        words[torch.tensor(special, device=device)] = False
+        allowed = words.nonzero().squeeze(1)
+        return allowed[torch.randint(len(allowed), shape, device=device)]
 
     def forward(
         self, pixels: Tensor, text_ids: Tensor, image_ids: Tensor | None = None, caption_ids: Tensor | None = None
@@ -214,7 +250,7 @@ class RetrievalModel(Pretrained, nn.Module):
         text_tokens, text_padding = self.text(text_ids)
         out: dict[str, Tensor] = {}
         image_emb = self.image_embedding(image_tokens, image_padding)
-        text_emb = self.text_embedding(text_tokens)
+        text_emb = self.text_embedding(text_tokens, text_padding)
         if w.itc:
             out["itc_loss"] = w.itc * contrastive_loss(image_emb, text_emb, self.scale(), image_ids)
             with torch.no_grad():  # text -> image accuracy within the whole batch (all processes), for the progress bar

@@ -84,6 +84,8 @@ class VQAModel(Pretrained, DecodesWithGraphs):
         if cfg.focus_bias:
             if cfg.fusion != "cross":
                 raise ValueError("model.focus_bias needs model.fusion='cross' (it biases the question's attention to the image)")
+            if cfg.vision.class_token:
+                raise ValueError("model.focus_bias needs image tokens on a grid: a class token (vision.class_token, ViT/CLIP towers) has no place on it")
             positions = token_coordinates(*self.vision.grid_size(cfg.vision.image_size)).float()  # (row, col), row-major
             self.register_buffer("image_positions", positions, persistent=False)
         if cfg.head == "classify":

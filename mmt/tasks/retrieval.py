@@ -104,7 +104,7 @@ def encode_texts(
     for start in bar(range(0, len(texts), batch_size), desc="embed texts", unit="batch"):
         ids, _ = tokenizer.batch(texts[start : start + batch_size], model.config.text.max_len)
         t, pad = model.text(ids.to(device))
-        embs.append(model.text_embedding(t).cpu())
+        embs.append(model.text_embedding(t, pad).cpu())
         tokens += list(t.cpu())
         pads += list(pad.cpu())
     return torch.cat(embs), tokens, pads
