@@ -242,11 +242,11 @@ def test_concurrent_requests_are_served_in_one_model_call_with_the_same_answers(
     together = asyncio.run(_concurrently(batched, requests))
     assert [r.status_code for r in together] == [200] * len(requests)
     assert calls == [8]  # the Predictor's batched method, once, with every question
-    assert batched.state.server.models["vqa"].batcher.batch_sizes == [8]
-    assert batched.state.server.models["caption"].batcher.batch_sizes == [5]
+    assert list(batched.state.server.models["vqa"].batcher.batch_sizes) == [8]
+    assert list(batched.state.server.models["caption"].batcher.batch_sizes) == [5]
     with TestClient(one_at_a_time) as client:
         alone = [client.post(path, **kwargs) for path, kwargs in requests]
-    assert one_at_a_time.state.server.models["vqa"].batcher.batch_sizes == [1] * 8
+    assert list(one_at_a_time.state.server.models["vqa"].batcher.batch_sizes) == [1] * 8
     for a, b in zip(together, alone):
         a, b = a.json(), b.json()
         assert a.pop("score") == pytest.approx(b.pop("score"), abs=2e-4) and a == b
@@ -294,7 +294,7 @@ def test_one_bad_item_fails_only_its_own_request():
 
     a, bad, c = asyncio.run(scenario())
     assert (a, c) == ("aa", "cc") and isinstance(bad, ValueError)
-    assert batcher.batch_sizes == [3]
+    assert list(batcher.batch_sizes) == [3]
     batcher.close()
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(max_batch=0)

@@ -233,7 +233,8 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         head = getattr(self.predictor.model.config, "head", None)
         return {"name": self.name, "task": self.predictor.task, "image_size": self.predictor.image_size,
-                **({"head": head} if self.predictor.task == "vqa" else {})}
+                **({"head": head} if self.predictor.task == "vqa" else {}),
+                "batches": {"calls": self.batcher.calls, "requests": self.batcher.items, "max_batch": self.batcher.max_batch}}
 
 
 def model_specs(specs: Sequence[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Hashable, Sequence
 
@@ -42,7 +43,8 @@ class Batcher:
             raise ValueError(f"max_batch must be at least 1 and max_wait at least 0; got {max_batch}, {max_wait}")
         self.max_batch, self.max_wait, self.name = max_batch, max_wait, name
         self._executor: ThreadPoolExecutor | None = None
-        self.batch_sizes: list[int] = []  # of every batched call so far (tests and benchmarks read it)
+        self.batch_sizes: deque[int] = deque(maxlen=1024)  # of the latest batched calls
+        self.calls = self.items = 0  # batched calls so far, and the items they served
         self._loop: asyncio.AbstractEventLoop | None = None
         self._groups: dict[tuple, list[tuple[Any, asyncio.Future, float]]] = {}
         self._arrived: asyncio.Event | None = None
@@ -97,6 +99,7 @@ class Batcher:
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
+            self.calls, self.items = self.calls + 1, self.items + len(batch)
             outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, _call, key[0], [item for item, _ in batch])
             for (_, future), (ok, value) in zip(batch, outcomes):
                 if not future.done():

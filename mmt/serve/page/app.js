@@ -103,6 +103,8 @@ $("caption-button").addEventListener("click", () => busy($("caption-button"), as
 }));
 
 async function search(fields) {
+  $("hits").replaceChildren();
+  $("search-status").textContent = "searching…";
   const result = await (await call("/v1/search", formWith({ ...fields, index: $("index").value, k: 8 }))).json();
   $("search-status").textContent = `${result.hits.length} best matches in ${result.index}`;
   $("hits").replaceChildren(...result.hits.map((hit) => {
