@@ -43,7 +43,10 @@ def _picture(path, seed):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install playwright)")
+    try:
+        import playwright.sync_api as playwright
+    except ImportError as e:
+        pytest.skip(f"the browser test needs playwright (pip install playwright): {e}")
     if not os.path.isfile(CHROMIUM):
         pytest.skip(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium, or set MMT_CHROMIUM)")
     pytest.importorskip("faiss", reason="the page's search needs faiss (the search extra)")
