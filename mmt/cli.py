@@ -356,6 +356,13 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mmt.serve.app import Limits, serve
+
+    serve(args.run_dirs, args.index, args.host, args.port, Limits(max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000), args.device)
+    return 0
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -564,6 +571,16 @@ def _add_search(commands) -> None:
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.add_argument("-k", dest="num_results", type=COUNT, action=_Deprecated, instead="use --num-results N (-n N)", help=argparse.SUPPRESS)
     search.set_defaults(run=_search)
+
+    serve = commands.add_parser("serve", help="serve runs over HTTP: a JSON API with dynamic batching, and a web page (docs/usage/serve.md)")
+    serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to serve, each named by its folder, or NAME=RUN_DIR")
+    serve.add_argument("--index", action="append", default=[], metavar="DIR", help="an `mmt index` folder to search (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=COUNT, default=32, metavar="N", help="requests served in one model call (1: no batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS", help="how long a batch waits for more requests")
+    serve.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N")
+    serve.set_defaults(run=_serve)
 
 
 def _add_data(commands) -> None:

