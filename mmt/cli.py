@@ -513,7 +513,7 @@ def _add_use(commands) -> None:
     explain.add_argument("--out", required=True, help="PNG file: the image with each map over it (a captioner: one panel per word)")
     explain.add_argument("--method", default="attention", choices=["attention", "gradient", "gradcam"],
                          help="cross-modal attention weights (default; retrieval: gradient), gradient x input, or Grad-CAM")
-    explain.add_argument("--layer", default="first", help="attention: first (default), last, mean, or a layer number")
+    explain.add_argument("--layer", default="auto", help="attention: auto (default: first for VQA, mean for captions), first, last, mean, or a layer number")
     explain.add_argument("--head", default="mean", help="attention: mean over heads (default) or a head number")
     explain.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     _add_set(explain, "model.rerank_k=32")

@@ -7,8 +7,10 @@ Two kinds of map, over the vision tower's token grid (spread over the image to d
   [CLS] question state; the caption position that writes the word) attends to the image
   tokens in the model's cross-modal attention, softmax(QKᵀ/√d_k + bias) as the layer computes
   it (`MultiHeadAttention.weights`, read through a forward hook: no layer changes). `layer`
-  picks the first cross-attention layer (the default: where the text first meets the image),
-  the last, their mean, or one by number; `head` the mean over heads or one head.
+  picks the first cross-attention layer, the last, their mean, or one by number; "auto" (the
+  default) is the first for VQA (where the question meets the image) and the mean for a
+  caption word (the first layer's query there is the word before, which does not yet know
+  what comes next). `head` is the mean over heads or one head.
 - **gradient**: |∑_d G_id X_id| per image token, with X (N, D) the image tokens and G the
   gradient of the explained score (the answer's logit, the word's log-probability, the
   image-text cosine) with respect to them (gradient × input). Every model has it, the
@@ -115,7 +117,7 @@ def _pick(recorded: list[Tensor], layer: str | int, head: str | int) -> Tensor:
 
 def explain(
     predictor: Predictor, image: Any, question: str | None = None, text: str | None = None, method: str = "attention",
-    layer: str | int = "first", head: str | int = "mean",
+    layer: str | int = "auto", head: str | int = "mean",
 ) -> Explanation:
     """Heat maps of what `predictor`'s model looked at in `image` (see the module docstring): for
     a VQA model the answer to `question`; for a captioner each word of its greedy caption; for a
@@ -143,6 +145,8 @@ def explain(
             score = model.image_embedding(tokens, padding)[0] @ text_emb
             result, labels, scores, query = {"text": text, "score": round(score.item(), 4)}, [text], [score], [0]
         if method == "attention":
+            if layer == "auto":
+                layer = "first" if predictor.task == "vqa" else "mean"
             weights = _pick(recorded, layer, head)[0]  # (T, N)
             maps = [_scaled(weights[t], grid) for t in query]
         else:

@@ -62,6 +62,8 @@ def test_a_caption_gets_one_map_per_word_and_a_retrieval_match_one(tmp_path, ima
     captioner = mmt.load(saved(tmp_path, "caption-tiny", vocab_size=14)[0], device="cpu")
     explained = explain(captioner, image)
     words = explained.result["caption"].split()
+    mean = explain(captioner, image, layer="mean")  # a caption word's default: the mean over layers
+    assert all(np.array_equal(a, b) for a, b in zip(explained.maps, mean.maps))
     assert explained.labels == words and len(explained.maps) == len(words)
     gradient = explain(captioner, image, method="gradient")
     assert len(gradient.maps) == len(words) and all(m.max() <= 1.0 for m in gradient.maps)
