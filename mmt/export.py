@@ -241,9 +241,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -
     """Export the model of a run (or model) directory to `out_dir` (new or empty) as ONNX graphs
     with an export.json manifest, the tokenizer and, for VQA, answers.json (see the module
     docstring); returns the manifest."""
-    from mmt.api import ANSWERS_NAME, run_settings
-    from mmt.config import from_dict
-    from mmt.generation import GenerationConfig
+    from mmt.api import ANSWERS_NAME
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model_dir = _check_directories(run_dir, out_dir, format)
@@ -252,12 +250,25 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -
     kind = model.model_type
     if kind not in GRAPHS:
         raise ValueError(f"{model_dir}: {kind} models do not export (exported kinds: {', '.join(GRAPHS)})")
-    cfg = model.config
     if kind == "vqa" and not (model_dir / ANSWERS_NAME).is_file():
         raise CheckpointError(f"{model_dir / ANSWERS_NAME}: not found; a VQA classifier needs its answer vocabulary beside it")
-    work = out_dir.parent / f".{out_dir.name}.tmp-export"
+    work = out_dir.parent / f".{out_dir.name}.tmp-export"  # out_dir appears whole, or not at all
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    try:
+        manifest = _export_into(work, run_dir, model, tokenizer, model_dir, format, onnx)
+        os.replace(work, out_dir)  # (an empty out_dir is replaced)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _export_into(work: Path, run_dir: Path, model, tokenizer, model_dir: Path, format: str, onnx) -> dict[str, Any]:
+    from mmt.api import ANSWERS_NAME, run_settings
+    from mmt.config import from_dict
+    from mmt.generation import GenerationConfig
+
+    kind, cfg = model.model_type, model.config
     graphs = []
     for spec, graph, example in GRAPHS[kind](model):
         log.info("exporting %s", spec.file)
@@ -303,7 +314,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -
         }
     manifest["files"] = sorted(p.name for p in work.iterdir()) + [MANIFEST_NAME]
     atomic_write_text(work / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-    os.replace(work, out_dir)  # (an empty out_dir is replaced)
     return manifest
 
 
