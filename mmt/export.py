@@ -241,33 +241,32 @@ def export_run(run_dir: str | Path, out_dir: str | Path, format: str = "onnx") -
     """Export the model of a run (or model) directory to `out_dir` (new or empty) as ONNX graphs
     with an export.json manifest, the tokenizer and, for VQA, answers.json (see the module
     docstring); returns the manifest."""
-    from mmt.api import ANSWERS_NAME
+    from mmt.api import load
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model_dir = _check_directories(run_dir, out_dir, format)
+    _check_directories(run_dir, out_dir, format)
     onnx = extras.require("onnx", "exporting to ONNX")
-    model, tokenizer, model_dir = checkpoint.load_for_inference(run_dir)
-    kind = model.model_type
+    # what mmt.load makes of the run: the model, and the decoding settings the greedy loop keeps
+    # (a VQA classifier without its answers.json stops here, naming the file)
+    predictor = load(run_dir, device="cpu")
+    kind = predictor.task
     if kind not in GRAPHS:
-        raise ValueError(f"{model_dir}: {kind} models do not export (exported kinds: {', '.join(GRAPHS)})")
-    if kind == "vqa" and not (model_dir / ANSWERS_NAME).is_file():
-        raise CheckpointError(f"{model_dir / ANSWERS_NAME}: not found; a VQA classifier needs its answer vocabulary beside it")
+        raise ValueError(f"{predictor.directory}: {kind} models do not export (exported kinds: {', '.join(GRAPHS)})")
     work = out_dir.parent / f".{out_dir.name}.tmp-export"  # out_dir appears whole, or not at all
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        manifest = _export_into(work, run_dir, model, tokenizer, model_dir, format, onnx)
+        manifest = _export_into(work, predictor, format, onnx)
         os.replace(work, out_dir)  # (an empty out_dir is replaced)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 
-def _export_into(work: Path, run_dir: Path, model, tokenizer, model_dir: Path, format: str, onnx) -> dict[str, Any]:
-    from mmt.api import ANSWERS_NAME, run_settings
-    from mmt.config import from_dict
-    from mmt.generation import GenerationConfig
+def _export_into(work: Path, predictor, format: str, onnx) -> dict[str, Any]:
+    from mmt.api import ANSWERS_NAME
 
+    model, model_dir = predictor.model, predictor.directory
     kind, cfg = model.model_type, model.config
     graphs = []
     for spec, graph, example in GRAPHS[kind](model):
@@ -301,8 +300,7 @@ def _export_into(work: Path, run_dir: Path, model, tokenizer, model_dir: Path, f
             "(mmt.text.Tokenizer.batch(wrap='cls'))"
         )
     else:
-        settings, _ = run_settings(run_dir)
-        generation = from_dict(GenerationConfig, settings.get("generation", {}), saved=True)
+        generation = predictor.generation
         attn = model.decoder.layers[0].self_attn
         manifest["decoding"] = {
             "bos_id": cfg.bos_id, "eos_id": cfg.eos_id, "pad_id": cfg.pad_id, "never": [cfg.pad_id, cfg.bos_id],
