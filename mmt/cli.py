@@ -410,6 +410,14 @@ def _data_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from mmt.export import export_run
+
+    manifest = export_run(args.run_dir, args.out, format=args.format)
+    print(f"wrote {args.out}/: {', '.join(manifest['files'])} ({manifest['model_type']} model, {args.format})")
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     from mmt.api import load
     from mmt.explain import explain, render
@@ -527,6 +535,11 @@ def _add_use(commands) -> None:
     inspect.add_argument("run_dir")
     _add_set(inspect, "model.rerank_k=32")
     inspect.set_defaults(run=_inspect)
+    export = commands.add_parser("export", help="export a run's model for another runtime (ONNX graphs with an export.json manifest)")
+    export.add_argument("run_dir", help="a run directory or a model directory")
+    export.add_argument("--format", default="onnx", help="onnx (the only format so far)")
+    export.add_argument("--out", required=True, help="a new (or empty) folder for the graphs, export.json and the tokenizer")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="train a tiny captioner, save, reload and caption new images")
     demo.add_argument("--steps", type=COUNT, default=150, help="training steps (default 150)")

@@ -9,6 +9,7 @@ parts come with extras, and using one without its extra stops with an error nami
     pretrained  the all-MiniLM-L6-v2 text tower, offline (`--init-text minilm`)
     report      matplotlib (the plots of `mmt report`)
     serve       fastapi, uvicorn, python-multipart (`mmt serve`: the HTTP API and its web page)
+    export      onnx and onnxruntime (`mmt export --format onnx`, running and checking the exported graphs)
     all         every one of these
 """
 
@@ -29,6 +30,8 @@ EXTRAS = {
     "fastapi": ("fastapi", "serve"),
     "uvicorn": ("uvicorn", "serve"),
     "python_multipart": ("python-multipart", "serve"),
+    "onnx": ("onnx", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
 }
 
 

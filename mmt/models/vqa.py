@@ -102,7 +102,7 @@ class VQAModel(Pretrained, DecodesWithGraphs):
 
     def fuse(
         self, image_tokens: Tensor, image_padding: Tensor, question_ids: Tensor, image_index: Tensor | None = None,
-        first: int | None = None,
+        first: int | None = None, distinct_once: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """Fused token states (Q, S, D) and their padding mask (Q, S) for Q questions; token 0
         is the [CLS] state the classifier reads. joint: [CLS] + question + image tokens;
@@ -115,14 +115,16 @@ class VQAModel(Pretrained, DecodesWithGraphs):
                 about image i).
             first: return only the first `first` token states; the last fusion layer then
                 computes no others (the classifier reads only [CLS]: first=1).
+            distinct_once: compute each distinct question once (False: every row as it is, the
+                same arithmetic without the data-dependent choice; what an exported graph runs).
         """
         # The text tower does not see the image, so each distinct question is encoded once
         # (datasets repeat questions across images; a batch of VQA often holds few distinct
         # ones), and so is the cross fusion's first self-attention, which sees only the
         # question. `inverse` then maps each question to its distinct row.
-        unique_ids, inverse = torch.unique(question_ids, dim=0, return_inverse=True)
-        Q = len(question_ids)
-        if 2 * len(unique_ids) > Q:  # few repeats: encoding all is cheaper than copying
+        Q = question_ids.shape[0]  # (not len(): a traced graph keeps the shape, a number it would fix)
+        unique_ids, inverse = torch.unique(question_ids, dim=0, return_inverse=True) if distinct_once else (question_ids, None)
+        if inverse is None or 2 * len(unique_ids) > Q:  # few repeats: encoding all is cheaper than copying
             text_tokens, text_padding = self.text(question_ids)
             inverse = None
         else:
@@ -167,11 +169,13 @@ class VQAModel(Pretrained, DecodesWithGraphs):
         return fused, text_padding[:, :first]
 
     def answer_logits(
-        self, pixels: Tensor, question_ids: Tensor, image_index: Tensor | None = None, pixel_mask: Tensor | None = None
+        self, pixels: Tensor, question_ids: Tensor, image_index: Tensor | None = None, pixel_mask: Tensor | None = None,
+        distinct_once: bool = True,
     ) -> Tensor:
-        """(Q, num_answers) logits of the classifier head. pixels: (I, C, H, W); question_ids: (Q, T)."""
+        """(Q, num_answers) logits of the classifier head. pixels: (I, C, H, W); question_ids: (Q, T);
+        `distinct_once` as in `fuse`."""
         image_tokens, image_padding = self.vision(pixels, pixel_mask)
-        fused, _ = self.fuse(image_tokens, image_padding, question_ids, image_index, first=1)
+        fused, _ = self.fuse(image_tokens, image_padding, question_ids, image_index, first=1, distinct_once=distinct_once)
         return self.head(fused[:, 0])
 
     def answer_token_logits(self, answer_ids: Tensor, fused: Tensor, fused_padding: Tensor) -> Tensor:
