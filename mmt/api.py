@@ -187,6 +187,8 @@ class Predictor:
         self._need("retrieval")
         if (text is None) == (image is None):
             raise ValueError("give exactly one query: text=... or image=...")
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise ValueError("the query text is empty")
         index = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
         if model_fingerprint(self.directory) != index.manifest["model_fingerprint"]:
             raise SearchIndexError(f"{index.directory} was built with another model ({index.manifest['model_dir']}); "

@@ -105,6 +105,10 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
 
     config_class = task_class(args.task).run_config
     if args.resume:
+        given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config), ("--init", args.init),
+                 ("--init-text", args.init_text), ("--init-vision", args.init_vision), ("--allow-partial", args.allow_partial)) if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: a resumed run keeps the settings it started with; only --set changes them")
         path = run_dir / "run_config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found; --resume needs a run directory made by `mmt train`")
@@ -129,7 +133,6 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
         if not args.preset:  # the source's own architecture
             cfg.model = init_architecture(cfg.model, args.init)
         cfg.train.init = str(args.init)
-        cfg.train.allow_partial = args.allow_partial
     if args.config:  # the file's keys override the preset's
         data = config.read_data(args.config)
         try:
@@ -137,11 +140,16 @@ def _run_config(args: argparse.Namespace, run_dir: Path):
         except ConfigError as e:
             raise ConfigError(f"{args.config}: {e}") from None
     cfg = config.apply_overrides(cfg, args.set)
-    for key in ("init_text", "init_vision"):  # Hugging Face directories, read when training starts (mmt.interop)
+    cfg.train.allow_partial = cfg.train.allow_partial or args.allow_partial
+    if cfg.train.allow_partial and not cfg.train.init:
+        raise ConfigError("--allow-partial (train.allow_partial) applies to a run started with --init RUN_DIR; none was given")
+    for key in ("init_text", "init_vision"):  # Hugging Face directories (or names), read when training starts (mmt.interop)
         if getattr(args, key, None):
+            setattr(cfg.train, key, str(getattr(args, key)))
+        if getattr(cfg.train, key):
             from mmt.interop.runs import directory
 
-            setattr(cfg.train, key, directory(str(getattr(args, key))))
+            setattr(cfg.train, key, directory(getattr(cfg.train, key)))
     return cfg
 
 

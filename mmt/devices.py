@@ -38,7 +38,7 @@ def choose_device(spec: str | torch.device = "auto", local_rank: int = 0) -> tor
     if isinstance(spec, torch.device):
         return spec
     if spec == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(spec)
     except RuntimeError:

@@ -75,6 +75,8 @@ def start_processes(timeout: int, device: str = "auto") -> Processes:
         return Processes()
     started = False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if ":" in str(device):
+        raise ValueError(f"train.device={device}: under torchrun each process takes the GPU of its local rank; use auto or cuda")
     target = choose_device(device, local_rank)
     if target.type == "cuda":  # before the group starts, so NCCL binds each process to its own GPU
         torch.cuda.set_device(target)

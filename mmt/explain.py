@@ -57,10 +57,11 @@ def _scaled(heat: Tensor, grid: tuple[int, int]) -> np.ndarray:
     return (heat / top if top > 0 else heat).reshape(grid).numpy()
 
 
-def token_gradient(image_tokens: Tensor, score: Tensor, grid: tuple[int, int], method: str) -> np.ndarray:
-    """The gradient map of `score` (a scalar depending on `image_tokens` (1, N, D))."""
+def token_gradient(image_tokens: Tensor, score: Tensor, grid: tuple[int, int], method: str, first: int = 0) -> np.ndarray:
+    """The gradient map of `score` (a scalar depending on `image_tokens` (1, first + N, D)) over
+    the grid's N tokens (`first`: tokens before them, a class token)."""
     (grad,) = torch.autograd.grad(score, image_tokens, retain_graph=True)
-    tokens = image_tokens.detach().float()
+    grad, tokens = grad[:, first:], image_tokens.detach().float()[:, first:]
     if method == "gradcam":
         heat = torch.relu((tokens * grad.float().mean(dim=1, keepdim=True)).sum(-1))[0]
     else:
@@ -130,10 +131,11 @@ def explain(
     pixels = predictor.pixels([image])
     picture = np.rint((pixels[0].permute(1, 2, 0).float().cpu().numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
     grid = model.vision.grid_size(predictor.image_size)
+    first = int(bool(getattr(model.config.vision, "class_token", False)))  # a class token comes before the grid's tokens
     # what needs no map is computed before the attention is recorded: the caption, the text's embedding
     caption = predictor.caption(image) if predictor.task == "caption" else None
     text_emb = predictor.embed_texts(text).clone().to(pixels.device) if predictor.task == "retrieval" and text and text.strip() else None
-    with torch.enable_grad(), cross_attention(model, grid[0] * grid[1]) as recorded:
+    with torch.enable_grad(), cross_attention(model, first + grid[0] * grid[1]) as recorded:
         tokens, padding = model.vision(pixels)
         if predictor.task == "vqa":
             result, labels, scores, query = _answer(predictor, tokens, padding, question)
@@ -147,10 +149,10 @@ def explain(
         if method == "attention":
             if layer == "auto":
                 layer = "first" if predictor.task == "vqa" else "mean"
-            weights = _pick(recorded, layer, head)[0]  # (T, N)
+            weights = _pick(recorded, layer, head)[0][:, first:]  # (T, N): the grid's tokens
             maps = [_scaled(weights[t], grid) for t in query]
         else:
-            maps = [token_gradient(tokens, score, grid, method) for score in scores]
+            maps = [token_gradient(tokens, score, grid, method, first) for score in scores]
     return Explanation(picture, result, labels, maps)
 
 

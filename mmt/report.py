@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mmt import checkpoint
 from mmt.api import Predictor, run_settings, saved_run_config
 from mmt.errors import CheckpointError
@@ -102,8 +104,9 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return drawn
 
 
-def _predictor(run_dir: Path) -> tuple[Predictor | None, str]:
-    """The run's final model, else its newest checkpoint, as a Predictor; (None, why) if neither."""
+def _predictor(run_dir: Path, cfg: Any) -> tuple[Predictor | None, str]:
+    """The run's final model, else its newest checkpoint (with the run's decoding settings), as
+    a Predictor; (None, why) if neither."""
     from mmt import api
     from mmt.trainer_state import latest_checkpoint
 
@@ -114,7 +117,7 @@ def _predictor(run_dir: Path) -> tuple[Predictor | None, str]:
     if last is None or tokenizer is None:
         return None, "no model yet (no checkpoint)"
     model = checkpoint.from_pretrained(last)
-    return Predictor(model, tokenizer, run_dir), f"checkpoint {last.name} (the run is still training)"
+    return Predictor(model, tokenizer, run_dir, getattr(cfg, "generation", None)), f"checkpoint {last.name} (the run is still training)"
 
 
 def _image_tag(image, width: int = 160) -> str:
@@ -137,15 +140,35 @@ def _examples(predictor: Predictor, cfg: Any, task: str) -> list[dict[str, Any]]
     return [{"image": pixels[i], "truth": captions[i]} for i in range(min(CANDIDATES, len(captions)))]
 
 
+def _sheet(predictor: Predictor, example: dict[str, Any], said: Any):
+    """(result, picture) of one example: its heat-map sheet (the attention map, else the gradient
+    map: a joint fusion has no cross-modal attention), or, for a model no map explains yet (a
+    generative VQA head), the image with the prediction alone."""
+    from PIL import Image
+
+    from mmt.explain import explain, render
+
+    text = said if predictor.task == "retrieval" else None
+    for method in ("attention", "gradient"):
+        try:
+            explained = explain(predictor, example["image"], question=example.get("question"), text=text, method=method)
+            return explained.result, render(explained, size=160, columns=6)
+        except ValueError as e:
+            reason = str(e)
+    pixels = predictor.pixels([example["image"]])[0].permute(1, 2, 0).float().cpu().numpy()
+    picture = Image.fromarray(np.rint((pixels + 1.0) * 127.5).clip(0, 255).astype(np.uint8)).resize((160, 160))
+    return {"question": example.get("question"), "answer": said, "map": f"none ({reason})"}, picture
+
+
 def gallery(predictor: Predictor, cfg: Any, task: str, per_kind: int = 6) -> list[dict[str, Any]]:
     """Test examples with the model's prediction and heat map: the first `per_kind` right and
     `per_kind` wrong ones where the truth decides (VQA: the answer is one of the truth's;
     retrieval: the best match among the examples' first captions is one of the image's own),
     else (captions) the first 2 * `per_kind`. Predictions are made in batches; only the
-    examples shown are explained."""
-    from mmt.explain import explain, render
-
+    examples shown are explained. `task` is the run's (a pretraining run's model is a
+    retrieval model)."""
     examples = _examples(predictor, cfg, task)
+    task = predictor.task
     images = [e["image"] for e in examples]
     if task == "vqa":
         said = [r["answer"] for r in predictor.answer(images, [e["question"] for e in examples])]
@@ -161,9 +184,8 @@ def gallery(predictor: Predictor, cfg: Any, task: str, per_kind: int = 6) -> lis
     wrong = [i for i, ok in enumerate(correct) if not ok][:per_kind]
     shown = []
     for i in right + wrong:
-        example = examples[i]
-        explained = explain(predictor, example["image"], question=example.get("question"), text=said[i] if task == "retrieval" else None)
-        shown.append({**example, "correct": correct[i], "result": explained.result, "sheet": render(explained, size=160, columns=6)})
+        result, sheet = _sheet(predictor, examples[i], said[i])
+        shown.append({**examples[i], "correct": correct[i], "result": result, "sheet": sheet})
     return shown
 
 
@@ -186,7 +208,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path, per_kind: int = 6) ->
     final = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
     last_eval = next((r for r in reversed(records) if isinstance(r.get("eval"), dict)), None)
     done = max((r.get("step", 0) for r in records), default=0)
-    predictor, source = _predictor(run_dir)
+    predictor, source = _predictor(run_dir, cfg)
     parts = [
         f"<h1>{html.escape(str(run_dir))}</h1>",
         f"<p>task <b>{html.escape(task)}</b>, {done} of {cfg.train.steps} steps logged; predictions from {html.escape(source)}.</p>",

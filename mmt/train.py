@@ -112,6 +112,9 @@ class TrainConfig(Settings):
     batchnorm_average_steps: Amount = 10
 
 
+MIN_LOSS_SCALE = 2.0**-16  # fp16: a loss scale below this means the gradients are NaN, not overflowing
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio (Loshchilov & Hutter 2017)."""
     if step < cfg.warmup_steps:
@@ -261,6 +264,7 @@ def train(task: Task, run_dir: str | Path, resume: bool = False, progress: bool 
         _finish(run)
         return final
     finally:
+        task.close()
         if procs.started_group:
             torch.distributed.destroy_process_group()
 
@@ -275,6 +279,7 @@ def _prepare(task: Task, cfg: TrainConfig, run_dir: Path, resume: bool, procs: P
             f"train.batch_size={cfg.batch_size} does not split evenly over {procs.world} processes x "
             f"train.accumulate={cfg.accumulate}; choose a multiple of {parts}"
         )
+    choose_device(cfg.device, procs.local_rank)  # a device that is not here stops the run before its directory is touched
     if not resume:  # every process checks (so that all refuse alike) before rank 0 clears
         check_fresh_start(run_dir, overwrite, f"`mmt train {task.name} {run_dir} --resume`")
         procs.barrier()
@@ -535,6 +540,12 @@ def _loop(run: _Run, progress: bool) -> dict[str, Any]:
         nonfinite.clear()
         run.scaler.step(run.optimizer)  # (optimizer.step(), unless fp16 gradients overflowed)
         run.scaler.update()
+        if run.scaler.is_enabled() and run.scaler.get_scale() < MIN_LOSS_SCALE:  # every step skipped: gradients NaN, not large
+            raise TrainingError(
+                f"step {done}: the fp16 loss scale fell to {run.scaler.get_scale():g}: the gradients are not finite at any "
+                f"scale. The last good checkpoint is {latest_checkpoint(run.run_dir) or 'none yet'}; train in bf16 or fp32 "
+                f"(train.precision), lower train.lr or check the data, then continue with --resume {run.run_dir}"
+            )
         run.scheduler.step()
         if step == run.start_step and cfg.compile and procs.main:
             log.info(f"torch.compile: the first step took {time.perf_counter() - first_start:.1f} s, compiling included")

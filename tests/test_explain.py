@@ -89,3 +89,19 @@ def test_explain_command_draws_the_maps(tmp_path, image, capsys):
     retrieval_dir, _ = saved(tmp_path, "retrieval-tiny")
     assert main(["explain", str(retrieval_dir), "--image", str(image), "--out", str(out)]) == 2
     assert "--text" in capsys.readouterr().err
+
+
+def test_an_image_tower_with_a_class_token_maps_its_grid(tmp_path, image):
+    from mmt import checkpoint, registry
+    from mmt.text import Tokenizer
+
+    cfg = registry.preset("caption-tiny")
+    cfg.vision.class_token, cfg.vision.positions = True, "flat"  # as a ViT or CLIP tower (--init-vision)
+    tokenizer = Tokenizer.train(["a red circle", "a blue square"])
+    cfg.vocab_size = tokenizer.vocab_size
+    checkpoint.save_pretrained(registry.build(cfg).eval(), tmp_path / "cls", tokenizer)
+    captioner = mmt.load(tmp_path / "cls", device="cpu")
+    grid = captioner.model.vision.grid_size(captioner.image_size)
+    for method in ("attention", "gradient"):
+        explained = explain(captioner, image, method=method)
+        assert all(m.shape == grid for m in explained.maps) and len(explained.maps) == len(explained.labels)

@@ -32,6 +32,11 @@ def test_init_builds_the_source_architecture_and_refuses_what_does_not_fit(tmp_p
     report = json.loads((again / "init_report.json").read_text())
     assert report["loaded"] and not (report["new"] or report["unused"] or report["skipped_shape_mismatch"])
     assert json.loads((again / "model" / "config.json").read_text())["vision"]["encoder"]["depth"] == 1
+    # other scenes rank the answers otherwise: the classifier's rows keep the source's answers
+    reseeded = tmp_path / "reseeded"
+    assert main(["train", "vqa", str(reseeded), "--init", str(source), "--no-progress", *sets(TINY_DATA + ["data.seed=1", "train.new_words=unk"])]) == 0
+    answers = json.loads((source / "answers.json").read_text())["answers"]
+    assert json.loads((reseeded / "answers.json").read_text())["answers"][: len(answers)] == answers
     capsys.readouterr()
     # a deeper vision encoder: its second layer would start untrained; refused, naming the keys
     deeper = [*TINY_DATA, "model.vision.encoder.depth=2"]
@@ -61,6 +66,8 @@ def test_words_the_source_lacks_stop_the_run_extend_the_vocabulary_or_become_unk
     assert grown.vocab_size == source.vocab_size + 2
     assert grown.encode("a red circle") == source.encode("a red circle")  # old ids keep their meaning
     assert grown.unk_id not in grown.encode("a purple hexagon")
+    ids = [grown.bos_id, *grown.encode("a purple hexagon"), grown.eos_id, grown.pad_id]
+    assert grown.decode(ids) == "a purple hexagon" and grown.special_ids == source.special_ids  # special tokens stay special
     with caplog.at_level(logging.WARNING, logger="mmt"):
         same = start("unk")
     assert same.vocab_size == source.vocab_size and "2 words (3 occurrences) read as [UNK]" in caplog.text

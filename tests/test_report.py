@@ -47,7 +47,7 @@ def test_a_vqa_report_has_curves_the_table_and_right_and_wrong_examples(tmp_path
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("task,preset", [("caption", "caption-tiny"), ("retrieval", "retrieval-tiny")])
+@pytest.mark.parametrize("task,preset", [("caption", "caption-tiny"), ("retrieval", "retrieval-tiny"), ("pretrain", "retrieval-tiny")])
 def test_caption_and_retrieval_reports(tmp_path, task, preset):
     run = tmp_path / task
     assert main(["train", task, str(run), "--preset", preset, "--no-progress", *sets(SHAPES)]) == 0
@@ -55,6 +55,15 @@ def test_caption_and_retrieval_reports(tmp_path, task, preset):
     text = page(tmp_path / "out")
     assert "<h2>Training</h2>" in text and text.count('<div class="example">') >= 1
     assert ("truth: " in text) and (task == "caption" or '<b class="' in text)
+
+
+@pytest.mark.e2e
+def test_a_joint_fusion_report_shows_gradient_maps(tmp_path):
+    run = tmp_path / "joint"
+    overrides = [s for s in VQA if not s.startswith("model.")] + ["model.fusion_encoder.depth=1"]
+    assert main(["train", "vqa", str(run), "--preset", "vqa-joint-small", "--no-progress", *sets(overrides)]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "out"), "--examples", "1"]) == 0
+    assert page(tmp_path / "out").count('<div class="example">') >= 1  # (joint fusion: no cross-attention, gradient maps)
 
 
 def test_a_report_needs_a_run_directory(tmp_path, capsys):

@@ -156,6 +156,12 @@ class StepImages:
                 key = self._following(key)
         return keys
 
+    def close(self) -> None:
+        """Stop the DataLoader processes now (dropping the only reference to their iterator
+        shuts them down), not when a garbage collection finds this object; a later `take`
+        starts them again."""
+        self._batches, self._next = None, None
+
     def take(self, step: int, part: int = 0, parts: int = 1) -> np.ndarray:
         key = (step, part, parts)
         if key != self._next or self._batches is None:

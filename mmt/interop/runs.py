@@ -61,6 +61,11 @@ def configure(model_cfg: Any, init_text: str, init_vision: str, init: str = "") 
         _follow_text_width(model_cfg, text.encoder.dim)
         if hasattr(model_cfg, "special_ids"):  # MLM: the vocabulary's own special tokens
             model_cfg.mask_id, model_cfg.special_ids = tokenizer.mask_id, tokenizer.special_ids
+    if init_vision and init:
+        raise ConfigError(
+            "--init-vision (train.init_vision) and --init (train.init) both choose the image tower's weights (and --init "
+            "the layers sized by it); give one"
+        )
     if init_vision:
         if not hasattr(model_cfg, "vision"):
             raise ConfigError(f"--init-vision (train.init_vision): a {kind} has no image tower")

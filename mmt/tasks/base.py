@@ -36,6 +36,10 @@ class Task:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg  # the run config (model, data, train, ...); never changed by the task
+        # what reads the training data of own files or shards while training, when `prepare`
+        # makes one (`mmt.data.loader.StepImages`, `mmt.tasks.common.StreamedShards`)
+        self.train_images = None
+        self.stream = None
 
     def prepare(self, run_dir: Path) -> Any:
         """Read the data and build (or, resuming or from --init, reuse) the tokenizer and
@@ -101,3 +105,11 @@ class Task:
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore `state()` from a checkpoint."""
+
+    def close(self) -> None:
+        """Stop what reading the training data started (DataLoader processes decoding ahead)
+        now, not when a garbage collection finds it; the trainer calls it when training ends,
+        however it ends."""
+        for reader in (self.train_images, self.stream):
+            if reader is not None:
+                reader.close()

@@ -98,6 +98,7 @@ def with_words(tokenizer: Tokenizer, words: Iterable[str]) -> Tokenizer:
         vocab.setdefault(word, len(vocab))
     grown = Backend(models.WordLevel(vocab, unk_token=tokenizer.backend.id_to_token(tokenizer.unk_id)))
     grown.normalizer, grown.pre_tokenizer, grown.decoder = backend.normalizer, backend.pre_tokenizer, backend.decoder
+    grown.add_special_tokens([token for _, token in sorted(backend.get_added_tokens_decoder().items())])  # (same ids: in vocab)
     return Tokenizer(grown)
 
 
@@ -293,6 +294,10 @@ class StreamedShards:
     @property
     def captions(self) -> list[list[str]]:
         return [list(meta["captions"]) for meta in self.records]
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
 
     def __len__(self) -> int:
         return len(self.records)

@@ -323,7 +323,12 @@ class VQATask(Task):
             # training split never uses still get a class, so the head always covers them
             seen = AnswerVocab.build(q.answer for q in train.questions).answers
             defined = sort_of_clevr.ANSWERS if cfg.dataset == "sort-of-clevr" and not cfg.source.train else ()
-            self.vocab = AnswerVocab(seen + [a for a in defined if a not in seen])
+            answers = seen + [a for a in defined if a not in seen]
+            source = checkpoint.model_directory(cfg.train.init) / ANSWERS_NAME if cfg.train.init else None
+            if source is not None and source.is_file():  # --init from a VQA run: its classes keep their rows, new answers follow
+                kept = AnswerVocab.load(source).answers
+                answers = kept + [a for a in answers if a not in kept]
+            self.vocab = AnswerVocab(answers)
             self.vocab.save(answers_path)
         model.text.vocab_size = self.tokenizer.vocab_size
         model.num_answers = len(self.vocab)

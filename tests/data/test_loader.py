@@ -5,6 +5,7 @@ progress bars only where a person sees them."""
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,19 @@ def plan_for(n: int, batch: int, seed: int = 3):
     return plan
 
 
+def children() -> list[int]:
+    """The live child processes of this process (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_augmented_batches_are_a_function_of_seed_and_step_alone(tmp_path):
     files = photo_files(tmp_path / "img", 10)
     plan = plan_for(10, 6)
@@ -55,11 +69,17 @@ def test_augmented_batches_are_a_function_of_seed_and_step_alone(tmp_path):
     resumed = StepImages(files, plan, seed=3, augment=True, workers=2)
     assert all(np.array_equal(resumed.take(step), steps[step]) for step in (3, 4))
     assert all(np.array_equal(resumed.take(step), steps[step]) for step in (1, 2))  # asked out of order: restarts there
+    if Path("/proc/self/stat").is_file():  # (Linux: count this process's children)
+        assert len(children()) >= 2
+        resumed.close()  # its DataLoader processes stop now, not at a garbage collection
+        assert children() == []
+    resumed.close()
 
     # split in 3 shares (processes x micro-steps, accumulation 3): the shares make up the whole batch
     split = StepImages(files, plan, seed=3, augment=True, workers=1, accumulate=3)
     for step in range(3):
         assert np.array_equal(np.concatenate([split.take(step, part, 3) for part in range(3)]), steps[step])
+    split.close()
 
     # the augmentation is real: another seed, or none, gives other pixels; the fitted image is the pipeline's
     plain = StepImages(files, plan, seed=3, augment=False, workers=0).take(0)

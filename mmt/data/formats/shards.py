@@ -424,6 +424,10 @@ class ShardStream:
         self._samples: Iterator[tuple[np.ndarray, dict[str, Any]]] | None = None
         self._next = -1
 
+    def close(self) -> None:
+        """Stop the DataLoader processes now (see `mmt.data.loader.StepImages.close`)."""
+        self._samples, self._next = None, -1
+
     def take(self, position: int, n: int) -> list[tuple[np.ndarray, dict[str, Any]]]:
         if position != self._next:
             self._start(position)
