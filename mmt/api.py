@@ -182,7 +182,7 @@ class Predictor:
         """Retrieval: the `k` gallery images of `index` (an `mmt index` folder, or an
         `mmt.search.SearchIndex`) that best match `text` or `image` (exactly one), best first:
         [{"rank", "path", "score"}, ...]. The index must have been built with this model."""
-        from mmt.search import SearchIndex, SearchIndexError, model_fingerprint
+        from mmt.search import SearchIndex, SearchIndexError, hits, model_fingerprint
 
         self._need("retrieval")
         if (text is None) == (image is None):
@@ -194,8 +194,7 @@ class Predictor:
             raise SearchIndexError(f"{index.directory} was built with another model ({index.manifest['model_dir']}); "
                                    f"search it with that model or rebuild it with {self.directory}")
         query = self.embed_texts([text]) if text is not None else self.embed_images([image])
-        scores, paths = index.search(query.numpy(), k)
-        return [{"rank": r + 1, "path": p, "score": float(score)} for r, (p, score) in enumerate(zip(paths[0], scores[0]))]
+        return hits(*index.search(query.numpy(), k))
 
     def classify(self, images: Any, labels: Sequence[str], template: str = "{}", batch_size: int = 64) -> dict | list[dict]:
         """Zero-shot classification: each image's labels ranked by a softmax over the temperature-

@@ -429,6 +429,7 @@ def _export(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from mmt.api import load
     from mmt.explain import explain, render
+    from mmt.predict import check_output
 
     predictor = load(args.run_dir, device=args.device, overrides=args.set)
     if predictor.task == "vqa" and not args.question:
@@ -438,8 +439,7 @@ def _explain(args: argparse.Namespace) -> int:
     layer = int(args.layer) if args.layer.lstrip("-").isdigit() else args.layer
     head = int(args.head) if args.head.isdigit() else args.head
     out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: give a PNG file in an existing folder")
+    check_output(None, out)
     explained = explain(predictor, args.image, question=args.question, text=args.text, method=args.method, layer=layer, head=head)
     render(explained).save(out)
     print(", ".join(f"{k}: {v}" for k, v in explained.result.items() if isinstance(v, (str, int, float))))

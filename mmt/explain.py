@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from mmt.api import Predictor
+from mmt.data.images import from_pixels
 from mmt.layers.attention import MultiHeadAttention
 
 METHODS = ("attention", "gradient", "gradcam")
@@ -129,7 +130,7 @@ def explain(
         method = "gradient"  # a dual encoder's towers never attend across modalities
     model = predictor.model
     pixels = predictor.pixels([image])
-    picture = np.rint((pixels[0].permute(1, 2, 0).float().cpu().numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+    picture = from_pixels(pixels)[0]
     grid = model.vision.grid_size(predictor.image_size)
     first = int(bool(getattr(model.config.vision, "class_token", False)))  # a class token comes before the grid's tokens
     # what needs no map is computed before the attention is recorded: the caption, the text's embedding

@@ -18,8 +18,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mmt import checkpoint
 from mmt.api import Predictor, run_settings, saved_run_config
 from mmt.errors import CheckpointError
@@ -146,6 +144,7 @@ def _sheet(predictor: Predictor, example: dict[str, Any], said: Any):
     generative VQA head), the image with the prediction alone."""
     from PIL import Image
 
+    from mmt.data.images import from_pixels
     from mmt.explain import explain, render
 
     text = said if predictor.task == "retrieval" else None
@@ -155,8 +154,7 @@ def _sheet(predictor: Predictor, example: dict[str, Any], said: Any):
             return explained.result, render(explained, size=160, columns=6)
         except ValueError as e:
             reason = str(e)
-    pixels = predictor.pixels([example["image"]])[0].permute(1, 2, 0).float().cpu().numpy()
-    picture = Image.fromarray(np.rint((pixels + 1.0) * 127.5).clip(0, 255).astype(np.uint8)).resize((160, 160))
+    picture = Image.fromarray(from_pixels(predictor.pixels([example["image"]]))[0]).resize((160, 160))
     return {"question": example.get("question"), "answer": said, "map": f"none ({reason})"}, picture
 
 

@@ -60,6 +60,7 @@ from mmt.api import load
 from mmt.data.formats.jsonl import iter_lines
 from mmt.data.formats.records import DataError
 from mmt.data.images import IMAGE_EXTENSIONS, Fit, ImageError, image_files, load_image, to_pixels
+from mmt.devices import choose_device
 from mmt.errors import CheckpointError
 from mmt.extras import require
 from mmt.files import atomic_write, atomic_write_text
@@ -317,7 +318,7 @@ def build_index(
         raise CheckpointError(f"{run_dir}: a {predictor.task} model; indexing needs a retrieval or pretrain run")
     model = predictor.model
     fingerprint = model_fingerprint(model_dir)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = choose_device(device or "auto")
     model.to(target)
     dim, size = model.config.embed_dim, model.config.vision.image_size
     num_chunks = math.ceil(len(gallery) / chunk_size)
@@ -515,14 +516,15 @@ class SearchIndex:
 
     def search_text(self, text: str, k: int = 10) -> list[dict[str, Any]]:
         """The k gallery images that best match `text`: [{"rank": 1, "path", "score"}, ...]."""
-        return _hits(*self.search(self.embed_text([text]), k))
+        return hits(*self.search(self.embed_text([text]), k))
 
     def search_image(self, path: str | Path, k: int = 10) -> list[dict[str, Any]]:
         """The k gallery images most similar to the image at `path` (itself first, if indexed)."""
-        return _hits(*self.search(self.embed_image(path), k))
+        return hits(*self.search(self.embed_image(path), k))
 
 
-def _hits(scores: np.ndarray, paths: list[list[str]]) -> list[dict[str, Any]]:
+def hits(scores: np.ndarray, paths: list[list[str]]) -> list[dict[str, Any]]:
+    """The first query's results of `SearchIndex.search` as [{"rank": 1, "path", "score"}, ...]."""
     return [{"rank": r + 1, "path": p, "score": float(s)} for r, (p, s) in enumerate(zip(paths[0], scores[0]))]
 
 

@@ -246,3 +246,9 @@ def load_image(source: Any, size: int | Fit, name: str | None = None, augment: n
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def from_pixels(pixels: torch.Tensor) -> np.ndarray:
+    """Model pixels float (N, 3, H, W) in [-1, 1] -> the uint8 (N, H, W, 3) pictures they show
+    (the inverse of `to_pixels`, to draw what a model saw)."""
+    return np.rint((pixels.detach().float().cpu().permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)

@@ -150,3 +150,10 @@ def test_stretching_fits_both_sides_for_models_trained_that_way():
     assert np.array_equal(fit(Image.fromarray(square), Fit(20, "stretch")), square)  # a square of the size: as it is
     with pytest.raises(ValueError, match="not one of crop, stretch"):
         fit(image, Fit(20, "squash"))
+
+
+def test_from_pixels_gives_back_the_pictures_to_pixels_took():
+    from mmt.data.images import from_pixels, to_pixels
+
+    pictures = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(from_pixels(to_pixels(pictures)), pictures)
