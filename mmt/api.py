@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from mmt import checkpoint, config
@@ -59,14 +60,19 @@ def _inference(method):
 class Predictor:
     """A saved model with its tokenizer (and answer vocabulary), ready to answer, caption or embed.
 
-    Made by `load`. `task` says what the model does: "vqa", "caption" or "retrieval"."""
+    Made by `load`. `task` says what the model does: "vqa", "caption", "retrieval" or "t2i"
+    (text to image)."""
 
     def __init__(self, model, tokenizer, directory: Path, generation: GenerationConfig | None = None, dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.directory = model, tokenizer, directory
         self.dtype = dtype  # autocast dtype of every forward pass (None: fp32)
         self.task = model.model_type
-        self.image_size = model.config.vision.image_size
-        self.fit = Fit.of(model.config.vision)  # how images are fitted to the model's square
+        if self.task in ("t2i", "vqvae"):  # models that draw images
+            self.image_size = (model.config.image_tokenizer if self.task == "t2i" else model.config).image_size
+            self.fit = Fit(self.image_size)
+        else:
+            self.image_size = model.config.vision.image_size
+            self.fit = Fit.of(model.config.vision)  # how images are fitted to the model's square
         self.device = next(model.parameters()).device
         self.generation = generation or GenerationConfig()
         self.answers = None
@@ -156,6 +162,22 @@ class Predictor:
             out = self.model.generate(self.pixels(images[start : start + batch_size], start), generation)
             results += self._ranked("caption", out.ids, out.scores)
         return results[0] if single else results
+
+    @_inference
+    def generate_images(self, texts: Any, num: int = 1, batch_size: int = 64, **sampling) -> list[list[Image.Image]]:
+        """Text to image: `num` PIL images for each text (a list per text; one text gives one list).
+        `sampling` options change the run's (temperature=, top_k=, top_p=, guidance_scale=,
+        seed=: with a seed, the same call draws the same images)."""
+        self._need("t2i")
+        from mmt.tasks.t2i import generate_images
+
+        texts, single = _listed(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text {i} is {'empty' if isinstance(text, str) else 'not text'}")
+        images = generate_images(self.model, self.tokenizer, texts, self.decoding(sampling), num, batch_size)
+        drawn = [[Image.fromarray(image) for image in row] for row in images]
+        return drawn[0] if single else drawn
 
     @_inference
     def embed_images(self, images: Any, batch_size: int = 64) -> Tensor:

@@ -223,11 +223,12 @@ def model_directory(run_dir: str | Path) -> Path:
     return directory / "model" if (directory / "model" / CONFIG_NAME).is_file() else directory
 
 
-def load_for_inference(run_dir: str | Path, cfg: Any = None) -> tuple[nn.Module, Tokenizer, Path]:
-    """(model in eval mode, its tokenizer, the model directory) of a training run or model directory."""
+def load_for_inference(run_dir: str | Path, cfg: Any = None) -> tuple[nn.Module, Tokenizer | None, Path]:
+    """(model in eval mode, its tokenizer, the model directory) of a training run or model
+    directory; an image tokenizer (vqvae) reads no text and has no tokenizer (None)."""
     directory = model_directory(run_dir)
     model = from_pretrained(directory, cfg=cfg)
     tokenizer = load_tokenizer(directory)
-    if tokenizer is None:
+    if tokenizer is None and model.model_type != "vqvae":
         raise CheckpointError(f"{directory}: no tokenizer.json beside the model")
     return model, tokenizer, directory

@@ -61,7 +61,7 @@ def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
 def _add_decoding(parser: argparse.ArgumentParser) -> None:
     """The decoding flags of `eval` and `predict`; unset ones keep the run's own settings."""
     group = parser.add_argument_group(
-        "decoding (captioning, generative VQA)", "unset flags keep the run's settings (generation.* in its run_config.json)"
+        "decoding (captioning, generative VQA, text to image)", "unset flags keep the run's settings (generation.* in its run_config.json)"
     )
     group.add_argument("--beam", type=COUNT, metavar="N", help="beam search of width N (1: greedy)")
     group.add_argument("--length-penalty", type=float, metavar="A", help="beam score = log p / length ** A")
@@ -72,11 +72,13 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-return", type=COUNT, metavar="N", help="texts returned per input (beams or samples)")
     group.add_argument("--seed", type=int, help="sampling seed")
     group.add_argument("--max-new-tokens", type=COUNT, metavar="N", help="at most N tokens (also capped by the model)")
+    group.add_argument("--guidance", type=_in(Range(0), float), metavar="S", help="text to image: classifier-free guidance scale (1: off)")
 
 
 _DECODING = {
     "beam": "num_beams", "length_penalty": "length_penalty", "sample": "do_sample", "temperature": "temperature",
     "top_k": "top_k", "top_p": "top_p", "num_return": "num_return", "seed": "seed", "max_new_tokens": "max_new_tokens",
+    "guidance": "guidance_scale",
 }
 
 
@@ -216,9 +218,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     model_type, model_cfg = checkpoint.read_config(checkpoint.model_directory(run_dir))
-    writes = model_type == "caption" or getattr(model_cfg, "head", "") == "generate"
+    writes = model_type in ("caption", "t2i") or getattr(model_cfg, "head", "") == "generate"
     if _decoding(args) and not writes:
-        raise ConfigError(f"the decoding flags apply to models that write text (captioning, generative VQA); {run_dir} holds a {model_type} model")
+        raise ConfigError(f"the decoding flags apply to models that write (captioning, generative VQA, text to image); {run_dir} holds a {model_type} model")
     if args.rerank_k and model_type != "retrieval":
         raise ConfigError(f"--rerank-k applies to retrieval and pretraining runs; {run_dir} holds a {model_type} model")
     overrides = args.set + _decoding_overrides(args) + ([f"model.rerank_k={args.rerank_k}"] if args.rerank_k else [])
@@ -461,9 +463,38 @@ def _report(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the parser
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from mmt.api import load
+
+    if not args.text:
+        raise ConfigError("give at least one --text SENTENCE to draw")
+    out = Path(args.out)
+    if out.is_file():
+        raise ConfigError(f"--out {out}: is a file; give a folder for the images")
+    predictor = load(args.run_dir, device=args.device, dtype=args.precision)
+    if predictor.task != "t2i":
+        raise ConfigError(f"{args.run_dir} holds a {predictor.task} model; `mmt generate` draws with a t2i model (`mmt train t2i`)")
+    decoding = _decoding(args)
+    decoding.pop("num_return", None)  # --num says how many
+    drawn = predictor.generate_images(args.text, num=args.num, **decoding)
+    import numpy as np
+
+    from mmt.tasks.t2i import grid_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    for t, (text, images) in enumerate(zip(args.text, drawn)):
+        for i, image in enumerate(images):
+            image.save(out / f"text{t}-{i}.png")
+        print(f"{text!r}: {out / f'text{t}-*.png'}")
+    grid = grid_image(np.stack([[np.asarray(image) for image in images] for images in drawn]))
+    grid.save(out / "grid.png")
+    print(f"grid (a row per text): {out / 'grid.png'}")
+    return 0
+
+
 def _add_train(commands) -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a task model (built-in data or your own)")
-    train.add_argument("task", help="vqa, caption, retrieval or pretrain")
+    train.add_argument("task", help="vqa, caption, retrieval, pretrain, vqvae (image tokenizer) or t2i (text to image)")
     train.add_argument("run_dir", nargs="?", help="where the run is written (default runs/TASK)")
     train.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
@@ -505,6 +536,15 @@ def _add_use(commands) -> None:
     _add_decoding(evaluate)
     _add_device(evaluate)
     evaluate.set_defaults(run=_eval)
+
+    generate = commands.add_parser("generate", help="draw images from sentences with a text-to-image run")
+    generate.add_argument("run_dir", help="a t2i run directory or model directory")
+    generate.add_argument("--text", action="append", default=[], metavar="SENTENCE", help="what to draw (repeat for several)")
+    generate.add_argument("--num", type=COUNT, default=4, help="images per sentence (default 4)")
+    generate.add_argument("--out", required=True, help="folder for the PNG images and grid.png")
+    _add_decoding(generate)
+    _add_device(generate)
+    generate.set_defaults(run=_generate)
 
     predict = commands.add_parser("predict", help="answer questions about images, caption images, or classify them zero-shot")
     predict.add_argument("run_dir", help="a run directory or a model directory")

@@ -54,6 +54,9 @@ class GenerationConfig(Settings):
     top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0  # sampling: keep the smallest set with probability >= top_p (nucleus)
     num_return: Count = 1  # sequences returned per input (<= num_beams for beam search)
     seed: int | None = None  # sampling seed (None: torch's global generator)
+    # classifier-free guidance (Ho & Salimans 2022): logits = uncond + scale * (cond - uncond), the
+    # unconditional logits from the model's "no condition" input; 1: off (no unconditional rows)
+    guidance_scale: Annotated[float, Range(0)] = 1.0
     use_cache: bool = True  # False recomputes the whole prefix each step (for tests)
     # on a GPU, replay the step recorded as a CUDA graph (the same computation, but attention over
     # masked slots of a static cache takes other kernels: a rounding-level near-tie could pick
@@ -96,6 +99,23 @@ class Step(Protocol):
     def __call__(self, ids: Tensor) -> Tensor: ...
 
     def reorder(self, index: Tensor) -> None: ...
+
+
+class GuidedStep:
+    """Classifier-free guidance around a step that decodes 2N rows: rows 0..N-1 under their
+    condition, rows N..2N-1 the same sequences without it. Returns the N guided rows' logits,
+    uncond + scale * (cond - uncond); the search code sees N rows."""
+
+    def __init__(self, step: Step, scale: float):
+        self.step, self.scale, self.rows = step, scale, 0
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        self.rows = ids.shape[0]
+        cond, uncond = self.step(torch.cat([ids, ids])).float().chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+    def reorder(self, index: Tensor) -> None:
+        self.step.reorder(torch.cat([index, index + self.rows]))
 
 
 # ----------------------------------------------------------------------------- the step

@@ -69,3 +69,22 @@ class Positions2D(nn.Module):
             raise ValueError(f"token grid {rows}x{cols} exceeds {self.rows.shape[0]}x{self.cols.shape[0]}")
         grid = self.rows[:rows, None, :] + self.cols[None, :cols, :]  # (rows, cols, dim)
         return grid.reshape(rows * cols, self.dim)
+
+
+class RasterPositions(Positions2D):
+    """2-D positions of a token sequence that walks an image grid in raster order (row by row):
+    sequence position p is the cell (p // cols, p % cols). What a decoder over image tokens adds
+    to its inputs; `max_len` = rows * cols, and `forward` reads like `Positions1D.forward`."""
+
+    def __init__(self, rows: int, cols: int, dim: int, kind: str = "learned"):
+        super().__init__(rows, cols, dim, kind)
+        self.grid, self.max_len = (rows, cols), rows * cols
+
+    def forward(self, length: int, start: int | Tensor = 0) -> Tensor:
+        """Embeddings of sequence positions start..start+length-1, (length, dim)."""
+        table = Positions2D.forward(self, *self.grid)  # (named, not super(): a gathered view is no subclass)
+        if isinstance(start, Tensor):
+            return table.index_select(0, start if length == 1 else start + torch.arange(length, device=start.device))
+        if start + length > self.max_len:
+            raise ValueError(f"sequence of {start + length} image tokens exceeds the {self.grid[0]}x{self.grid[1]} grid")
+        return table[start : start + length]

@@ -12,9 +12,11 @@ TASKS = {
     "caption": ("mmt.tasks.caption", "CaptionTask"),
     "retrieval": ("mmt.tasks.retrieval", "RetrievalTask"),
     "pretrain": ("mmt.tasks.retrieval", "PretrainTask"),
+    "vqvae": ("mmt.tasks.t2i", "VQVAETask"),
+    "t2i": ("mmt.tasks.t2i", "T2ITask"),
 }
 # the task that tests a model of each model_type (a pretrained model is a retrieval model)
-TASK_OF_MODEL = {"vqa": "vqa", "caption": "caption", "retrieval": "retrieval"}
+TASK_OF_MODEL = {"vqa": "vqa", "caption": "caption", "retrieval": "retrieval", "vqvae": "vqvae", "t2i": "t2i"}
 
 
 def task_class(name: str):

@@ -7,6 +7,14 @@ from mmt import registry
 def example_inputs(model, n=2):
     """A small random batch for any registered model type."""
     cfg = model.config
+    if model.model_type == "vqvae":
+        return {"pixels": torch.rand(n, 3, cfg.image_size, cfg.image_size) * 2 - 1}
+    if model.model_type == "t2i":
+        grid = cfg.image_tokenizer.grid()
+        ids = torch.randint(7, cfg.text.vocab_size, (n, 6))
+        ids[:, 0] = 2  # [CLS]
+        codes = torch.randint(0, cfg.image_tokenizer.codebook_size, (n, grid, grid))
+        return {"caption_ids": ids, "codes": codes, "drop_text": torch.arange(n) == 0}  # (one "no text" row: its vector learns too)
     size = cfg.vision.image_size
     pixels = torch.randn(n, cfg.vision.channels, size, size)
     if model.model_type == "caption":
