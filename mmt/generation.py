@@ -231,6 +231,9 @@ def generate(
     """Decode `batch_size` inputs with `step` (see the module docstring); its rows are
     `cfg.rows(batch_size)` sequences, each input's consecutive."""
     cfg.validate()
+    if cfg.guidance_scale != 1.0 and not isinstance(step, GuidedStep):
+        raise ValueError(f"guidance_scale={cfg.guidance_scale}: this model has no input without its condition; "
+                         "classifier-free guidance applies to text-to-image models (1: off)")
     if batch_size == 0:  # nothing to decode (e.g. an evaluation batch without questions)
         R = cfg.num_return
         return Generated(torch.full((0, R, 1), bos_id, dtype=torch.long, device=device), torch.zeros(0, R, device=device))

@@ -126,10 +126,13 @@ def test_top_k_and_top_p_filters():
     assert kept(filter_logits(shuffled, top_p=0.7)) == [False, True, False, True]
 
 
-def test_bad_generation_options_are_refused():
+def test_bad_generation_options_are_refused(captioner):
     for bad in ({"num_beams": 2, "do_sample": True}, {"num_beams": 2, "num_return": 3}, {"num_return": 2}, {"top_p": 0.0}):
         with pytest.raises(ValueError):
             GenerationConfig(**bad).validate()
+    model, pixels = captioner
+    with pytest.raises(ValueError, match="classifier-free guidance applies to text-to-image models"):
+        model.generate(pixels, guidance_scale=2.0)  # a captioner has no input without its image
 
 
 # ----------------------------------------------------------------------------- exact search on a toy model

@@ -1,5 +1,6 @@
 """The page of `mmt serve` in a real browser (Playwright driving the system's Chromium): `mmt serve`
-started on a free loopback port, an image uploaded, a question asked, a caption and a search.
+started on a free loopback port, an image uploaded, a question asked, a caption and a search, and
+images drawn from a sentence.
 
 Skips, saying why, where Playwright or Chromium is missing. MMT_CHROMIUM names another browser
 binary; MMT_SERVE_SCREENSHOT a file to save the phone-size screenshot to (docs/usage/serve.png).
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from mmt.cli import main
+from tests.tasks.test_t2i import TINY_T2I, TINY_VQVAE, sets
 from tests.test_api import saved
 
 pytestmark = pytest.mark.e2e
@@ -63,8 +66,11 @@ def server(tmp_path_factory):
     for i in range(6):
         _picture(gallery / f"scene-{i}.png", i)
     build_index(retrieval, gallery, root / "index", progress=False)
+    assert main(["train", "vqvae", str(root / "vqvae"), "--preset", "vqvae-tiny", "--no-progress", *sets(TINY_VQVAE)]) == 0
+    t2i = ["train", "t2i", str(root / "t2i"), "--preset", "t2i-tiny", "--no-progress", *sets(TINY_T2I + [f"image_tokenizer={root / 'vqvae'}"])]
+    assert main(t2i) == 0
     port = _free_port()
-    command = [sys.executable, "-m", "mmt.cli", "serve", f"vqa={vqa}", f"caption={caption}", f"retrieval={retrieval}",
+    command = [sys.executable, "-m", "mmt.cli", "serve", f"vqa={vqa}", f"caption={caption}", f"retrieval={retrieval}", f"t2i={root / 't2i'}",
                "--index", str(root / "index"), "--port", str(port), "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -118,6 +124,12 @@ def test_the_page_answers_captions_and_searches(server, tmp_path):
             page.click("#search-image")
             page.wait_for_function("document.querySelectorAll('#hits img').length === 6")
             assert "6 best matches" in page.text_content("#search-status")
+
+            page.fill("#draw-text", "a small red circle")
+            page.click("#draw")
+            page.wait_for_function("document.querySelectorAll('#drawings img').length === 4"
+                                   " && [...document.querySelectorAll('#drawings img')].every(i => i.complete && i.naturalWidth === 32)")
+            assert page.text_content("#draw-status").startswith("a small red circle (seed ")
 
             assert page.is_hidden("#error") and not errors, errors
             width = page.evaluate("document.documentElement.scrollWidth")

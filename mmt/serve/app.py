@@ -4,6 +4,7 @@
     POST /v1/caption   image (+ decoding options)  -> {"model", "caption", "score"[, "captions"]}
     POST /v1/search    text or image (+ k, index)  -> {"index", "model", "hits": [{"rank", "path", "score", "thumbnail"}]}
     POST /v1/explain   image + question / text     -> image/png heat maps; the result in the X-Mmt-Result header
+    POST /v1/generate  text (+ num, sampling)      -> {"model", "text", "seed", "images": [data:image/png;base64,...]}
     GET  /v1/models    what is served; GET /healthz; GET /v1/thumbnail/{index}/{item}; GET / the page
 
 A request body is JSON (the image as base64, or a data: URL) or multipart form data (the image
@@ -12,11 +13,13 @@ runs' and indexes' own and, for thumbnails, the images an index lists (named by 
 in it). Every bad input gets a 4xx with {"error": "what was wrong"}.
 
 Model work goes through one `Batcher` per model (batcher.py), which calls the Predictor's
-batched methods (`answer`, `caption`, `embed_texts`, `embed_images`) on a worker thread.
+batched methods (`answer`, `caption`, `embed_texts`, `embed_images`, `generate_images`) on a
+worker thread.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -38,12 +41,14 @@ from starlette.exceptions import HTTPException  # noqa: E402
 
 from mmt.api import Predictor, load  # noqa: E402
 from mmt.data.images import TOO_LARGE, ImageError, fit, open_image  # noqa: E402
+from mmt.data.progress import progress_bars  # noqa: E402
 from mmt.errors import CheckpointError, ConfigError  # noqa: E402
 from mmt.serve.batcher import Batcher  # noqa: E402
 from mmt.serve.bodies import (  # noqa: E402
     ApiError,
     CaptionRequest,
     ExplainRequest,
+    GenerateRequest,
     Limits,
     SearchRequest,
     VqaRequest,
@@ -82,11 +87,24 @@ class ServedModel:
     def embed_image_batch(self, images: Sequence[Any]) -> list:
         return list(self.predictor.embed_images(list(images), batch_size=len(images)).numpy())
 
+    def generate_batch(self, items: Sequence[tuple[str, tuple]]) -> list[list[str]]:
+        """Each text's images as PNG data: URLs."""
+        options = {k: v for k, v in items[0][1] if k != "request"}  # (a batch shares its key: num and the sampling options)
+        with progress_bars(False):  # (no bar per request on the server's terminal)
+            drawn = self.predictor.generate_images([text for text, _ in items], batch_size=len(items), **options)
+        return [[_data_url(image) for image in images] for images in drawn]
+
     def describe(self) -> dict[str, Any]:
         head = getattr(self.predictor.model.config, "head", None)
         return {"name": self.name, "task": self.predictor.task, "image_size": self.predictor.image_size,
                 **({"head": head} if self.predictor.task == "vqa" else {}),
                 "batches": {"calls": self.batcher.calls, "requests": self.batcher.items, "max_batch": self.batcher.max_batch}}
+
+
+def _data_url(image: Any) -> str:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def model_specs(specs: Sequence[str]) -> dict[str, str]:
@@ -246,6 +264,8 @@ class Server:
         if served is None:
             raise ApiError(404, f"model {body.model!r} is not served; served: {', '.join(self.models)}")
         task = served.predictor.task
+        if task not in ("vqa", "caption", "retrieval"):
+            raise ApiError(422, f"model {body.model!r} is a {task} model; explain needs a vqa, caption or retrieval model")
         if task == "vqa" and body.question is None:
             raise ApiError(422, "question: explaining a VQA model needs the question")
         if task == "retrieval" and body.text is None:
@@ -261,6 +281,28 @@ class Server:
 
         result, png = await _model_call(served.batcher.run(draw))
         return Response(png, media_type="image/png", headers={"X-Mmt-Result": json.dumps({"model": served.name, **result})})
+
+    async def generate(self, request: Request) -> dict[str, Any]:
+        """Text to image through the batcher. Sampling draws from one generator for a whole batch,
+        so a seed reproduces a batch, not one row of it: a request with a seed (its own, or the
+        run's, which a t2i run saves as 0) is drawn alone, and only unseeded requests with the same
+        `num` and options share a batch. With the run's saved seed every request is seeded, and
+        requests are drawn one at a time on the model's worker thread."""
+        fields, data = await read_fields(request, self.limits)
+        if data is not None:
+            raise ApiError(422, "image: /v1/generate draws images from a text; it takes no image")
+        body = validated(GenerateRequest, fields)
+        served = self.model(body.model, "t2i")
+        sampling = body.model_dump(exclude={"model", "text", "num"}, exclude_none=True)
+        try:  # checked here, so that a bad option fails only its own request
+            seed = served.predictor.decoding({**sampling, "num_return": body.num}).seed  # (unset: the run's seed)
+        except (ValueError, TypeError) as e:
+            raise ApiError(422, f"sampling options: {e}") from None
+        key = tuple(sorted({**sampling, "num": body.num}.items()))
+        if seed is not None:  # a seed reproduces a batch, not one row of it: a seeded request is drawn alone
+            key += (("request", id(request)),)
+        images = await _model_call(served.batcher.submit(served.generate_batch, (body.text, key), key=key))
+        return {"model": served.name, "text": body.text, "seed": seed, "images": images}
 
     def describe(self) -> dict[str, Any]:
         return {"models": [m.describe() for m in self.models.values()],
@@ -345,6 +387,11 @@ def create_app(
     async def explain(request: Request) -> Response:
         """Where the model looked: a PNG of heat maps (the answer's, each caption word's, a match's)."""
         return await server.explain(request)
+
+    @app.post("/v1/generate", tags=["models"], openapi_extra=openapi_body(GenerateRequest, image=False))
+    async def generate(request: Request) -> dict[str, Any]:
+        """Draw images of a text (a t2i run): {"model", "text", "seed", "images": [PNG data: URLs]}."""
+        return await server.generate(request)
 
     @app.get("/v1/thumbnail/{index}/{item}", tags=["models"], responses={200: {"content": {"image/png": {}}}})
     async def thumbnail(index: str, item: int) -> Response:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from starlette.exceptions import HTTPException  # noqa: E402
 
 MAX_TEXT_CHARS = 1000  # a question or a search text longer than this is refused
+MAX_IMAGES = 8  # images one text-to-image request may ask for
 
 
 @dataclasses.dataclass
@@ -85,6 +86,19 @@ class ExplainRequest(_Body):
     method: Literal["attention", "gradient", "gradcam"] = "attention"
     layer: Literal["first", "last", "mean"] | int = "first"
     head: Literal["mean"] | int = "mean"
+
+
+class GenerateRequest(_Body):
+    """Sampling options left out keep the run's own settings (docs/usage/decoding.md)."""
+
+    model: str | None = Field(None, description="a served t2i model's name (optional when only one is served)")
+    text: Text = Field(description="what to draw")
+    num: int = Field(4, ge=1, le=MAX_IMAGES, description="images to draw")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="the same seed, text and options draw the same images")
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, description="classifier-free guidance; 1: off")
+    temperature: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
 
 
 def openapi_body(schema: type[BaseModel], image: bool = True) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from mmt import checkpoint, registry
 from mmt.config import Amount, Count, Settings
 from mmt.data.images import from_pixels, to_pixels
 from mmt.data.progress import bar
-from mmt.data.worlds import shapes_t2i
+from mmt.data.worlds import shapes, shapes_t2i
 from mmt.data.worlds.shapes_parse import parse, same_scene
 from mmt.generation import GenerationConfig
 from mmt.metrics.t2i import format_table, suite_scores
@@ -67,9 +67,23 @@ class T2IDataConfig(Settings):
         return tuple(pairs)
 
     def split(self, name: str) -> shapes_t2i.T2ISplit:
+        """"train", "val" or "test" (no held-out pair anywhere), or "held": num_test scenes each
+        holding one held-out pair (drawn for held-out prompts), to measure the tokenizer on them."""
+        if name == "held":
+            return held_split(self.num_test, self.seed, self.pairs(), self.image_size)
         number = {"train": self.num_train, "val": self.num_val, "test": self.num_test}[name]
         stream = ("train", "val", "test").index(name)
         return shapes_t2i.T2ISplit.generate(number, self.seed, self.pairs(), self.image_size, stream=stream)
+
+
+def held_split(num_images: int, seed: int, held_out, image_size: int) -> shapes_t2i.T2ISplit:
+    """Scenes for random held-out prompts (categories but counting, uniform), each with one held-out pair."""
+    draws = shapes.Draws(np.random.default_rng([seed, 3]))
+    categories = [c for c in shapes_t2i.CATEGORIES if c != "counting"]
+    prompts = [shapes_t2i.sample_prompt(draws, draws.choice(categories), held_out, held=True) for _ in range(num_images)]
+    scenes = [shapes_t2i.scene_for(p, draws, held_out, allow_held=True, image_size=image_size) for p in prompts]
+    images = np.stack([shapes.render(scene) for scene in scenes]) if scenes else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return shapes_t2i.T2ISplit(images, [p.text for p in prompts], scenes, prompts)
 
 
 # ----------------------------------------------------------------------------- the image tokenizer
@@ -165,9 +179,14 @@ class VQVAETask(Task):
         checkpoint.save_pretrained(model, directory)
 
     def test(self, model: VQVAE, tokenizer, directory: Path, out: Path) -> tuple[dict, str]:
-        test = self.cfg.data.split("test")
+        """The test images, and as many scenes holding a held-out pair (which training never showed)."""
+        test, held = self.cfg.data.split("test"), self.cfg.data.split("held")
         result = reconstruction_scores(model, test)
-        return result, f"{len(test)} test images redrawn\n" + self.format_result(result)
+        on_held = reconstruction_scores(model, held)
+        result |= {f"held_{k}": v for k, v in on_held.items()}
+        report = [f"{len(test)} test images redrawn", self.format_result(result),
+                  f"{len(held)} scenes with a held-out colour-shape pair redrawn", self.format_result(on_held)]
+        return result, "\n".join(report)
 
 
 # ----------------------------------------------------------------------------- the generator

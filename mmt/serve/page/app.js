@@ -1,4 +1,4 @@
-// The page of `mmt serve`: one image, then ask, caption or search; every call is one of the JSON API's.
+// The page of `mmt serve`: one image, then ask, caption or search; or draw from a text. Every call is one of the JSON API's.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let image = null; // the picked File
@@ -76,9 +76,12 @@ async function start() {
   fill($("vqa-model"), of("vqa"));
   fill($("caption-model"), of("caption"));
   fill($("index"), models.indexes.map((i) => i.name));
+  fill($("t2i-model"), of("t2i"));
+  $("image-section").hidden = of("vqa").length + of("caption").length + models.indexes.length === 0;
   $("vqa-section").hidden = of("vqa").length === 0;
   $("caption-section").hidden = of("caption").length === 0;
   $("search-section").hidden = models.indexes.length === 0;
+  $("draw-section").hidden = of("t2i").length === 0;
 }
 
 $("file").addEventListener("change", (e) => pick(e.target.files[0]));
@@ -120,5 +123,30 @@ async function search(fields) {
 $("search").addEventListener("click", () => busy($("search"), () => search({ text: $("search-text").value })));
 $("search-text").addEventListener("keydown", (e) => { if (e.key === "Enter") $("search").click(); });
 $("search-image").addEventListener("click", () => busy($("search-image"), () => search({ image: needImage() })));
+
+$("draw").addEventListener("click", () => busy($("draw"), async () => {
+  $("drawings").replaceChildren();
+  $("draw-status").textContent = "drawing…";
+  const seed = Math.floor(Math.random() * 2 ** 31); // a new drawing each time; the seed shown draws it again
+  try {
+    const fields = { text: $("draw-text").value, num: $("draw-num").value, seed, model: $("t2i-model").value };
+    const result = await (await call("/v1/generate", formWith(fields))).json();
+    $("draw-status").textContent = result.text + " ";
+    const seedNote = document.createElement("span");
+    seedNote.className = "score";
+    seedNote.textContent = `(seed ${result.seed})`;
+    $("draw-status").append(seedNote);
+    $("drawings").replaceChildren(...result.images.map((url, i) => {
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = `${result.text}, image ${i + 1}`;
+      return img;
+    }));
+  } catch (e) {
+    $("draw-status").textContent = "";
+    throw e;
+  }
+}));
+$("draw-text").addEventListener("keydown", (e) => { if (e.key === "Enter") $("draw").click(); });
 
 start().catch((e) => showError("cannot reach the server: " + e.message));
