@@ -254,7 +254,6 @@ class T2ITask(Task):
         started = time.perf_counter()
         self.codes = encode_images(self.image_tokenizer, train.images)
         log.info(f"{len(train)} training images turned into {tuple(self.codes.shape[1:])} codes in {time.perf_counter() - started:.1f}s")
-        self.suite = shapes_t2i.prompt_suite(cfg.data.pairs())
         self.model_cfg = model
         return model
 
@@ -290,11 +289,13 @@ class T2ITask(Task):
         return out["tokens_correct"].item(), int(out["tokens"].item())
 
     def evaluate(self, model: T2IModel) -> dict:
-        return self._suite(model, self.tokenizer)[0]
+        """The validation prompts: a suite drawn like the test suite from another seed (1)."""
+        return self._suite(model, self.tokenizer, suite_seed=1)[0]
 
-    def _suite(self, model: T2IModel, tokenizer: Tokenizer) -> tuple[dict, dict[str, np.ndarray]]:
-        """Scores of the compositional suite, flat (seen_*, held_*), and the images drawn."""
-        seen, held = getattr(self, "suite", None) or shapes_t2i.prompt_suite(self.cfg.data.pairs())
+    def _suite(self, model: T2IModel, tokenizer: Tokenizer, suite_seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+        """Scores of a compositional suite (`mmt eval`: the fixed one, seed 0), flat (seen_*,
+        held_*), and the images drawn."""
+        seen, held = shapes_t2i.prompt_suite(self.cfg.data.pairs(), seed=suite_seed)
         result, drawn = {}, {}
         for name, prompts in (("seen", seen), ("held", held)):
             images = generate_images(model, tokenizer, [p.text for p in prompts], self.cfg.generation, self.cfg.images_per_prompt)

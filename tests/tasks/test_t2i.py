@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
 def test_both_stages_train_and_evaluate(runs, capsys):
     vqvae, t2i = runs
     record = [json.loads(line) for line in (vqvae / "metrics.jsonl").read_text().splitlines() if '"psnr"' in line][-1]
-    assert {"psnr", "parse_exact", "codes_used", "perplexity"} <= record.keys()
+    assert {"psnr", "parse_exact", "codes_used", "perplexity"} <= record["eval"].keys()
     assert main(["eval", str(vqvae)]) == 0
     assert "scenes parsed exactly from the reconstruction" in capsys.readouterr().out
     assert main(["eval", str(t2i), "--guidance", "2"]) == 0
@@ -65,9 +65,10 @@ def test_generate_from_a_sentence_on_the_command_line_and_in_python(runs, tmp_pa
     for name in names:  # a seed draws the same images
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     predictor = mmt.load(t2i)
-    images = predictor.generate_images("a small red circle", num=3, seed=5)
+    images = predictor.generate_images(["a small red circle", "two squares"], num=3, seed=5)[0]  # (a seed draws a batch)
     assert [image.size for image in images] == [(32, 32)] * 3
     assert np.array_equal(np.asarray(images[1]), np.asarray(Image.open(tmp_path / "a" / "text0-1.png")))
+    assert len(predictor.generate_images("three crosses", num=2)) == 2  # one text: one list
     with pytest.raises(ValueError, match="text 0 is empty"):
         predictor.generate_images([""])
     assert main(["generate", str(t2i), "--out", str(tmp_path / "c")]) == 2  # no --text
