@@ -35,7 +35,7 @@ from mmt.metrics.t2i import format_table, suite_scores
 from mmt.models.t2i import T2IConfig, T2IModel
 from mmt.models.vqvae import VQVAE, VQVAEConfig, psnr
 from mmt.tasks.base import Task
-from mmt.tasks.common import epoch_order, init_tokenizer, share
+from mmt.tasks.common import epoch_order, init_tokenizer, share, unknown_words
 from mmt.text import Tokenizer
 from mmt.train import TrainConfig
 
@@ -217,9 +217,16 @@ def generate_images(
     `generation` (its num_return is `num`); with a sampling seed, batch b uses seed + b."""
     model.eval()
     device = next(model.parameters()).device
+    longest = model.config.text.max_len
+    for i, row in enumerate(tokenizer.batch(texts, 10_000)[0]):
+        if int((row != tokenizer.pad_id).sum()) > longest:
+            raise ValueError(f"text {i} is longer than the model reads ({longest} tokens with [CLS] and [SEP]): {texts[i]!r}")
+    unknown = unknown_words(tokenizer, texts)
+    if unknown:
+        log.warning(f"words the model never read, drawn as [UNK]: {', '.join(list(unknown)[:10])}")
     images = []
     for b, start in enumerate(bar(range(0, len(texts), batch_size), desc="generate", unit="batch")):
-        ids, _ = tokenizer.batch(texts[start : start + batch_size], model.config.text.max_len)
+        ids, _ = tokenizer.batch(texts[start : start + batch_size], longest)
         seed = None if generation.seed is None else generation.seed + b
         pixels = model.generate(ids.to(device), generation, num_return=num, seed=seed)
         images.append(from_pixels(pixels.flatten(0, 1)).reshape(*pixels.shape[:2], *pixels.shape[3:], 3))

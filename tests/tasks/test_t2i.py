@@ -69,6 +69,8 @@ def test_generate_from_a_sentence_on_the_command_line_and_in_python(runs, tmp_pa
     assert [image.size for image in images] == [(32, 32)] * 3
     assert np.array_equal(np.asarray(images[1]), np.asarray(Image.open(tmp_path / "a" / "text0-1.png")))
     assert len(predictor.generate_images("three crosses", num=2)) == 2  # one text: one list
+    with pytest.raises(ValueError, match="text 1 is longer than the model reads"):
+        predictor.generate_images(["two squares", " ".join(["a small red circle and"] * 20)])
     with pytest.raises(ValueError, match="text 0 is empty"):
         predictor.generate_images([""])
     assert main(["generate", str(t2i), "--out", str(tmp_path / "c")]) == 2  # no --text
