@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from mmt.checkpoint import Pretrained
-from mmt.config import Beta, Count, NonNegative, Settings
+from mmt.config import Amount, Beta, Count, NonNegative, Settings
 from mmt.registry import register_model, register_preset
 
 
@@ -43,7 +43,7 @@ class VQVAEConfig(Settings):
     image_size: Count = 64  # input images are image_size x image_size
     width: Count = 32  # channels after the first stride-2 convolution; doubled at each further one
     downsample: Count = 3  # stride-2 steps: the code grid is image_size / 2**downsample per side (64 -> 8)
-    res_blocks: int = 2  # residual blocks at the code resolution, in the encoder and in the decoder
+    res_blocks: Amount = 2  # residual blocks at the code resolution, in the encoder and in the decoder
     codebook_size: Count = 512  # K codes
     code_dim: Count = 64  # D, the width of a code
     beta: NonNegative = 0.25  # commitment weight
